@@ -1,0 +1,172 @@
+"""The command line: ``pipeline run | demo | serve``. The only module that parses arguments.
+
+Exit status: 0 when the run completed (failed URLs are records, not errors), 2 for a user error
+(bad config, unreadable source) printed as one line, 130 on Ctrl-C, 1 for an internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import Config, load_config, with_overrides
+from .demo import SAMPLES, run_demo
+from .errors import PipelineError
+from .metrics import Report, format_report
+from .runner import run
+from .server import StaticServer
+
+log = logging.getLogger("pipeline")
+DEFAULT_CONFIG = Path("config.toml")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose - args.quiet)
+    try:
+        return int(args.command(args))
+    except PipelineError as err:
+        print(f"pipeline: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pipeline: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: one line for the user, the traceback with -v
+        log.debug("internal error", exc_info=True)
+        print(
+            f"pipeline: internal error: {type(err).__name__}: {err} (run with -v for details)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _config(args)
+    report = run(args.sources, config, progress=not args.quiet)
+    _print_report(report, config, args)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    config = _config(args)
+    report = run_demo(config, args.images, progress=not args.quiet)
+    _print_report(report, config, args)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if not args.folder.is_dir():
+        raise PipelineError(f"{args.folder}: no such folder")
+    with StaticServer(args.folder, args.port) as server:
+        print(f"serving {args.folder} at {server.url()} (Ctrl-C to stop)", flush=True)
+        threading.Event().wait()
+    return 0
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    config = load_config(path)
+    if args.out is not None:
+        config = with_overrides(config, "output", dir=str(args.out))
+    if args.download_workers is not None:
+        config = with_overrides(config, "download", workers=args.download_workers)
+    if args.transform_workers is not None:
+        config = with_overrides(config, "transform", workers=args.transform_workers)
+    return config
+
+
+def _print_report(report: Report, config: Config, args: argparse.Namespace) -> None:
+    if args.quiet < 2:
+        print(format_report(report))
+        print(f"output      {config.output.dir} (manifest/, images/, report.json)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Download image-URL lists with threads, transform them in a process pool.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run_cmd = commands.add_parser("run", help="download and transform every URL of the sources")
+    run_cmd.add_argument(
+        "sources",
+        nargs="+",
+        type=Path,
+        metavar="SOURCE",
+        help="a folder of .txt/.csv URL lists, or a file",
+    )
+    _add_run_options(run_cmd)
+    run_cmd.set_defaults(command=_run)
+
+    demo = commands.add_parser("demo", help="serve the sample images on loopback and run on them")
+    demo.add_argument(
+        "--images",
+        type=Path,
+        default=SAMPLES,
+        help="folder of images to serve (default: the samples)",
+    )
+    _add_run_options(demo, default_out=Path("out/demo"))
+    demo.set_defaults(command=_demo)
+
+    serve = commands.add_parser("serve", help="serve a folder over HTTP on 127.0.0.1")
+    serve.add_argument("folder", type=Path, metavar="DIR")
+    serve.add_argument(
+        "--port", type=_port, default=8000, help="port on 127.0.0.1 (default 8000, 0 = any free)"
+    )
+    _add_verbosity(serve)
+    serve.set_defaults(command=_serve)
+    return parser
+
+
+def _add_run_options(cmd: argparse.ArgumentParser, default_out: Path | None = None) -> None:
+    cmd.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
+    cmd.add_argument("--out", type=Path, default=default_out, help="output folder (output.dir)")
+    cmd.add_argument(
+        "--download-workers", type=_positive, help="download threads (download.workers)"
+    )
+    cmd.add_argument(
+        "--transform-workers", type=_positive, help="transform processes (transform.workers)"
+    )
+    _add_verbosity(cmd)
+
+
+def _add_verbosity(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    cmd.add_argument(
+        "-q", "--quiet", action="count", default=0, help="no progress bar (-qq: no report)"
+    )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text) if text != "0" else 0
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be <= 65535 (got {value})")
+    return value
+
+
+def _setup_logging(level: int) -> None:
+    logging.basicConfig(
+        level={-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
+            level, logging.DEBUG if level > 1 else logging.ERROR
+        ),
+        format="%(asctime)s %(levelname)s %(processName)s/%(threadName)s %(name)s: %(message)s",
+    )

@@ -1,0 +1,107 @@
+"""Run statistics and the end-of-run report.
+
+``RunStats`` is fed one Outcome at a time by the thread that owns the sink, so it needs no lock.
+``Report`` is the frozen summary: printed as text at the end of a run, and saved as ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .records import Outcome
+
+REPORT_FILE = "report.json"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStat:
+    name: str
+    bound: int
+    peak: int
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    urls: int
+    ok: int
+    failed: dict[str, int]
+    wall_s: float
+    bytes_in: int
+    bytes_out: int
+    queues: tuple[QueueStat, ...] = ()
+
+    @property
+    def images_per_s(self) -> float:
+        return self.ok / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def mb_per_s_in(self) -> float:
+        return self.bytes_in / 1e6 / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            images_per_s=round(self.images_per_s, 2), mb_per_s_in=round(self.mb_per_s_in, 3)
+        )
+        return data
+
+    def save(self, out_dir: Path) -> None:
+        text = json.dumps(self.to_json(), indent=2) + "\n"
+        (out_dir / REPORT_FILE).write_text(text, encoding="utf-8")
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Counts outcomes as they are written."""
+
+    started: float = field(default_factory=time.perf_counter)
+    ok: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    @property
+    def urls(self) -> int:
+        return self.ok + self.failed.total()
+
+    def add(self, outcome: Outcome) -> None:
+        self.bytes_in += outcome.bytes_in
+        self.bytes_out += outcome.bytes_out
+        if outcome.status == "ok":
+            self.ok += 1
+        else:
+            self.failed[outcome.error_kind or "unknown"] += 1
+
+    def report(self, queues: tuple[QueueStat, ...] = ()) -> Report:
+        return Report(
+            urls=self.urls,
+            ok=self.ok,
+            failed=dict(self.failed.most_common()),
+            wall_s=round(time.perf_counter() - self.started, 3),
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            queues=queues,
+        )
+
+
+def format_report(report: Report) -> str:
+    """The report as a few aligned lines of text."""
+    failed = sum(report.failed.values())
+    lines = [
+        f"urls        {report.urls}",
+        f"ok          {report.ok}",
+        f"failed      {failed}",
+    ]
+    lines += [f"  {kind:<18}{count}" for kind, count in report.failed.items()]
+    lines += [
+        f"wall time   {report.wall_s:.2f} s",
+        f"throughput  {report.images_per_s:.1f} images/s, {report.mb_per_s_in:.2f} MB/s in",
+        f"data        {report.bytes_in / 1e6:.1f} MB in, {report.bytes_out / 1e6:.1f} MB out",
+    ]
+    lines += [f"queue       {q.name}: peak {q.peak} of {q.bound}" for q in report.queues]
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""A static HTTP/1.1 file server on loopback, for the demo, the tests and ``pipeline serve``.
+
+It binds 127.0.0.1 only. Connections are kept alive (so clients can pool them), handler threads
+are not daemons, and closing the server shuts every open connection down and joins its thread,
+so nothing outlives the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    """Serves files with keep-alive; logs requests at debug level instead of to stderr."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # an idle keep-alive connection is closed after this many seconds
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection, add=True)  # type: ignore[attr-defined]
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.track(self.connection, add=False)  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s - %s", self.address_string(), format % args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = False
+    block_on_close = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: Any) -> None:
+        super().__init__(address, handler)
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def track(self, connection: socket.socket, *, add: bool) -> None:
+        with self._lock:
+            (self._connections.add if add else self._connections.discard)(connection)
+
+    def close_connections(self) -> None:
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):  # already closed by the client
+                connection.shutdown(socket.SHUT_RDWR)
+
+
+class StaticServer:
+    """``with StaticServer(folder) as server: server.url("a.jpg")``, served from a thread."""
+
+    def __init__(
+        self, root: Path, port: int = 0, handler: type[QuietHandler] = QuietHandler
+    ) -> None:
+        self.root = root
+        self._httpd = _Server((HOST, port), partial(handler, directory=str(root)))
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="http-server")
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def url(self, path: str = "") -> str:
+        return f"http://{HOST}:{self.port}/{path}"
+
+    def start(self) -> StaticServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join()
+        self._httpd.close_connections()
+        self._httpd.server_close()  # joins the handler threads
+
+    def __enter__(self) -> StaticServer:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
