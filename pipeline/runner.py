@@ -183,8 +183,12 @@ class Run:
             raise
 
 
-def _progress_bar(enabled: bool) -> tqdm:
-    return tqdm(
+class _Bar(tqdm):  # type: ignore[type-arg]
+    monitor_interval = 0  # no tqdm monitor thread: nothing but our stages may outlive a run
+
+
+def _progress_bar(enabled: bool) -> tqdm:  # type: ignore[type-arg]
+    return _Bar(
         desc="processed",
         unit=" url",
         disable=not (enabled and sys.stderr.isatty()),

@@ -1,0 +1,113 @@
+"""Shared test helpers: image factories and a look at this process's children."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A small photo-like RGB image: a gradient with a few shapes, different for each seed."""
+    rng = random.Random(seed)
+    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x, y = rng.randrange(width), rng.randrange(height)
+        r = rng.randrange(5, max(6, min(width, height) // 3))
+        color = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=color)
+    return image
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **options: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """``count`` images of mixed sizes: mostly JPEGs, every fifth a PNG with alpha."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for i in range(count):
+        width, height = rng.randrange(120, 900), rng.randrange(120, 900)
+        image = photo(width, height, seed=seed * 1000 + i)
+        if i % 5 == 4:
+            image.putalpha(Image.linear_gradient("L").resize((width, height)))
+            path = folder / f"img-{i:03d}.png"
+            path.write_bytes(encode(image, "PNG"))
+        else:
+            path = folder / f"img-{i:03d}.jpg"
+            path.write_bytes(encode(image, "JPEG", quality=85))
+        paths.append(path)
+    return paths
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+def descendants(root: int | None = None) -> dict[int, int]:
+    """Every live descendant of ``root`` (default: this process), as {pid: parent pid}."""
+    root = os.getpid() if root is None else root
+    parents = {
+        int(p.name): _parent_of(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()
+    }
+    found: dict[int, int] = {}
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in found:
+                found[child] = pid
+                frontier.append(child)
+    return {pid: parent for pid, parent in found.items() if _is_alive(pid)}
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def leftover_workers() -> list[str]:
+    """Child processes of this process that are not multiprocessing's long-lived helpers.
+
+    The forkserver and the resource tracker are started once per process and serve every run;
+    a pool worker is a child of the forkserver (forkserver method) or of us (spawn).
+    """
+    left = []
+    helpers = {
+        pid
+        for pid, parent in descendants().items()
+        if parent == os.getpid() and _is_helper(_cmdline(pid))
+    }
+    for pid, parent in descendants().items():
+        if pid in helpers:
+            continue
+        left.append(f"{pid} (parent {parent}): {_cmdline(pid)[:120]}")
+    return left
+
+
+def _is_helper(cmdline: str) -> bool:
+    return "forkserver" in cmdline or "resource_tracker" in cmdline

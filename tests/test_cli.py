@@ -1,0 +1,95 @@
+"""The command line, run as a user runs it: in a subprocess, reading its exit code and output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pipeline(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("toml", "needles"),
+    [
+        ("[download]\nworkers = 0\n", ["download.workers", "0"]),
+        ("[download]\nworkers = 'many'\n", ["download.workers", "many"]),
+        ("[transform]\nstart_method = 'fork'\n", ["transform.start_method", "fork"]),
+        ("[[transform.ops]]\nop = 'sepia'\n", ["transform.ops[0].op", "sepia"]),
+        ("[queue]\nfetched = 1\n", ["queue"]),
+        ("[download\n", ["invalid TOML"]),
+    ],
+)
+def test_a_bad_config_is_a_one_line_error_naming_the_key(tmp_path, toml, needles):
+    config = tmp_path / "bad.toml"
+    config.write_text(toml)
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    result = pipeline(
+        "run", str(tmp_path / "urls.txt"), "--config", str(config), "--out", str(tmp_path / "out")
+    )
+    assert_one_line_error(result, "bad.toml", *needles)
+    assert not (tmp_path / "out").exists(), "nothing may be written when the config is bad"
+
+
+def test_a_missing_source_is_a_one_line_error(tmp_path):
+    result = pipeline("run", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "nope", "no such file or folder")
+
+
+def test_a_bad_worker_count_is_rejected_by_the_parser(tmp_path):
+    result = pipeline("run", str(tmp_path), "--download-workers", "0")
+    assert result.returncode == 2
+    assert "--download-workers" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_prints_a_report_and_saves_it(tmp_path, server, image_dir):
+    names = sorted(p.name for p in image_dir.iterdir())[:6]
+    (tmp_path / "urls.txt").write_text(
+        "".join(server.url(n) + "\n" for n in names) + server.url("gone.jpg")
+    )
+    out = tmp_path / "out"
+    result = pipeline(
+        "run",
+        str(tmp_path / "urls.txt"),
+        "--out",
+        str(out),
+        "--download-workers",
+        "2",
+        "--transform-workers",
+        "1",
+        "-q",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ok          6" in result.stdout and "http_4xx" in result.stdout
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["ok"] == 6 and saved["failed"] == {"http_4xx": 1}
+    assert result.stderr == "", "no progress bar or log noise with -q when stderr is not a TTY"
+
+
+def test_version_and_help(tmp_path):
+    assert pipeline("--version").stdout.startswith("pipeline ")
+    helped = pipeline("run", "--help")
+    assert helped.returncode == 0 and "--transform-workers" in helped.stdout
