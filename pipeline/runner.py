@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from .config import Config
 from .download import Downloader
-from .errors import FetchError
+from .errors import FetchError, PipelineError
 from .metrics import QueueStat, Report, RunStats
 from .records import Fetched, Job, Outcome, ShardEnd
 from .sink import Sink
@@ -55,7 +55,10 @@ def run(sources: Sequence[Path], config: Config, *, progress: bool = False) -> R
     """Process every URL of ``sources``; returns the report (also saved as report.json)."""
     files = find_sources(sources, config.input.csv_column)
     out_dir = Path(config.output.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{out_dir}: cannot create the output folder: {exc.strerror}") from None
     report = Run(config, out_dir).execute(files, progress=progress)
     report.save(out_dir)
     return report

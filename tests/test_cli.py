@@ -58,6 +58,13 @@ def test_a_missing_source_is_a_one_line_error(tmp_path):
     assert_one_line_error(result, "nope", "no such file or folder")
 
 
+def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    result = pipeline("run", str(tmp_path / "urls.txt"), "--out", str(tmp_path / "file" / "out"))
+    assert_one_line_error(result, "file/out", "output folder")
+
+
 def test_a_bad_worker_count_is_rejected_by_the_parser(tmp_path):
     result = pipeline("run", str(tmp_path), "--download-workers", "0")
     assert result.returncode == 2
