@@ -186,11 +186,11 @@ class Run:
             raise
 
 
-class _Bar(tqdm):  # type: ignore[type-arg]
+class _Bar(tqdm):  # type: ignore[misc]
     monitor_interval = 0  # no tqdm monitor thread: nothing but our stages may outlive a run
 
 
-def _progress_bar(enabled: bool) -> tqdm:  # type: ignore[type-arg]
+def _progress_bar(enabled: bool) -> tqdm:
     return _Bar(
         desc="processed",
         unit=" url",

@@ -11,11 +11,12 @@ import contextlib
 import logging
 import socket
 import threading
+from collections import Counter
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 log = logging.getLogger(__name__)
 
@@ -28,29 +29,47 @@ class QuietHandler(SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30  # an idle keep-alive connection is closed after this many seconds
 
+    @property
+    def httpd(self) -> LoopbackHTTPServer:
+        return cast(LoopbackHTTPServer, self.server)
+
     def setup(self) -> None:
         super().setup()
-        self.server.track(self.connection, add=True)  # type: ignore[attr-defined]
+        self.httpd.track(self.connection, add=True)
 
     def finish(self) -> None:
         try:
             super().finish()
         finally:
-            self.server.track(self.connection, add=False)  # type: ignore[attr-defined]
+            self.httpd.track(self.connection, add=False)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s - %s", self.address_string(), format % args)
 
 
-class _Server(ThreadingHTTPServer):
+class LoopbackHTTPServer(ThreadingHTTPServer):
+    """Tracks its open connections so that closing it ends them; counts requests per token."""
+
     daemon_threads = False
     block_on_close = True
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: Any) -> None:
         super().__init__(address, handler)
+        self.stopping = threading.Event()  # set when closing: slow handlers stop waiting
         self._connections: set[socket.socket] = set()
+        self._hits: Counter[str] = Counter()
         self._lock = threading.Lock()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client hanging up mid-response is routine here (a cap, a deadline): no traceback
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+    def hit(self, token: str) -> int:
+        """Count one more request for ``token``; returns how many there have been."""
+        with self._lock:
+            self._hits[token] += 1
+            return self._hits[token]
 
     def track(self, connection: socket.socket, *, add: bool) -> None:
         with self._lock:
@@ -71,7 +90,7 @@ class StaticServer:
         self, root: Path, port: int = 0, handler: type[QuietHandler] = QuietHandler
     ) -> None:
         self.root = root
-        self._httpd = _Server((HOST, port), partial(handler, directory=str(root)))
+        self._httpd = LoopbackHTTPServer((HOST, port), partial(handler, directory=str(root)))
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http-server")
 
     @property
@@ -86,6 +105,7 @@ class StaticServer:
         return self
 
     def close(self) -> None:
+        self._httpd.stopping.set()
         if self._thread.is_alive():
             self._httpd.shutdown()
             self._thread.join()
