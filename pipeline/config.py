@@ -23,6 +23,7 @@ from .errors import ConfigError
 RESAMPLE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
 OUTPUT_FORMATS = ("jpeg", "png", "webp")
 RESIZE_MODES = ("fit", "fill", "stretch")
+_MEDIA_TYPE = re.compile(r"[a-z0-9.+-]+/(?:\*|[a-z0-9.+-]+)")
 _COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 
 
@@ -167,7 +168,16 @@ class DownloadConfig:
     workers: int = 16
     connect_timeout: float = 5.0
     read_timeout: float = 20.0
+    deadline: float = 60.0
+    retries: int = 3
+    backoff: float = 0.5
+    backoff_max: float = 8.0
+    backoff_jitter: float = 0.25
+    retry_after_max: float = 15.0
+    max_redirects: int = 5
     max_bytes: int = 20_000_000
+    content_types: tuple[str, ...] = ("image/*",)
+    per_host: int = 0
     chunk_size: int = 1_048_576
     user_agent: str = "pipeline/0.1"
 
@@ -177,7 +187,28 @@ class DownloadConfig:
             0 < self.connect_timeout <= 600, "connect_timeout", "in (0, 600]", self.connect_timeout
         )
         _require(0 < self.read_timeout <= 3600, "read_timeout", "in (0, 3600]", self.read_timeout)
+        _require(0 < self.deadline <= 86400, "deadline", "in (0, 86400]", self.deadline)
+        _require(0 <= self.retries <= 20, "retries", "in [0, 20]", self.retries)
+        _require(0 <= self.backoff <= 60, "backoff", "in [0, 60]", self.backoff)
+        _require(0 <= self.backoff_max <= 600, "backoff_max", "in [0, 600]", self.backoff_max)
+        _require(
+            0 <= self.backoff_jitter <= 60, "backoff_jitter", "in [0, 60]", self.backoff_jitter
+        )
+        below = f"in [0, download.deadline) = [0, {self.deadline:g})"
+        _require(
+            0 <= self.retry_after_max < self.deadline,
+            "retry_after_max",
+            below,
+            self.retry_after_max,
+        )
+        _require(0 <= self.max_redirects <= 50, "max_redirects", "in [0, 50]", self.max_redirects)
         _require(self.max_bytes >= 1024, "max_bytes", ">= 1024", self.max_bytes)
+        for pattern in self.content_types:
+            ok = bool(_MEDIA_TYPE.fullmatch(pattern))
+            _require(ok, "content_types", "media types such as image/* or image/jpeg", pattern)
+        _require(
+            0 <= self.per_host <= 1024, "per_host", "in [0, 1024] (0 = no limit)", self.per_host
+        )
         _require(
             4096 <= self.chunk_size <= 64 << 20,
             "chunk_size",
@@ -355,6 +386,10 @@ def _build_ops(value: Any, key: str) -> tuple[Op, ...]:
 
 
 def _coerce(value: Any, expected: Any, key: str) -> Any:
+    if expected == tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"must be a list of strings (got {value!r})")
+        return tuple(value)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected in _TYPE_NAMES and type(value) is not expected:

@@ -3,11 +3,15 @@
 ``Downloader.fetch(job)`` returns a Fetched or raises a FetchError whose kind is one of
 ``errors.ERROR_KINDS``; every exception of requests and urllib3 is translated here, at the boundary.
 A Session is not promised to be thread-safe, so each download thread gets its own, created on first
-use and closed with the Downloader.
+use and closed with the Downloader. Checks, in order: the URL (before any network call), the
+per-host limit, then under the total deadline: retries (in the transport), the status, the
+Content-Type allow-list, the Content-Length, and the byte cap while streaming.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import threading
 import time
 from types import TracebackType
@@ -15,41 +19,55 @@ from urllib.parse import urlsplit
 
 import requests
 import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 
 from .config import DownloadConfig
+from .deadline import DeadlineExceeded, Watchdog
 from .errors import FetchError
 from .records import Fetched, Job
+from .transport import new_session
 
 SCHEMES = ("http", "https")
 
 
 class Downloader:
-    """Fetches URLs from any number of threads, each with its own Session."""
+    """Fetches URLs from any number of threads, each with its own Session.
+
+    Use it as a context manager: that starts the deadline watchdog and closes every Session after.
+    """
 
     def __init__(self, config: DownloadConfig) -> None:
         self.config = config
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
+        self._watchdog = Watchdog()
+        self._hosts: dict[str, threading.BoundedSemaphore] = {}
 
     def fetch(self, job: Job) -> Fetched:
+        """Download ``job.url`` whole, within the deadline, or raise a FetchError."""
         check_url(job.url)
         started = time.perf_counter()
-        try:
-            with self._session().get(job.url, stream=True, timeout=self._timeout) as response:
-                _check_status(response)
-                body = _read_body(response, self.config)
-        except requests.RequestException as exc:
-            raise translate(exc) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:  # raised by a raw read, unwrapped
-            raise translate(exc) from exc
+        with self._host_slot(job.url), self._watchdog.deadline(self.config.deadline) as ticket:
+            try:
+                with self._session().get(job.url, stream=True, timeout=self._timeout) as response:
+                    _check_response(response, self.config)
+                    body = _read_body(response, self.config)
+            except DeadlineExceeded:
+                raise self._past_deadline() from None
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise (self._past_deadline() if ticket.fired else translate(exc)) from exc
         return Fetched(
             job=job,
             body=body,
             http_status=response.status_code,
             content_type=response.headers.get("Content-Type", ""),
             download_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    def _past_deadline(self) -> FetchError:
+        limit = self.config.deadline
+        return FetchError(
+            "deadline", f"no complete response within download.deadline ({limit:g} s)"
         )
 
     @property
@@ -65,37 +83,33 @@ class Downloader:
                 self._sessions.append(session)
         return session
 
+    def _host_slot(self, url: str) -> contextlib.AbstractContextManager[object]:
+        """At most ``per_host`` downloads from one host at a time (politeness), if set."""
+        if not self.config.per_host:
+            return contextlib.nullcontext()
+        host = (urlsplit(url).hostname or "").lower()
+        with self._lock:
+            slot = self._hosts.get(host)
+            if slot is None:
+                slot = self._hosts[host] = threading.BoundedSemaphore(self.config.per_host)
+        return slot
+
     def close(self) -> None:
-        """Close every thread's Session (and so its pooled connections)."""
+        """Stop the watchdog and close every thread's Session (and its pooled connections)."""
+        self._watchdog.close()
         with self._lock:
             sessions, self._sessions = self._sessions, []
         for session in sessions:
             session.close()
 
     def __enter__(self) -> Downloader:
+        self._watchdog.start()
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def new_session(config: DownloadConfig) -> requests.Session:
-    """A Session for one thread: pooled keep-alive connections, no environment proxies/netrc."""
-    session = requests.Session()
-    session.trust_env = False  # no proxy/netrc look-ups per request; loopback stays loopback
-    adapter = HTTPAdapter(pool_connections=32, pool_maxsize=2, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.headers.update(
-        {
-            "User-Agent": config.user_agent,
-            "Accept": "image/*,*/*;q=0.5",
-            "Accept-Encoding": "identity",  # a compressed body could expand past max_bytes
-        }
-    )
-    return session
 
 
 def check_url(url: str) -> None:
@@ -112,9 +126,11 @@ def check_url(url: str) -> None:
         raise FetchError("invalid_url", "the URL has no host")
 
 
-def _check_status(response: requests.Response) -> None:
+def _check_response(response: requests.Response, config: DownloadConfig) -> None:
+    """Reject an error status, or a Content-Type outside ``download.content_types``."""
     code = response.status_code
     if 200 <= code < 300:
+        _check_content_type(response.headers.get("Content-Type", ""), config.content_types)
         return
     message = f"HTTP {code} {response.reason or ''}".strip()
     if code >= 500:
@@ -122,6 +138,14 @@ def _check_status(response: requests.Response) -> None:
     if code >= 400:
         raise FetchError("http_4xx", message, code)
     raise FetchError("network", f"unexpected {message}", code)
+
+
+def _check_content_type(header: str, allowed: tuple[str, ...]) -> None:
+    media_type = header.partition(";")[0].strip().lower()
+    if not allowed or not media_type:  # no list, or no header: let the decoder judge the bytes
+        return
+    if not any(fnmatch.fnmatchcase(media_type, pattern) for pattern in allowed):
+        raise FetchError("not_image", f"Content-Type {media_type} is not in download.content_types")
 
 
 def _read_body(response: requests.Response, config: DownloadConfig) -> bytes:
@@ -149,41 +173,59 @@ def _content_length(response: requests.Response) -> int | None:
 
 
 def translate(exc: BaseException) -> FetchError:
-    """Map an exception of requests, urllib3 or the socket layer to a FetchError kind."""
-    text = str(exc) or type(exc).__name__
+    """Map an exception of requests, urllib3 or the socket layer to a FetchError kind.
+
+    The message names the innermost cause (``[Errno 111] Connection refused``), not the wrappers.
+    """
+    chain = _chain(exc)
+    cause = chain[-1]
+    detail = str(cause) or type(cause).__name__
     if isinstance(exc, requests.exceptions.TooManyRedirects):
-        return FetchError("too_many_redirects", text)
-    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.InvalidSchema):
-        return FetchError("invalid_url", text)
-    if isinstance(exc, requests.exceptions.MissingSchema | urllib3.exceptions.LocationParseError):
-        return FetchError("invalid_url", text)
-    if _caused_by(exc, urllib3.exceptions.NameResolutionError):
-        return FetchError("dns", text)
-    if isinstance(exc, requests.exceptions.Timeout) or _caused_by(exc, TimeoutError):
-        return FetchError("timeout", text)
-    if _caused_by(
-        exc, urllib3.exceptions.ReadTimeoutError | urllib3.exceptions.ConnectTimeoutError
-    ):
-        return FetchError("timeout", text)
+        return FetchError("too_many_redirects", str(exc))
+    if isinstance(exc, requests.exceptions.InvalidSchema):  # the URL was checked: a redirect
+        return FetchError("invalid_url", f"redirected to a URL that is not http/https: {exc}")
+    if isinstance(exc, _BAD_URL) or _has(chain, urllib3.exceptions.LocationParseError):
+        return FetchError("invalid_url", detail)
+    if _has(chain, urllib3.exceptions.NameResolutionError):
+        return FetchError("dns", f"cannot resolve the host: {detail}")
+    if _has(chain, urllib3.exceptions.NewConnectionError):  # a ConnectTimeoutError subclass!
+        return FetchError("connect", f"cannot connect: {detail}")
+    if _has(chain, _TIMEOUTS):
+        phase = "connect" if _has(chain, urllib3.exceptions.ConnectTimeoutError) else "read"
+        return FetchError("timeout", f"no answer within the {phase} timeout")
     if isinstance(exc, requests.exceptions.ChunkedEncodingError | urllib3.exceptions.ProtocolError):
-        return FetchError("truncated", text)
+        return FetchError("truncated", f"the body was cut short: {detail}")
     if isinstance(exc, requests.exceptions.ConnectionError | OSError):
-        return FetchError("connect", text)
-    return FetchError("network", text)
+        return FetchError("connect", f"connection failed: {detail}")
+    return FetchError("network", f"{type(exc).__name__}: {detail}")
 
 
-def _caused_by(
-    exc: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...] | object
+_BAD_URL = (
+    requests.exceptions.InvalidURL,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.InvalidHeader,
+)
+_TIMEOUTS = (
+    requests.exceptions.Timeout,
+    urllib3.exceptions.TimeoutError,
+    TimeoutError,
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps, outermost first: via ``reason``, exception args, or cause."""
+    chain: list[BaseException] = []
+    item: BaseException | None = exc
+    while item is not None and all(item is not seen for seen in chain):
+        chain.append(item)
+        inner = getattr(item, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in item.args if isinstance(a, BaseException)), None)
+        item = inner or item.__cause__ or item.__context__
+    return chain
+
+
+def _has(
+    chain: list[BaseException], kinds: type[BaseException] | tuple[type[BaseException], ...]
 ) -> bool:
-    """True if ``exc`` or anything it wraps (args, reason, cause, context) is one of ``kinds``."""
-    seen: set[int] = set()
-    todo: list[object] = [exc]
-    while todo:
-        item = todo.pop()
-        if not isinstance(item, BaseException) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, kinds):  # type: ignore[arg-type]
-            return True
-        todo.extend([*item.args, getattr(item, "reason", None), item.__cause__, item.__context__])
-    return False
+    return any(isinstance(item, kinds) for item in chain)

@@ -9,6 +9,7 @@ Files of the served folder come back as usual; paths under ``/_fault/`` misbehav
     /_fault/truncated/<file>           half of <file>, then a clean close (body < Content-Length)
     /_fault/html-as-jpeg               an HTML page sent as image/jpeg
     /_fault/garbage                    random bytes sent as image/jpeg
+    /_fault/stall/<s>                  nothing at all for <s> seconds, then a small image
     /_fault/slow-headers/<s>           the response headers, one byte every <s> seconds
     /_fault/drip/<s>                   headers at once, then the body one byte every <s> seconds
     /_fault/redirect-loop/<n>          302 to /_fault/redirect-loop/<n+1>, forever
@@ -110,6 +111,10 @@ class FaultHandler(QuietHandler):
     def garbage(self, arg: str) -> None:
         self._send(200, random.Random(arg).randbytes(20_000), "image/jpeg")
 
+    def stall(self, arg: str) -> None:
+        if self._pause(float(arg or 10)):
+            self._send(200, bomb_png(1, 1), "image/png")
+
     def slow_headers(self, arg: str) -> None:
         head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 10\r\n\r\n"
         for i in range(len(head)):
@@ -184,6 +189,7 @@ ROUTES: dict[str, Callable[[FaultHandler, str], None]] = {
     "truncated": FaultHandler.truncated,
     "html-as-jpeg": FaultHandler.html_as_jpeg,
     "garbage": FaultHandler.garbage,
+    "stall": FaultHandler.stall,
     "slow-headers": FaultHandler.slow_headers,
     "drip": FaultHandler.drip,
     "redirect-loop": FaultHandler.redirect_loop,

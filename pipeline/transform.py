@@ -261,7 +261,9 @@ def init_worker(setup: WorkerSetup) -> None:
     global _setup
     _setup = setup
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Image.MAX_IMAGE_PIXELS = setup.config.max_pixels
+    # decode() checks the header's size against transform.max_pixels before decoding anything,
+    # with a message naming the key; Pillow's own check (at 2x its limit) would pre-empt it
+    Image.MAX_IMAGE_PIXELS = None
 
 
 def process(fetched: Fetched) -> Outcome:
