@@ -49,13 +49,13 @@ class Downloader:
         started = time.perf_counter()
         with self._host_slot(job.url), self._watchdog.deadline(self.config.deadline) as ticket:
             try:
-                with self._session().get(job.url, stream=True, timeout=self._timeout) as response:
-                    _check_response(response, self.config)
-                    body = _read_body(response, self.config)
-            except DeadlineExceeded:
-                raise self._past_deadline() from None
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-                raise (self._past_deadline() if ticket.fired else translate(exc)) from exc
+                response, body = self._get(job.url)
+            except (FetchError, DeadlineExceeded, *_TRANSPORT_ERRORS) as exc:
+                if ticket.fired or isinstance(exc, DeadlineExceeded):
+                    raise self._past_deadline() from None
+                raise exc if isinstance(exc, FetchError) else translate(exc) from exc
+            if ticket.fired:  # a cut socket can look like a clean end: trust nothing read
+                raise self._past_deadline()
         return Fetched(
             job=job,
             body=body,
@@ -63,6 +63,11 @@ class Downloader:
             content_type=response.headers.get("Content-Type", ""),
             download_ms=(time.perf_counter() - started) * 1000,
         )
+
+    def _get(self, url: str) -> tuple[requests.Response, bytes]:
+        with self._session().get(url, stream=True, timeout=self._timeout) as response:
+            _check_response(response, self.config)
+            return response, _read_body(response, self.config)
 
     def _past_deadline(self) -> FetchError:
         limit = self.config.deadline
@@ -200,6 +205,8 @@ def translate(exc: BaseException) -> FetchError:
     return FetchError("network", f"{type(exc).__name__}: {detail}")
 
 
+# raised by requests, by urllib3 when a raw read escapes requests' wrapping, and by sockets
+_TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 _BAD_URL = (
     requests.exceptions.InvalidURL,
     requests.exceptions.MissingSchema,
