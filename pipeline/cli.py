@@ -17,6 +17,7 @@ from . import __version__
 from .config import Config, load_config, with_overrides
 from .demo import SAMPLES, run_demo
 from .errors import PipelineError
+from .faults import FaultServer
 from .metrics import Report, format_report
 from .runner import run
 from .server import StaticServer
@@ -62,8 +63,11 @@ def _demo(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     if not args.folder.is_dir():
         raise PipelineError(f"{args.folder}: no such folder")
-    with StaticServer(args.folder, args.port) as server:
+    server_class = FaultServer if args.faults else StaticServer
+    with server_class(args.folder, args.port) as server:
         print(f"serving {args.folder} at {server.url()} (Ctrl-C to stop)", flush=True)
+        if args.faults:
+            print(f"faults at {server.url('_fault/')}ROUTE, e.g. status/503, drip/1, gzip-bomb")
         threading.Event().wait()
     return 0
 
@@ -119,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve a folder over HTTP on 127.0.0.1")
     serve.add_argument("folder", type=Path, metavar="DIR")
+    serve.add_argument(
+        "--faults", action="store_true", help="also answer /_fault/... routes that misbehave"
+    )
     serve.add_argument(
         "--port", type=_port, default=8000, help="port on 127.0.0.1 (default 8000, 0 = any free)"
     )

@@ -12,10 +12,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .records import Outcome
 
 REPORT_FILE = "report.json"
+TOP_HOSTS = 5
+_MAX_HOSTS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,7 @@ class Report:
     bytes_in: int
     bytes_out: int
     queues: tuple[QueueStat, ...] = ()
+    failing_hosts: tuple[tuple[str, int], ...] = ()
 
     @property
     def images_per_s(self) -> float:
@@ -64,6 +68,7 @@ class RunStats:
     failed: Counter[str] = field(default_factory=Counter)
     bytes_in: int = 0
     bytes_out: int = 0
+    hosts: Counter[str] = field(default_factory=Counter)  # failures per host, pruned
 
     @property
     def urls(self) -> int:
@@ -76,6 +81,16 @@ class RunStats:
             self.ok += 1
         else:
             self.failed[outcome.error_kind or "unknown"] += 1
+            self._count_host(outcome.url)
+
+    def _count_host(self, url: str) -> None:
+        try:
+            host = urlsplit(url).hostname or "(no host)"
+        except ValueError:
+            host = "(invalid URL)"
+        self.hosts[host] += 1
+        if len(self.hosts) > _MAX_HOSTS:  # millions of dead hosts must not cost memory:
+            self.hosts = Counter(dict(self.hosts.most_common(_MAX_HOSTS // 2)))  # keep the top
 
     def report(self, queues: tuple[QueueStat, ...] = ()) -> Report:
         return Report(
@@ -86,6 +101,7 @@ class RunStats:
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
             queues=queues,
+            failing_hosts=tuple(self.hosts.most_common(TOP_HOSTS)),
         )
 
 
@@ -103,5 +119,8 @@ def format_report(report: Report) -> str:
         f"throughput  {report.images_per_s:.1f} images/s, {report.mb_per_s_in:.2f} MB/s in",
         f"data        {report.bytes_in / 1e6:.1f} MB in, {report.bytes_out / 1e6:.1f} MB out",
     ]
+    if report.failing_hosts:
+        lines.append("top failing hosts")
+        lines += [f"  {host:<30}{count}" for host, count in report.failing_hosts]
     lines += [f"queue       {q.name}: peak {q.peak} of {q.bound}" for q in report.queues]
     return "\n".join(lines)

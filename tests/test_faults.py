@@ -10,12 +10,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import Config, DownloadConfig, OutputConfig, Thumbnail, TransformConfig
 from pipeline.faults import FaultServer
+from pipeline.metrics import format_report
 from pipeline.runner import run
 from pipeline.sink import read_manifest
 
@@ -160,3 +162,51 @@ def test_memory_stays_bounded_on_bombs_and_huge_bodies(tmp_path, fault_server, r
     assert report.failed == {"too_large": 8}
     # 8 parallel downloads capped at 5 MB each; uncapped, each would be 256 MB to 10 GB
     assert peak[0] - baseline < 120 * 2**20
+
+
+MIXED_FAULTS = [
+    "status/404",
+    "status/503",
+    "garbage",
+    "html-as-jpeg",
+    "truncated/{image}",
+    "reset/{image}",
+    "redirect-loop/0",
+    "bomb.png",
+    "huge",
+    "drip/0.1",
+]
+
+
+def test_a_mixed_run_of_1000_urls_loses_nothing(tmp_path, fault_server, image_dir):
+    images = sorted(p.name for p in image_dir.iterdir())
+    good, urls = [], []
+    for i in range(1000):
+        image = images[i % len(images)]
+        if i % 10 < 3:  # 30% faults, of every kind in turn
+            route = MIXED_FAULTS[(i // 10) % len(MIXED_FAULTS)].format(image=image)
+            urls.append(f"{fault_server.fault(route)}?n={i}")
+        elif i % 10 == 3:  # fails once, then succeeds on its retry: a good URL
+            urls.append(fault_server.fault(f"flaky/mixed{i}/1/{image}"))
+            good.append(urls[-1])
+        else:
+            urls.append(f"{fault_server.url(image)}?n={i}")
+            good.append(urls[-1])
+    (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+    config = Config(
+        output=OutputConfig(dir=str(tmp_path / "out")),
+        download=replace(DOWNLOAD, workers=16, retries=1),
+        transform=TransformConfig(workers=2, ops=(Thumbnail(64, 64),)),
+    )
+
+    report = run([tmp_path / "urls.txt"], config)
+
+    rows = list(read_manifest(tmp_path / "out"))
+    assert sorted(r["url"] for r in rows) == sorted(urls), "one row per input URL, no more"
+    assert sorted(r["url"] for r in rows if r["status"] == "ok") == sorted(good)
+    assert report.ok == len(good) and report.urls == 1000
+    assert report.failing_hosts == (("127.0.0.1", 1000 - len(good)),)
+    text = format_report(report)
+    for kind in ("http_4xx", "http_5xx", "not_image", "truncated", "too_large", "deadline"):
+        assert kind in report.failed and kind in text
+    assert "127.0.0.1" in text
