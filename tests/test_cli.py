@@ -100,3 +100,15 @@ def test_version_and_help(tmp_path):
     assert pipeline("--version").stdout.startswith("pipeline ")
     helped = pipeline("run", "--help")
     assert helped.returncode == 0 and "--transform-workers" in helped.stdout
+
+
+def test_demo_processes_every_sample_image(tmp_path):
+    samples = sorted(
+        p for p in (ROOT / "data" / "images").iterdir() if p.suffix in (".jpg", ".png")
+    )
+    assert len(samples) >= 30
+    result = pipeline("demo", "--out", str(tmp_path / "demo"), "-q")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert saved["ok"] == len(samples)
+    assert saved["failed"] == {"http_4xx": 1, "not_image": 1}  # the two deliberate failures
