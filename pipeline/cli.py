@@ -1,13 +1,15 @@
 """The command line: ``pipeline run | demo | serve``. The only module that parses arguments.
 
 Exit status: 0 when the run completed (failed URLs are records, not errors), 2 for a user error
-(bad config, unreadable source) printed as one line, 130 on Ctrl-C, 1 for an internal error.
+(bad config, unreadable source) printed as one line, 130 on Ctrl-C (SIGINT), 143 on SIGTERM,
+1 for an internal error. Rerunning an interrupted command resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -28,7 +30,7 @@ DEFAULT_CONFIG = Path("config.toml")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose - args.quiet)
+    _setup_logging(args.verbose - max(0, args.quiet - 1))  # -q hides the bar, -qq warnings too
     try:
         return int(args.command(args))
     except PipelineError as err:
@@ -48,16 +50,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = _config(args)
-    report = run(args.sources, config, progress=not args.quiet)
+    report = run(
+        args.sources, config, progress=not args.quiet, restart=args.restart, handle_signals=True
+    )
     _print_report(report, config, args)
-    return 0
+    return _exit_status(report)
 
 
 def _demo(args: argparse.Namespace) -> int:
     config = _config(args)
     report = run_demo(config, args.images, progress=not args.quiet)
     _print_report(report, config, args)
-    return 0
+    return _exit_status(report)
+
+
+def _exit_status(report: Report) -> int:
+    """0 when the run completed; 128 + the signal number when a signal stopped it."""
+    return 128 + signal.Signals[report.interrupted] if report.interrupted else 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -109,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a folder of .txt/.csv URL lists, or a file",
     )
     _add_run_options(run_cmd)
+    run_cmd.add_argument(
+        "--restart", action="store_true", help="forget what earlier runs of --out did; start over"
+    )
     run_cmd.set_defaults(command=_run)
 
     demo = commands.add_parser("demo", help="serve the sample images on loopback and run on them")
@@ -149,7 +161,11 @@ def _add_run_options(cmd: argparse.ArgumentParser, default_out: Path | None = No
 def _add_verbosity(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     cmd.add_argument(
-        "-q", "--quiet", action="count", default=0, help="no progress bar (-qq: no report)"
+        "-q",
+        "--quiet",
+        action="count",
+        default=0,
+        help="no progress bar (-qq: no report, no warnings)",
     )
 
 

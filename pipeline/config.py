@@ -118,13 +118,42 @@ class Blur:
         _require(0 < self.radius <= 100, "radius", "in (0, 100]", self.radius)
 
 
+@dataclass(frozen=True, slots=True)
+class Crash:
+    """Test-only: the worker process exits at once on an image of exactly width x height."""
+
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Test-only: the worker sleeps ``seconds`` per image (an artificially slow transform)."""
+
+    seconds: float
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.seconds <= 60, "seconds", "in [0, 60]", self.seconds)
+
+
 def _check_box(width: int, height: int) -> None:
     _require(1 <= width <= 65535, "width", "in [1, 65535]", width)
     _require(1 <= height <= 65535, "height", "in [1, 65535]", height)
 
 
-Op = ExifTranspose | Thumbnail | Resize | CenterCrop | Grayscale | Rotate | Sharpen | Blur
-OPS: dict[str, type[Op]] = {
+Op = (
+    ExifTranspose
+    | Thumbnail
+    | Resize
+    | CenterCrop
+    | Grayscale
+    | Rotate
+    | Sharpen
+    | Blur
+    | Crash
+    | Sleep
+)
+OPS: dict[str, type[Op]] = {  # names starting with "_" are for tests and left out of messages
     "exif_transpose": ExifTranspose,
     "thumbnail": Thumbnail,
     "resize": Resize,
@@ -133,7 +162,10 @@ OPS: dict[str, type[Op]] = {
     "rotate": Rotate,
     "sharpen": Sharpen,
     "blur": Blur,
+    "_crash": Crash,
+    "_sleep": Sleep,
 }
+PUBLIC_OPS = [name for name in OPS if not name.startswith("_")]
 
 
 # --- sections ---------------------------------------------------------------------------------
@@ -229,6 +261,9 @@ class TransformConfig:
     resample: str = "lanczos"
     reducing_gap: float = 2.0
     max_pixels: int = 89_478_485
+    crash_retries: int = 1
+    max_tasks_per_child: int = 0
+    shutdown_grace: float = 2.0
     ops: tuple[Op, ...] = (ExifTranspose(), Thumbnail(256, 256))
 
     def __post_init__(self) -> None:
@@ -262,6 +297,11 @@ class TransformConfig:
         ok_gap = self.reducing_gap == 0 or self.reducing_gap >= 1
         _require(ok_gap, "reducing_gap", "0 (off) or >= 1.0", self.reducing_gap)
         _require(self.max_pixels >= 1, "max_pixels", ">= 1", self.max_pixels)
+        _require(0 <= self.crash_retries <= 5, "crash_retries", "in [0, 5]", self.crash_retries)
+        limit = self.max_tasks_per_child
+        _require(0 <= limit <= 10**9, "max_tasks_per_child", "in [0, 1000000000] (0 = none)", limit)
+        grace = self.shutdown_grace
+        _require(0 <= grace <= 600, "shutdown_grace", "in [0, 600]", grace)
 
     @property
     def pool_workers(self) -> int:
@@ -380,7 +420,9 @@ def _build_ops(value: Any, key: str) -> tuple[Op, ...]:
         params = dict(table)
         name = params.pop("op", None)
         if name not in OPS:
-            raise ConfigError(f"{where}.op", f"must be one of {', '.join(OPS)} (got {name!r})")
+            raise ConfigError(
+                f"{where}.op", f"must be one of {', '.join(PUBLIC_OPS)} (got {name!r})"
+            )
         ops.append(_build(OPS[name], params, f"{where}({name})"))
     return tuple(ops)
 

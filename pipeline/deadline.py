@@ -39,6 +39,7 @@ class Ticket:
     fired: bool = False
     done: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    woken: threading.Event = field(default_factory=threading.Event)  # set when fired
 
     def remaining(self) -> float:
         return self.expires - time.monotonic()
@@ -73,12 +74,12 @@ def check() -> None:
 
 
 def sleep(seconds: float) -> None:
-    """Sleep at most until this thread's deadline (a retry's backoff must not outlive it)."""
+    """Sleep, but no later than this thread's deadline or its cancellation (a retry's backoff)."""
     ticket = current()
-    if ticket is not None:
-        seconds = min(seconds, max(ticket.remaining(), 0.0))
-    if seconds > 0:
+    if ticket is None:
         time.sleep(seconds)
+        return
+    ticket.woken.wait(min(seconds, max(ticket.remaining(), 0.0)))
     check()
 
 
@@ -135,8 +136,16 @@ class Watchdog:
                 return
             ticket.fired = True
             sock = ticket.sock
+        ticket.woken.set()
         if sock is not None:
             _cut(sock)
+
+    def cut_all(self) -> None:
+        """Fire every running download's deadline now (the run is being interrupted)."""
+        with self._wakeup:
+            tickets = [ticket for _, _, ticket in self._heap]
+        for ticket in tickets:
+            self._fire(ticket)
 
     def start(self) -> Watchdog:
         self._thread.start()

@@ -44,4 +44,4 @@ def run_demo(config: Config, images_dir: Path, *, progress: bool) -> Report:
     with StaticServer(images_dir) as server:
         url_list = Path(config.output.dir) / "urls" / "urls.txt"
         write_url_list(url_list, server, images)
-        return run([url_list], config, progress=progress)
+        return run([url_list], config, progress=progress, restart=True, handle_signals=True)

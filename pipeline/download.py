@@ -99,6 +99,10 @@ class Downloader:
                 slot = self._hosts[host] = threading.BoundedSemaphore(self.config.per_host)
         return slot
 
+    def cancel(self) -> None:
+        """End every download in progress now: each fails as ``deadline``, at once."""
+        self._watchdog.cut_all()
+
     def close(self) -> None:
         """Stop the watchdog and close every thread's Session (and its pooled connections)."""
         self._watchdog.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Final
 
 #: The error kinds a manifest row may carry, and what each means. Fixed: users rely on them.
+#: ``TRANSIENT`` ones may succeed another time: a rerun retries them; the others are final.
 ERROR_KINDS: Final[dict[str, str]] = {
     "invalid_url": "the URL is malformed or not http/https",
     "dns": "the host name could not be resolved",
@@ -33,8 +34,22 @@ ERROR_KINDS: Final[dict[str, str]] = {
     "decompression_bomb": "the image has more pixels than transform.max_pixels",
     "transform_error": "an op of the transform chain failed",
     "write_error": "the output file could not be written",
+    "worker_crash": "the transform process died while handling this image",
     "network": "another network error",
 }
+
+TRANSIENT_KINDS: Final[frozenset[str]] = frozenset(
+    {"dns", "connect", "timeout", "deadline", "http_5xx", "truncated", "network", "write_error",
+     "worker_crash"}
+)  # fmt: skip
+TRANSIENT_HTTP_STATUSES: Final[frozenset[int]] = frozenset({408, 425, 429})
+
+
+def is_final(kind: str | None, http_status: int | None = None) -> bool:
+    """True if a row with this error kind (None: ok) needs no retry on a rerun."""
+    if kind is None:
+        return True
+    return kind not in TRANSIENT_KINDS and http_status not in TRANSIENT_HTTP_STATUSES
 
 
 class PipelineError(Exception):

@@ -38,6 +38,9 @@ class Report:
     bytes_out: int
     queues: tuple[QueueStat, ...] = ()
     failing_hosts: tuple[tuple[str, int], ...] = ()
+    skipped: int = 0  # URLs an earlier run of this output folder had already done
+    interrupted: str | None = None  # the signal that stopped the run early
+    pool_restarts: int = 0  # transform pools replaced after a worker died
 
     @property
     def images_per_s(self) -> float:
@@ -92,8 +95,9 @@ class RunStats:
         if len(self.hosts) > _MAX_HOSTS:  # millions of dead hosts must not cost memory:
             self.hosts = Counter(dict(self.hosts.most_common(_MAX_HOSTS // 2)))  # keep the top
 
-    def report(self, queues: tuple[QueueStat, ...] = ()) -> Report:
+    def report(self, queues: tuple[QueueStat, ...] = (), **extra: Any) -> Report:
         return Report(
+            **extra,
             urls=self.urls,
             ok=self.ok,
             failed=dict(self.failed.most_common()),
@@ -108,7 +112,11 @@ class RunStats:
 def format_report(report: Report) -> str:
     """The report as a few aligned lines of text."""
     failed = sum(report.failed.values())
-    lines = [
+    lines = [f"interrupted by {report.interrupted}: rerun the same command to finish"]
+    lines = lines if report.interrupted else []
+    if report.skipped:
+        lines.append(f"resumed     {report.skipped} URLs were done by an earlier run")
+    lines += [
         f"urls        {report.urls}",
         f"ok          {report.ok}",
         f"failed      {failed}",
@@ -123,4 +131,6 @@ def format_report(report: Report) -> str:
         lines.append("top failing hosts")
         lines += [f"  {host:<30}{count}" for host, count in report.failing_hosts]
     lines += [f"queue       {q.name}: peak {q.peak} of {q.bound}" for q in report.queues]
+    if report.pool_restarts:
+        lines.append(f"restarts    the transform pool was restarted {report.pool_restarts} times")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """One run of the pipeline: the stages wired together, owned by the main thread.
 
-    URL files (streamed, SharedIterator)
+    URL files (streamed) -> Resume.pending (skips what an earlier run finished) -> SharedIterator
         |
         v
     download threads x download.workers          one requests.Session each
@@ -21,29 +21,43 @@
 Threads download because a download spends its time waiting on sockets, which releases the GIL;
 processes transform because decoding and resizing hold the GIL. Each queue is bounded and the pool
 gets at most ``in_flight`` tasks, so memory stays flat whatever the number of URLs.
+
+Lifecycle. The first SIGINT/SIGTERM stops reading URLs and cuts every download in progress; the
+images already in the pool get ``transform.shutdown_grace`` seconds to finish, then their workers
+are killed; everything drains through the queues as usual, the manifest is flushed, and the run
+returns marked interrupted. What was not recorded is done by the next run (resume). A second
+signal aborts at once. A worker that dies mid-run breaks its pool: a fresh pool takes over and each
+lost image is tried again ``transform.crash_retries`` times before it is a ``worker_crash`` row.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import multiprocessing
+import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from types import FrameType
 
 from tqdm import tqdm
 
 from .config import Config
 from .download import Downloader
-from .errors import FetchError, PipelineError
+from .errors import FetchError, PipelineError, TransformError
 from .metrics import QueueStat, Report, RunStats
 from .records import Fetched, Job, Outcome, ShardEnd
-from .sink import Sink
+from .sink import Resume, Sink, prepare
 from .sources import find_sources, iter_jobs
-from .stages import DONE, BoundedQueue, SharedIterator
+from .stages import DONE, BoundedQueue, RestartingPool, SharedIterator
 from .transform import WorkerSetup, init_worker, process
 
 log = logging.getLogger(__name__)
@@ -51,20 +65,33 @@ log = logging.getLogger(__name__)
 Result = Outcome | ShardEnd | Future[Outcome]
 
 
-def run(sources: Sequence[Path], config: Config, *, progress: bool = False) -> Report:
-    """Process every URL of ``sources``; returns the report (also saved as report.json)."""
+def run(
+    sources: Sequence[Path],
+    config: Config,
+    *,
+    progress: bool = False,
+    restart: bool = False,
+    handle_signals: bool = False,
+) -> Report:
+    """Process every URL of ``sources`` not done yet; returns the report (also report.json).
+
+    With ``handle_signals`` (the CLI), SIGINT and SIGTERM interrupt the run gracefully.
+    """
     files = find_sources(sources, config.input.csv_column)
     out_dir = Path(config.output.dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PipelineError(f"{out_dir}: cannot create the output folder: {exc.strerror}") from None
-    report = Run(config, out_dir).execute(files, progress=progress)
+    prepare(out_dir, config, restart=restart)
+    pipeline = Run(config, out_dir)
+    with _signals(pipeline) if handle_signals else contextlib.nullcontext():
+        report = pipeline.execute(files, progress=progress)
     report.save(out_dir)
     return report
 
 
-def make_pool(config: Config, out_dir: Path) -> ProcessPoolExecutor:
+def make_pool(config: Config, out_dir: Path, workers: int | None = None) -> ProcessPoolExecutor:
     """The transform pool, started with the configured method (never plain fork)."""
     method = config.transform.start_method
     context = multiprocessing.get_context(method)
@@ -72,10 +99,11 @@ def make_pool(config: Config, out_dir: Path) -> ProcessPoolExecutor:
         context.set_forkserver_preload(["pipeline.transform"])
     setup = WorkerSetup(config.transform, str(out_dir), config.output.folder_size)
     return ProcessPoolExecutor(
-        max_workers=config.transform.pool_workers,
+        max_workers=workers or config.transform.pool_workers,
         mp_context=context,
         initializer=init_worker,
         initargs=(setup,),
+        max_tasks_per_child=config.transform.max_tasks_per_child or None,
     )
 
 
@@ -86,41 +114,89 @@ class Run:
         self.config = config
         self.out_dir = out_dir
         self.stop = threading.Event()
+        self.interrupted: int | None = None  # the signal that stopped the run
         self.fetched: BoundedQueue[Fetched] = BoundedQueue("fetched", config.queues.fetched)
         self.results: BoundedQueue[Result] = BoundedQueue("results", config.queues.results)
         self.slots = threading.BoundedSemaphore(config.transform.in_flight)
+        self.downloader = Downloader(config.download)
+        self.pool = RestartingPool(functools.partial(make_pool, config, out_dir))
+        # images that were in a pool when a worker died are retried here, one at a time, so that
+        # a second crash names its culprit and no bystander is blamed
+        self.quarantine = RestartingPool(functools.partial(make_pool, config, out_dir, 1))
+        self._suspects: deque[tuple[Fetched, int]] = deque()
+        self._suspect_running = False
+        self._suspect_lock = threading.Lock()
+        self.sink = Sink(out_dir)
+        self._grace: threading.Timer | None = None
 
     def execute(self, files: Sequence[Path], *, progress: bool) -> Report:
         cfg = self.config
-        jobs = SharedIterator(
-            iter_jobs(files, cfg.input.shard_size, cfg.input.csv_column), self.stop
-        )
+        resume = Resume(self.out_dir)
+        items = resume.pending(iter_jobs(files, cfg.input.shard_size, cfg.input.csv_column))
+        jobs = SharedIterator(items, self.stop)
         stats = RunStats()
         with (
-            Sink(self.out_dir) as sink,
-            Downloader(cfg.download) as downloader,
-            make_pool(cfg, self.out_dir) as pool,
+            self.sink,
+            self.downloader,
+            self.pool,
+            self.quarantine,
             ThreadPoolExecutor(cfg.download.workers, "download") as downloads,
             ThreadPoolExecutor(1, "dispatch") as dispatch,
             _progress_bar(progress) as bar,
         ):
             loops = [
-                downloads.submit(self._download_loop, jobs, downloader)
-                for _ in range(cfg.download.workers)
+                downloads.submit(self._download_loop, jobs) for _ in range(cfg.download.workers)
             ]
-            loops.append(dispatch.submit(self._dispatch_loop, pool))
-            self._collect(sink, stats, bar)
+            loops.append(dispatch.submit(self._dispatch_loop))
+            try:
+                self._collect(stats, bar)
+            finally:
+                self._end_grace()
             for loop in loops:  # a stage's bug surfaces here, after everything has drained
                 loop.result()
-        if sink.open_shards:
-            log.warning("shards left incomplete: %s", sink.open_shards)
+        if self.sink.open_shards and self.interrupted is None:
+            log.warning("shards left incomplete: %s", self.sink.open_shards)
+        queues = tuple(QueueStat(q.name, q.bound, q.peak) for q in (self.fetched, self.results))
         return stats.report(
-            tuple(QueueStat(q.name, q.bound, q.peak) for q in (self.fetched, self.results))
+            queues,
+            skipped=resume.skipped,
+            interrupted=signal.Signals(self.interrupted).name if self.interrupted else None,
+            pool_restarts=self.pool.restarts + self.quarantine.restarts,
         )
+
+    # --- lifecycle: called from the signal handler, in the main thread ---------------------------
+
+    def interrupt(self, signum: int) -> None:
+        """Stop gracefully: read no more URLs, end downloads now, give the pool a grace period."""
+        self.interrupted = signum
+        self.stop.set()
+        self.downloader.cancel()
+        self._grace = threading.Timer(self.config.transform.shutdown_grace, self._kill_workers)
+        self._grace.name = "shutdown-grace"
+        self._grace.start()
+        log.warning(
+            "%s: finishing the images in flight (again to abort)", signal.Signals(signum).name
+        )
+
+    def abort(self, signum: int) -> None:
+        """Stop now: kill the workers, flush the manifest, exit; a rerun redoes what is missing."""
+        self._kill_workers()
+        self.sink.close()
+        os._exit(128 + signum)
+
+    def _kill_workers(self) -> None:
+        for worker in [*self.pool.processes(), *self.quarantine.processes()]:
+            with contextlib.suppress(OSError, ValueError):  # already gone
+                worker.kill()
+
+    def _end_grace(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace.join()
 
     # --- download threads -----------------------------------------------------------------
 
-    def _download_loop(self, jobs: SharedIterator[Job | ShardEnd], downloader: Downloader) -> None:
+    def _download_loop(self, jobs: SharedIterator[Job | ShardEnd]) -> None:
         try:
             while (job := jobs.next()) is not None:
                 if isinstance(job, ShardEnd):
@@ -128,8 +204,10 @@ class Run:
                     continue
                 started = time.perf_counter()
                 try:
-                    self.fetched.put(downloader.fetch(job))
+                    self.fetched.put(self.downloader.fetch(job))
                 except FetchError as err:
+                    if self.stop.is_set():  # cut short by an interrupt: not a real failure
+                        continue
                     elapsed = (time.perf_counter() - started) * 1000
                     self.results.put(Outcome.failed(job, err, download_ms=elapsed))
         except BaseException:
@@ -140,17 +218,17 @@ class Run:
 
     # --- dispatcher thread: feeds the pool, at most in_flight tasks at a time -----------------
 
-    def _dispatch_loop(self, pool: ProcessPoolExecutor) -> None:
+    def _dispatch_loop(self) -> None:
         producers = self.config.download.workers
         try:
             while producers:
                 item = self.fetched.get()
                 if item is DONE:
                     producers -= 1
-                elif not self.stop.is_set():
+                elif not self.stop.is_set():  # once stopping, downloaded bodies are dropped
                     assert isinstance(item, Fetched)
                     self.slots.acquire()
-                    pool.submit(process, item).add_done_callback(self._on_done)
+                    self._submit(item, attempt=0)
         except BaseException:
             self.stop.set()
             while producers:  # keep the download threads from blocking on a full queue
@@ -161,29 +239,93 @@ class Run:
                 self.slots.acquire()
             self.results.put(DONE)
 
-    def _on_done(self, future: Future[Outcome]) -> None:
-        self.results.put(future)
+    def _submit(self, item: Fetched, attempt: int) -> None:
+        future = self.pool.submit(process, item)
+        future.add_done_callback(functools.partial(self._on_done, item, attempt))
+
+    def _on_done(self, item: Fetched, attempt: int, future: Future[Outcome]) -> None:
+        """Runs in the pool's thread: pass the result on, or deal with a dead worker."""
+        crashed = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
+        if crashed and not self.stop.is_set() and attempt < self.config.transform.crash_retries:
+            self._suspect(item, attempt + 1)  # the slot stays taken until it is settled
+            return
+        self._settle(item, future, crashed)
+
+    def _settle(self, item: Fetched, future: Future[Outcome], crashed: bool) -> None:
+        if crashed and not self.stop.is_set():
+            error = TransformError("worker_crash", "the transform process died on this image")
+            self.results.put(Outcome.failed(item.job, error, download_ms=item.download_ms,
+                                            bytes_in=len(item.body)))  # fmt: skip
+        elif not (crashed or future.cancelled()):  # killed or cancelled at shutdown: redone later
+            self.results.put(future)
         self.slots.release()
+
+    def _suspect(self, item: Fetched, attempt: int) -> None:
+        with self._suspect_lock:
+            self._suspects.append((item, attempt))
+            if self._suspect_running:
+                return
+            self._suspect_running = True
+        self._next_suspect()
+
+    def _next_suspect(self) -> None:
+        with self._suspect_lock:
+            if not self._suspects:
+                self._suspect_running = False
+                return
+            item, attempt = self._suspects.popleft()
+        future = self.quarantine.submit(process, item)
+        future.add_done_callback(functools.partial(self._on_suspect_done, item, attempt))
+
+    def _on_suspect_done(self, item: Fetched, attempt: int, future: Future[Outcome]) -> None:
+        crashed = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
+        if crashed and not self.stop.is_set() and attempt < self.config.transform.crash_retries:
+            self._suspect(item, attempt + 1)
+        else:
+            self._settle(item, future, crashed)
+        self._next_suspect()
 
     # --- main thread: the sink -----------------------------------------------------------
 
-    def _collect(self, sink: Sink, stats: RunStats, bar: tqdm) -> None:
+    def _collect(self, stats: RunStats, bar: tqdm) -> None:
         try:
             while (item := self.results.get()) is not DONE:
                 if isinstance(item, ShardEnd):
-                    sink.end_shard(item)
+                    self.sink.end_shard(item)
                     continue
                 outcome = item.result() if isinstance(item, Future) else item
                 assert isinstance(outcome, Outcome)
-                sink.add(outcome)
+                self.sink.add(outcome)
                 stats.add(outcome)
                 bar.update()
                 bar.set_postfix(ok=stats.ok, failed=stats.failed.total(), refresh=False)
         except BaseException:
-            self.stop.set()  # stop reading URLs, let what is in flight finish, then re-raise
+            self.stop.set()  # a bug: stop reading URLs, let what is in flight finish, re-raise
+            self.downloader.cancel()
             while self.results.get() is not DONE:
                 pass
             raise
+
+
+@contextlib.contextmanager
+def _signals(pipeline: Run) -> Iterator[None]:
+    """SIGINT/SIGTERM: the first interrupts ``pipeline`` gracefully, a second aborts it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if pipeline.interrupted is None:
+            pipeline.interrupt(signum)
+        else:
+            pipeline.abort(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _Bar(tqdm):  # type: ignore[misc]

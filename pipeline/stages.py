@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
-from typing import Final, Generic, TypeVar
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Final, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -71,3 +73,48 @@ class SharedIterator(Generic[T]):
             if self._stop.is_set():
                 return None
             return next(self._items, None)
+
+
+class RestartingPool:
+    """A ProcessPoolExecutor that is replaced by a fresh one when a worker process dies.
+
+    A dead worker (``os._exit``, a signal, the OOM killer) breaks a ProcessPoolExecutor for good:
+    every task in it fails with BrokenProcessPool and it takes no more. ``submit`` starts a new pool
+    then, so the run carries on; the caller decides what to do with the tasks that were lost.
+    """
+
+    def __init__(self, factory: Callable[[], ProcessPoolExecutor]) -> None:
+        self._factory = factory
+        self._pool = factory()
+        self._retired: list[ProcessPoolExecutor] = []
+        self._lock = threading.Lock()
+        self.restarts = 0
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        with self._lock:
+            try:
+                return self._pool.submit(fn, *args)
+            except BrokenProcessPool:
+                self._retired.append(self._pool)
+                self._pool = self._factory()
+                self.restarts += 1
+                return self._pool.submit(fn, *args)
+
+    def processes(self) -> list[Any]:
+        """The live worker processes (multiprocessing.Process objects) of every pool."""
+        with self._lock:
+            pools = [*self._retired, self._pool]
+        # ProcessPoolExecutor keeps no public list of its processes before Python 3.14
+        return [p for pool in pools for p in (getattr(pool, "_processes", None) or {}).values()]
+
+    def shutdown(self, *, cancel: bool = False) -> None:
+        with self._lock:
+            pools, self._retired = [*self._retired, self._pool], []
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=cancel)
+
+    def __enter__(self) -> RestartingPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

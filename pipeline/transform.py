@@ -13,6 +13,7 @@ When the chain only shrinks (its first geometric op is ``thumbnail`` or ``resize
 from __future__ import annotations
 
 import io
+import os
 import signal
 import time
 import warnings
@@ -28,12 +29,14 @@ from .config import (
     OPS,
     Blur,
     CenterCrop,
+    Crash,
     ExifTranspose,
     Grayscale,
     Op,
     Resize,
     Rotate,
     Sharpen,
+    Sleep,
     Thumbnail,
     TransformConfig,
 )
@@ -100,7 +103,7 @@ def draft_box(config: TransformConfig, swaps_axes: bool = False) -> tuple[int, i
             gap = max(config.reducing_gap, 1.0)
             box = (int(op.width * gap), int(op.height * gap))
             return (box[1], box[0]) if swaps_axes else box
-        if not isinstance(op, ExifTranspose | Grayscale):
+        if not isinstance(op, ExifTranspose | Grayscale | Sleep):
             return None
     return None
 
@@ -191,6 +194,17 @@ def _blur(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(op.radius))
 
 
+def _crash(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
+    if image.size == (op.width, op.height):
+        os._exit(70)  # as a segfaulting decoder or the OOM killer would: no cleanup, no result
+    return image
+
+
+def _sleep(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
+    time.sleep(op.seconds)
+    return image
+
+
 def _exif_transpose(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
     return ImageOps.exif_transpose(image) or image
 
@@ -204,6 +218,8 @@ _APPLY: dict[type[Any], Callable[[Image.Image, Any, TransformConfig], Image.Imag
     Rotate: _rotate,
     Sharpen: _sharpen,
     Blur: _blur,
+    Crash: _crash,
+    Sleep: _sleep,
 }
 
 
