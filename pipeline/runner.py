@@ -97,7 +97,7 @@ def make_pool(config: Config, out_dir: Path, workers: int | None = None) -> Proc
     context = multiprocessing.get_context(method)
     if method == "forkserver":  # workers fork from a server that has already imported Pillow
         context.set_forkserver_preload(["pipeline.transform"])
-    setup = WorkerSetup(config.transform, str(out_dir), config.output.folder_size)
+    setup = WorkerSetup(config.transform, str(out_dir), config.output.folder_size, os.getpid())
     return ProcessPoolExecutor(
         max_workers=workers or config.transform.pool_workers,
         mp_context=context,

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -267,6 +269,7 @@ class WorkerSetup:
     config: TransformConfig
     out_dir: str
     folder_size: int
+    main_pid: int  # the process that owns the run; a worker must not outlive it
 
 
 _setup: WorkerSetup | None = None
@@ -277,9 +280,32 @@ def init_worker(setup: WorkerSetup) -> None:
     global _setup
     _setup = setup
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with(setup.main_pid)
     # decode() checks the header's size against transform.max_pixels before decoding anything,
     # with a message naming the key; Pillow's own check (at 2x its limit) would pre-empt it
     Image.MAX_IMAGE_PIXELS = None
+
+
+def _exit_with(pid: int) -> None:
+    """End this worker when process ``pid`` ends, even by SIGKILL.
+
+    A worker of a killed run would wait forever: it holds both ends of the pool's task pipe, so
+    it never sees an end of file, and it keeps the forkserver alive too. A pidfd becomes readable
+    when its process exits; one thread blocks on it. It is a daemon thread on purpose: it must
+    never hold up the worker's own exit.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): the old behaviour
+        return
+
+    def wait() -> None:
+        select.select([pidfd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=wait, name="main-process-watch", daemon=True).start()
 
 
 def process(fetched: Fetched) -> Outcome:

@@ -44,11 +44,11 @@ height = 64
 """
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll an observable condition (files on disk) until it holds."""
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "the run") -> None:
+    """Poll an observable condition (files on disk, live processes) until it holds."""
     end = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < end, "timed out waiting for the run to get under way"
+        assert time.monotonic() < end, f"timed out after {timeout} s waiting for {what}"
         time.sleep(0.02)
 
 
@@ -127,7 +127,7 @@ def test_a_signal_stops_the_run_quickly_and_cleanly(tmp_path, fault_server, imag
     assert "Traceback" not in stderr
     assert f"interrupted by {sig.name}" in stdout
     # the forkserver and resource tracker see the parent's pipe close and exit on their own
-    wait_for(lambda: alive(children) == set(), timeout=2)
+    wait_for(lambda: alive(children) == set(), timeout=2, what="every child process to exit")
     rows = check_manifest(out)
     assert 0 < len(rows) < len(urls)
     assert json.loads((out / "report.json").read_text())["interrupted"] == sig.name
@@ -160,7 +160,7 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, fault_server, image_dir):
     assert proc.returncode == 130, stderr
     assert time.monotonic() - sent < 1.5  # no grace period waited for
     assert "Traceback" not in stderr
-    wait_for(lambda: alive(children) == set(), timeout=5)  # killed workers are reaped by init
+    wait_for(lambda: alive(children) == set(), timeout=5, what="every child process to exit")
     check_manifest_lines_whole(out)
 
 
@@ -211,8 +211,12 @@ def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_result(tmp_path,
         out = tmp_path / f"killed-{kill_after}"
         proc = start(["run", "urls.txt", "--out", out.name, "-q"], cwd=tmp_path)
         wait_for(lambda out=out, k=kill_after: images_written(out) >= k)
+        children = set(descendants(proc.pid))
         proc.kill()
         proc.wait(timeout=10)
+        # workers and the forkserver of a SIGKILLed run must not linger, orphaned
+        gone = lambda children=children: alive(children) == set()  # noqa: E731
+        wait_for(gone, timeout=5, what="the killed run's processes to exit")
         again = start(["run", "urls.txt", "--out", out.name, "-q"], cwd=tmp_path)
         assert again.wait(timeout=120) == 0
         rows = check_manifest(out)
