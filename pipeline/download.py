@@ -204,8 +204,9 @@ def translate(exc: BaseException) -> FetchError:
         return FetchError("timeout", f"no answer within the {phase} timeout")
     if isinstance(exc, requests.exceptions.ChunkedEncodingError | urllib3.exceptions.ProtocolError):
         return FetchError("truncated", f"the body was cut short: {detail}")
-    if isinstance(exc, requests.exceptions.ConnectionError | OSError):
-        return FetchError("connect", f"connection failed: {detail}")
+    socket_error = isinstance(exc, OSError) and not isinstance(exc, requests.RequestException)
+    if isinstance(exc, requests.exceptions.ConnectionError) or socket_error:  # (requests' errors
+        return FetchError("connect", f"connection failed: {detail}")  # all subclass OSError)
     return FetchError("network", f"{type(exc).__name__}: {detail}")
 
 

@@ -1,0 +1,147 @@
+"""The download client, with `responses` standing in for the network."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import requests
+import responses
+import urllib3.exceptions
+
+from pipeline.config import DownloadConfig
+from pipeline.download import Downloader, check_url, translate
+from pipeline.errors import FetchError
+from pipeline.records import Job
+
+URL = "http://images.test/a.jpg"
+
+
+@pytest.fixture
+def downloader():
+    with Downloader(DownloadConfig(max_bytes=10_000, retries=0, user_agent="ua-test/1")) as d:
+        yield d
+
+
+def fetch_error(downloader: Downloader, url: str = URL) -> FetchError:
+    with pytest.raises(FetchError) as caught:
+        downloader.fetch(Job(0, 0, url))
+    return caught.value
+
+
+@responses.activate
+def test_a_body_comes_back_whole_with_its_headers(downloader):
+    responses.get(URL, body=b"\xff\xd8" + bytes(5000), content_type="image/jpeg")
+    fetched = downloader.fetch(Job(0, 1, URL))
+    assert fetched.body == b"\xff\xd8" + bytes(5000)
+    assert (fetched.http_status, fetched.content_type) == (200, "image/jpeg")
+    assert fetched.job.index == 1 and fetched.download_ms >= 0
+
+
+@responses.activate
+@pytest.mark.parametrize(("status", "kind"), [(404, "http_4xx"), (410, "http_4xx"),
+                                              (500, "http_5xx"), (503, "http_5xx")])  # fmt: skip
+def test_error_statuses(downloader, status, kind):
+    responses.get(URL, status=status)
+    error = fetch_error(downloader)
+    assert (error.kind, error.http_status) == (kind, status)
+
+
+@responses.activate
+def test_a_declared_length_over_the_cap_is_refused_unread(downloader):
+    responses.get(URL, body=b"x" * 20_000, content_type="image/jpeg",
+                  auto_calculate_content_length=True)  # fmt: skip
+    error = fetch_error(downloader)
+    assert error.kind == "too_large" and "Content-Length 20000" in error.message
+
+
+@responses.activate
+def test_an_undeclared_body_over_the_cap_is_cut_while_streaming(downloader):
+    responses.get(URL, body=b"x" * 40_000, content_type="image/jpeg")  # no Content-Length
+    error = fetch_error(downloader)
+    assert error.kind == "too_large" and "body exceeds" in error.message
+
+
+@responses.activate
+def test_a_content_type_outside_the_allow_list_is_not_an_image(downloader):
+    responses.get(URL, body=b"<html></html>", content_type="text/html; charset=utf-8")
+    error = fetch_error(downloader)
+    assert error.kind == "not_image" and "text/html" in error.message
+
+
+@responses.activate
+def test_an_empty_allow_list_accepts_anything():
+    responses.get(URL, body=b"data", content_type="application/octet-stream")
+    with Downloader(DownloadConfig(content_types=())) as d:
+        assert d.fetch(Job(0, 0, URL)).body == b"data"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://x/a.jpg", "file:///etc/passwd", "not a url", "http://", "http://x:99999/a", "",
+     "javascript:alert(1)", "http://x/\udcff.jpg"],
+)  # fmt: skip
+@responses.activate
+def test_malformed_urls_fail_before_any_request(downloader, url):
+    assert fetch_error(downloader, url).kind == "invalid_url"
+    assert len(responses.calls) == 0
+    with pytest.raises(FetchError):
+        check_url(url)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (requests.exceptions.ConnectionError("refused"), "connect"),
+        (requests.exceptions.ConnectTimeout("slow"), "timeout"),
+        (requests.exceptions.ReadTimeout("slow"), "timeout"),
+        (requests.exceptions.TooManyRedirects("loop"), "too_many_redirects"),
+        (requests.exceptions.ChunkedEncodingError("cut"), "truncated"),
+        (requests.exceptions.InvalidSchema("ftp"), "invalid_url"),
+        (requests.exceptions.ConnectionError(
+            urllib3.exceptions.MaxRetryError(None, URL, urllib3.exceptions.NameResolutionError(
+                "images.test", None, OSError("Name or service not known")))), "dns"),
+        (requests.exceptions.ConnectionError(
+            urllib3.exceptions.MaxRetryError(None, URL, urllib3.exceptions.NewConnectionError(
+                None, "Failed to establish a new connection"))), "connect"),
+        (requests.exceptions.ContentDecodingError("bad gzip"), "network"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else v,
+)  # fmt: skip
+@responses.activate
+def test_exceptions_map_to_kinds(downloader, exc, kind):
+    responses.get(URL, body=exc)
+    assert fetch_error(downloader).kind == kind
+    assert translate(exc).kind == kind
+
+
+@responses.activate
+def test_each_thread_gets_its_own_session_with_the_right_settings(downloader):
+    responses.get(URL, body=b"x", content_type="image/png")
+    sessions = {}
+
+    def grab(name: str) -> None:
+        downloader.fetch(Job(0, 0, URL))
+        sessions[name] = downloader._session()
+
+    threads = [threading.Thread(target=grab, args=(str(i),)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    grab("main")
+    grab("main again")
+    assert sessions["0"] is not sessions["1"] and sessions["main"] is sessions["main again"]
+    assert all(not s.trust_env for s in sessions.values())
+    headers = responses.calls[0].request.headers
+    assert headers["Accept-Encoding"] == "identity" and headers["User-Agent"] == "ua-test/1"
+
+
+def test_close_closes_every_session():
+    closed = []
+    with Downloader(DownloadConfig()) as d:
+        for _ in range(2):
+            session = d._session()
+            session.close = lambda s=session: closed.append(s)  # type: ignore[method-assign]
+            d._local.session = None  # as if another thread asked
+    assert len(closed) == 2 and d._sessions == []
