@@ -43,6 +43,11 @@ class QuietHandler(SimpleHTTPRequestHandler):
         finally:
             self.httpd.track(self.connection, add=False)
 
+    def do_GET(self) -> None:
+        if self.httpd.latency:  # a far-away server: each answer starts this much later
+            self.httpd.stopping.wait(self.httpd.latency)
+        super().do_GET()
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s - %s", self.address_string(), format % args)
 
@@ -54,8 +59,9 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
     block_on_close = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], handler: Any) -> None:
+    def __init__(self, address: tuple[str, int], handler: Any, latency: float = 0.0) -> None:
         super().__init__(address, handler)
+        self.latency = latency
         self.stopping = threading.Event()  # set when closing: slow handlers stop waiting
         self._connections: set[socket.socket] = set()
         self._hits: Counter[str] = Counter()
@@ -84,13 +90,23 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
 
 
 class StaticServer:
-    """``with StaticServer(folder) as server: server.url("a.jpg")``, served from a thread."""
+    """``with StaticServer(folder) as server: server.url("a.jpg")``, served from a thread.
+
+    ``latency`` delays every answer by that many seconds, as a distant server would.
+    """
 
     def __init__(
-        self, root: Path, port: int = 0, handler: type[QuietHandler] = QuietHandler
+        self,
+        root: Path,
+        port: int = 0,
+        handler: type[QuietHandler] = QuietHandler,
+        *,
+        latency: float = 0.0,
     ) -> None:
         self.root = root
-        self._httpd = LoopbackHTTPServer((HOST, port), partial(handler, directory=str(root)))
+        self._httpd = LoopbackHTTPServer(
+            (HOST, port), partial(handler, directory=str(root)), latency
+        )
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http-server")
 
     @property
