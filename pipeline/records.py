@@ -80,6 +80,7 @@ class Outcome:
     path: str | None = None
     download_ms: float = 0.0
     transform_ms: float = 0.0
+    cpu_ms: float = 0.0  # CPU time the transform process spent on it
 
     @property
     def shard(self) -> int:

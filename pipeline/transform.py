@@ -13,6 +13,7 @@ When the chain only shrinks (its first geometric op is ``thumbnail`` or ``resize
 from __future__ import annotations
 
 import io
+import logging
 import os
 import select
 import signal
@@ -43,7 +44,10 @@ from .config import (
     TransformConfig,
 )
 from .errors import ItemError, TransformError, WriteError
+from .logs import LogSetup, configure_worker
 from .records import Fetched, Outcome
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
@@ -270,6 +274,7 @@ class WorkerSetup:
     out_dir: str
     folder_size: int
     main_pid: int  # the process that owns the run; a worker must not outlive it
+    log_setup: LogSetup | None = None  # None: leave this process's logging as it is
 
 
 _setup: WorkerSetup | None = None
@@ -279,6 +284,8 @@ def init_worker(setup: WorkerSetup) -> None:
     """Pool initializer: keep the setup; leave Ctrl-C to the parent, which coordinates shutdown."""
     global _setup
     _setup = setup
+    if setup.log_setup is not None:
+        configure_worker(setup.log_setup)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with(setup.main_pid)
     # decode() checks the header's size against transform.max_pixels before decoding anything,
@@ -311,7 +318,7 @@ def _exit_with(pid: int) -> None:
 def process(fetched: Fetched) -> Outcome:
     """Transform one downloaded body and write its output file: runs in a pool process."""
     assert _setup is not None, "init_worker was not run in this process"
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     job = fetched.job
     common: dict[str, Any] = {"http_status": fetched.http_status, "bytes_in": len(fetched.body)}
     try:
@@ -322,9 +329,11 @@ def process(fetched: Fetched) -> Outcome:
         except OSError as exc:
             raise WriteError("write_error", f"{path}: {exc.strerror or exc}") from None
     except ItemError as err:
+        log.debug("%s: %s: %s", job.key, err.kind, err.message)
         elapsed = (time.perf_counter() - started) * 1000
+        cpu = (time.process_time() - cpu_started) * 1000
         return Outcome.failed(
-            job, err, download_ms=fetched.download_ms, transform_ms=elapsed, **common
+            job, err, download_ms=fetched.download_ms, transform_ms=elapsed, cpu_ms=cpu, **common
         )
     return Outcome(
         key=job.key,
@@ -338,5 +347,6 @@ def process(fetched: Fetched) -> Outcome:
         path=path,
         download_ms=fetched.download_ms,
         transform_ms=(time.perf_counter() - started) * 1000,
+        cpu_ms=(time.process_time() - cpu_started) * 1000,
         **common,
     )

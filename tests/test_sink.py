@@ -15,6 +15,7 @@ from pipeline.sink import Resume, Sink, read_manifest
 FIELDS = [
     "key", "url", "status", "error_kind", "error", "http_status", "bytes_in", "bytes_out",
     "width_in", "height_in", "width_out", "height_out", "path", "download_ms", "transform_ms",
+    "cpu_ms",
 ]  # fmt: skip
 
 
