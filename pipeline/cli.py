@@ -20,7 +20,9 @@ from .config import Config, load_config, with_overrides
 from .demo import SAMPLES, run_demo
 from .errors import PipelineError
 from .faults import FaultServer
-from .metrics import Report, format_report
+from .logs import configure
+from .progress import terminal
+from .report import Report, count_manifest, format_folder, format_report, load_report
 from .runner import run
 from .server import StaticServer
 
@@ -30,8 +32,8 @@ DEFAULT_CONFIG = Path("config.toml")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose - max(0, args.quiet - 1))  # -q hides the bar, -qq warnings too
     try:
+        _setup_logging(args)
         return int(args.command(args))
     except PipelineError as err:
         print(f"pipeline: error: {err}", file=sys.stderr)
@@ -51,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     config = _config(args)
     report = run(
-        args.sources, config, progress=not args.quiet, restart=args.restart, handle_signals=True
+        args.sources, config, progress=_bars(args), restart=args.restart, handle_signals=True
     )
     _print_report(report, config, args)
     return _exit_status(report)
@@ -59,9 +61,23 @@ def _run(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     config = _config(args)
-    report = run_demo(config, args.images, progress=not args.quiet)
+    report = run_demo(config, args.images, progress=_bars(args))
     _print_report(report, config, args)
     return _exit_status(report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    report = load_report(args.folder)
+    folder = count_manifest(args.folder)
+    if report is not None:
+        print(format_report(report))
+    if report is None or folder.urls != report.urls:  # several runs filled it, or none finished
+        print(format_folder(folder))
+    return 0
+
+
+def _bars(args: argparse.Namespace) -> bool:
+    return not args.quiet and terminal()
 
 
 def _exit_status(report: Report) -> int:
@@ -133,6 +149,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(demo, default_out=Path("out/demo"))
     demo.set_defaults(command=_demo)
 
+    report = commands.add_parser("report", help="print the report of a finished run again")
+    report.add_argument("folder", type=Path, metavar="OUT_DIR", help="the run's output folder")
+    _add_verbosity(report)
+    report.set_defaults(command=_report)
+
     serve = commands.add_parser("serve", help="serve a folder over HTTP on 127.0.0.1")
     serve.add_argument("folder", type=Path, metavar="DIR")
     serve.add_argument(
@@ -165,7 +186,10 @@ def _add_verbosity(cmd: argparse.ArgumentParser) -> None:
         "--quiet",
         action="count",
         default=0,
-        help="no progress bar (-qq: no report, no warnings)",
+        help="no progress bars (-qq: no report, no warnings)",
+    )
+    cmd.add_argument(
+        "--log-file", type=Path, help="also append log lines to this file (INFO, or DEBUG with -vv)"
     )
 
 
@@ -186,10 +210,16 @@ def _port(text: str) -> int:
     return value
 
 
-def _setup_logging(level: int) -> None:
-    logging.basicConfig(
-        level={-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
-            level, logging.DEBUG if level > 1 else logging.ERROR
-        ),
-        format="%(asctime)s %(levelname)s %(processName)s/%(threadName)s %(name)s: %(message)s",
-    )
+def _setup_logging(args: argparse.Namespace) -> None:
+    """-v: INFO, -vv: DEBUG; -q hides the bars only, -qq warnings too."""
+    level = args.verbose - max(0, args.quiet - 1)
+    levels = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}
+    chosen = levels.get(level, logging.DEBUG if level > 1 else logging.ERROR)
+    log_file = args.log_file
+    if log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            log_file.open("a").close()
+        except OSError as exc:
+            raise PipelineError(f"{log_file}: cannot write the log file: {exc.strerror}") from None
+    configure(chosen, None if log_file is None else str(log_file))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import SourceError
-from .metrics import Report
+from .report import Report
 from .runner import run
 from .server import StaticServer
 

@@ -1,72 +1,212 @@
-"""Run statistics and the end-of-run report.
+"""Run metrics, collected cheaply while the stages work.
 
-``RunStats`` is fed one Outcome at a time by the thread that owns the sink, so it needs no lock.
-``Report`` is the frozen summary: printed as text at the end of a run, and saved as ``report.json``.
+Each thread that does a stage's work writes to its own ``Meter`` (one per thread, found through a
+``threading.local``), so the hot path takes no lock and shares no counter: a download thread, the
+pool's result thread and the main thread each count what they did. Readers (the progress bars,
+the report) sum the meters; a reading taken mid-run may be one item behind, never wrong at the end.
+
+``Sampler`` is the one periodic thread: it samples the depth of each queue (mean and peak against
+its bound) and calls a tick (the progress bars) a few times a second. ``RunStats`` counts outcomes
+as the sink writes them; the main thread owns it.
 """
 
 from __future__ import annotations
 
-import json
+import math
+import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from .records import Outcome
 
-REPORT_FILE = "report.json"
-TOP_HOSTS = 5
-_MAX_HOSTS = 10_000
+_STEPS = 16  # histogram buckets per doubling: a percentile is within ~2% of the true value
+_FLOOR_MS = 0.001
 
 
-@dataclass(frozen=True, slots=True)
-class QueueStat:
+class Histogram:
+    """Latencies in log-spaced buckets: constant memory, O(1) to add, mergeable."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts: Counter[int] = Counter()
+        self.total = 0
+
+    def add(self, ms: float) -> None:
+        bucket = int(math.log2(ms / _FLOOR_MS) * _STEPS) if ms > _FLOOR_MS else 0
+        self.counts[bucket] += 1
+        self.total += 1
+
+    def merge(self, other: Histogram) -> None:
+        self.counts.update(other.counts)
+        self.total += other.total
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th percentile (0..100) in milliseconds, 0.0 when empty."""
+        if not self.total:
+            return 0.0
+        rank = max(1, math.ceil(self.total * q / 100))
+        seen = 0
+        for bucket in sorted(self.counts):
+            seen += self.counts[bucket]
+            if seen >= rank:
+                return _FLOOR_MS * 2 ** ((bucket + 0.5) / _STEPS) if bucket else 0.0
+        raise AssertionError("unreachable: the counts add up to total")
+
+
+@dataclass(slots=True)
+class Meter:
+    """What one thread did for one stage. Only its own thread writes it."""
+
+    items: int = 0
+    failed: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    busy_s: float = 0.0
+    cpu_s: float = 0.0  # CPU time reported by the work itself (the pool's, for transforms)
+    first: float = math.inf  # perf_counter() when the first item started
+    last: float = 0.0  # ... and when the last one ended
+    latency: Histogram = field(default_factory=Histogram)
+
+    def record(
+        self,
+        seconds: float,
+        *,
+        ok: bool = True,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        cpu_s: float = 0.0,
+        end: float | None = None,
+    ) -> None:
+        """One item done, which took ``seconds`` and finished at ``end`` (default: now)."""
+        end = time.perf_counter() if end is None else end
+        self.items += 1
+        self.failed += not ok
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        self.busy_s += seconds
+        self.cpu_s += cpu_s
+        self.first = min(self.first, end - seconds)
+        self.last = max(self.last, end)
+        self.latency.add(seconds * 1000)
+
+
+class Stage:
+    """The meters of one stage's threads; ``meter()`` is the calling thread's own."""
+
+    def __init__(self, name: str, workers: int) -> None:
+        self.name = name
+        self.workers = workers
+        self._meters: list[Meter] = []
+        self._local = threading.local()
+        self._lock = threading.Lock()  # taken once per thread, when its meter is made
+
+    def meter(self) -> Meter:
+        try:
+            return self._local.meter  # type: ignore[no-any-return]
+        except AttributeError:
+            meter = self._local.meter = Meter()
+            with self._lock:
+                self._meters.append(meter)
+            return meter
+
+    @property
+    def items(self) -> int:
+        """Items done so far (read without a lock: may trail by an item while the run goes)."""
+        return sum(m.items for m in self._meters[:])
+
+    @property
+    def failed(self) -> int:
+        return sum(m.failed for m in self._meters[:])
+
+    def total(self) -> Meter:
+        """Every thread's meter merged into one (call once the stage has finished)."""
+        merged = Meter()
+        for m in self._meters[:]:
+            merged.items += m.items
+            merged.failed += m.failed
+            merged.bytes_in += m.bytes_in
+            merged.bytes_out += m.bytes_out
+            merged.busy_s += m.busy_s
+            merged.cpu_s += m.cpu_s
+            merged.first = min(merged.first, m.first)
+            merged.last = max(merged.last, m.last)
+            merged.latency.merge(m.latency)
+        return merged
+
+
+class Gauge(Protocol):
+    """Anything with a bounded depth: a queue, the pool's task slots."""
+
     name: str
     bound: int
     peak: int
 
+    def depth(self) -> int: ...
 
-@dataclass(frozen=True, slots=True)
-class Report:
-    urls: int
-    ok: int
-    failed: dict[str, int]
-    wall_s: float
-    bytes_in: int
-    bytes_out: int
-    queues: tuple[QueueStat, ...] = ()
-    failing_hosts: tuple[tuple[str, int], ...] = ()
-    skipped: int = 0  # URLs an earlier run of this output folder had already done
-    interrupted: str | None = None  # the signal that stopped the run early
-    pool_restarts: int = 0  # transform pools replaced after a worker died
+
+@dataclass(slots=True)
+class Occupancy:
+    """Sampled depths of one gauge."""
+
+    samples: int = 0
+    total: int = 0
 
     @property
-    def images_per_s(self) -> float:
-        return self.ok / self.wall_s if self.wall_s > 0 else 0.0
+    def mean(self) -> float:
+        return self.total / self.samples if self.samples else 0.0
 
-    @property
-    def mb_per_s_in(self) -> float:
-        return self.bytes_in / 1e6 / self.wall_s if self.wall_s > 0 else 0.0
 
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(
-            images_per_s=round(self.images_per_s, 2), mb_per_s_in=round(self.mb_per_s_in, 3)
-        )
-        return data
+class Sampler:
+    """A thread that samples gauge depths every ``interval`` s and calls ``tick`` every few."""
 
-    def save(self, out_dir: Path) -> None:
-        text = json.dumps(self.to_json(), indent=2) + "\n"
-        (out_dir / REPORT_FILE).write_text(text, encoding="utf-8")
+    def __init__(
+        self, gauges: Sequence[Gauge], *, interval: float = 0.05, tick_every: int = 4
+    ) -> None:
+        self.gauges = gauges
+        self.occupancy = {g.name: Occupancy() for g in gauges}
+        self.tick: Callable[[], None] | None = None  # set before the thread starts
+        self._interval = interval
+        self._tick_every = tick_every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sampler")
+
+    def _loop(self) -> None:
+        rounds = 0
+        while not self._stop.wait(self._interval):
+            self.sample()
+            rounds += 1
+            if self.tick is not None and rounds % self._tick_every == 0:
+                self.tick()
+
+    def sample(self) -> None:
+        for gauge in self.gauges:
+            occupancy = self.occupancy[gauge.name]
+            occupancy.samples += 1
+            occupancy.total += gauge.depth()
+
+    def __enter__(self) -> Sampler:
+        self.sample()  # at least one sample, however short the run
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+_MAX_HOSTS = 10_000
+TOP_HOSTS = 5
 
 
 @dataclass(slots=True)
 class RunStats:
-    """Counts outcomes as they are written."""
+    """Counts outcomes as they are written (by the thread that owns the sink: no lock)."""
 
-    started: float = field(default_factory=time.perf_counter)
     ok: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     bytes_in: int = 0
@@ -78,13 +218,20 @@ class RunStats:
         return self.ok + self.failed.total()
 
     def add(self, outcome: Outcome) -> None:
-        self.bytes_in += outcome.bytes_in
-        self.bytes_out += outcome.bytes_out
-        if outcome.status == "ok":
+        self.add_row(
+            outcome.status, outcome.error_kind, outcome.url, outcome.bytes_in, outcome.bytes_out
+        )
+
+    def add_row(
+        self, status: str, kind: str | None, url: str, bytes_in: int, bytes_out: int
+    ) -> None:
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        if status == "ok":
             self.ok += 1
         else:
-            self.failed[outcome.error_kind or "unknown"] += 1
-            self._count_host(outcome.url)
+            self.failed[kind or "unknown"] += 1
+            self._count_host(url)
 
     def _count_host(self, url: str) -> None:
         try:
@@ -94,43 +241,3 @@ class RunStats:
         self.hosts[host] += 1
         if len(self.hosts) > _MAX_HOSTS:  # millions of dead hosts must not cost memory:
             self.hosts = Counter(dict(self.hosts.most_common(_MAX_HOSTS // 2)))  # keep the top
-
-    def report(self, queues: tuple[QueueStat, ...] = (), **extra: Any) -> Report:
-        return Report(
-            **extra,
-            urls=self.urls,
-            ok=self.ok,
-            failed=dict(self.failed.most_common()),
-            wall_s=round(time.perf_counter() - self.started, 3),
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
-            queues=queues,
-            failing_hosts=tuple(self.hosts.most_common(TOP_HOSTS)),
-        )
-
-
-def format_report(report: Report) -> str:
-    """The report as a few aligned lines of text."""
-    failed = sum(report.failed.values())
-    lines = [f"interrupted by {report.interrupted}: rerun the same command to finish"]
-    lines = lines if report.interrupted else []
-    if report.skipped:
-        lines.append(f"resumed     {report.skipped} URLs were done by an earlier run")
-    lines += [
-        f"urls        {report.urls}",
-        f"ok          {report.ok}",
-        f"failed      {failed}",
-    ]
-    lines += [f"  {kind:<18}{count}" for kind, count in report.failed.items()]
-    lines += [
-        f"wall time   {report.wall_s:.2f} s",
-        f"throughput  {report.images_per_s:.1f} images/s, {report.mb_per_s_in:.2f} MB/s in",
-        f"data        {report.bytes_in / 1e6:.1f} MB in, {report.bytes_out / 1e6:.1f} MB out",
-    ]
-    if report.failing_hosts:
-        lines.append("top failing hosts")
-        lines += [f"  {host:<30}{count}" for host, count in report.failing_hosts]
-    lines += [f"queue       {q.name}: peak {q.peak} of {q.bound}" for q in report.queues]
-    if report.pool_restarts:
-        lines.append(f"restarts    the transform pool was restarted {report.pool_restarts} times")
-    return "\n".join(lines)

@@ -38,7 +38,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -48,16 +47,17 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import FrameType
 
-from tqdm import tqdm
-
 from .config import Config
 from .download import Downloader
 from .errors import FetchError, PipelineError, TransformError
-from .metrics import QueueStat, Report, RunStats
+from .logs import LogSetup
+from .metrics import RunStats, Sampler, Stage
+from .progress import Bars, UrlCount
 from .records import Fetched, Job, Outcome, ShardEnd
+from .report import QueueStat, Report, StageStat, build_report
 from .sink import Resume, Sink, prepare
 from .sources import find_sources, iter_jobs
-from .stages import DONE, BoundedQueue, RestartingPool, SharedIterator
+from .stages import DONE, BoundedQueue, RestartingPool, SharedIterator, Slots
 from .transform import WorkerSetup, init_worker, process
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ def make_pool(config: Config, out_dir: Path, workers: int | None = None) -> Proc
     context = multiprocessing.get_context(method)
     if method == "forkserver":  # workers fork from a server that has already imported Pillow
         context.set_forkserver_preload(["pipeline.transform"])
-    setup = WorkerSetup(config.transform, str(out_dir), config.output.folder_size, os.getpid())
+    setup = WorkerSetup(
+        config.transform, str(out_dir), config.output.folder_size, os.getpid(), LogSetup.current()
+    )
     return ProcessPoolExecutor(
         max_workers=workers or config.transform.pool_workers,
         mp_context=context,
@@ -117,7 +119,12 @@ class Run:
         self.interrupted: int | None = None  # the signal that stopped the run
         self.fetched: BoundedQueue[Fetched] = BoundedQueue("fetched", config.queues.fetched)
         self.results: BoundedQueue[Result] = BoundedQueue("results", config.queues.results)
-        self.slots = threading.BoundedSemaphore(config.transform.in_flight)
+        self.slots = Slots("pool", config.transform.in_flight)  # tasks in the pool
+        self.gauges = (self.fetched, self.slots, self.results)
+        self.download = Stage("download", config.download.workers)
+        self.transform = Stage("transform", config.transform.pool_workers)
+        self.write = Stage("write", 1)
+        self.sampler = Sampler(self.gauges)  # queue occupancy, and the bars' redraws
         self.downloader = Downloader(config.download)
         self.pool = RestartingPool(functools.partial(make_pool, config, out_dir))
         # images that were in a pool when a worker died are retried here, one at a time, so that
@@ -135,6 +142,7 @@ class Run:
         items = resume.pending(iter_jobs(files, cfg.input.shard_size, cfg.input.csv_column))
         jobs = SharedIterator(items, self.stop)
         stats = RunStats()
+        started, cpu_started = time.perf_counter(), time.process_time()
         with (
             self.sink,
             self.downloader,
@@ -142,24 +150,57 @@ class Run:
             self.quarantine,
             ThreadPoolExecutor(cfg.download.workers, "download") as downloads,
             ThreadPoolExecutor(1, "dispatch") as dispatch,
-            _progress_bar(progress) as bar,
+            self._monitor(files, resume, progress),
         ):
             loops = [
                 downloads.submit(self._download_loop, jobs) for _ in range(cfg.download.workers)
             ]
             loops.append(dispatch.submit(self._dispatch_loop))
             try:
-                self._collect(stats, bar)
+                self._collect(stats)
             finally:
                 self._end_grace()
             for loop in loops:  # a stage's bug surfaces here, after everything has drained
                 loop.result()
         if self.sink.open_shards and self.interrupted is None:
             log.warning("shards left incomplete: %s", self.sink.open_shards)
-        queues = tuple(QueueStat(q.name, q.bound, q.peak) for q in (self.fetched, self.results))
-        return stats.report(
-            queues,
-            skipped=resume.skipped,
+        ended, cpu = time.perf_counter(), time.process_time() - cpu_started
+        return self._report(stats, started, ended, cpu, skipped=resume.skipped)
+
+    @contextlib.contextmanager
+    def _monitor(self, files: Sequence[Path], resume: Resume, progress: bool) -> Iterator[None]:
+        """The sampler thread, and the progress bars it redraws when they are on."""
+        if not progress:
+            with self.sampler:
+                yield
+            return
+        with UrlCount(files, self.config.input.csv_column) as count:
+            total = lambda: None if count.total is None else count.total - resume.skipped  # noqa: E731
+            bars = Bars(self.download, self.transform, self.write, self.gauges, total=total)
+            self.sampler.tick = bars.refresh
+            try:
+                with self.sampler:
+                    yield
+            finally:
+                bars.close()
+
+    def _report(
+        self, stats: RunStats, started: float, ended: float, cpu_s: float, skipped: int
+    ) -> Report:
+        occupancy = self.sampler.occupancy
+        return build_report(
+            stats,
+            ended - started,
+            stages=tuple(
+                StageStat.of(s, ended) for s in (self.download, self.transform, self.write)
+            ),
+            queues=tuple(
+                QueueStat(g.name, g.bound, g.peak, round(occupancy[g.name].mean, 2))
+                for g in self.gauges
+            ),
+            parent_cpu_s=round(cpu_s, 3),
+            pool_cpu_s=round(self.transform.total().cpu_s, 3),
+            skipped=skipped,
             interrupted=signal.Signals(self.interrupted).name if self.interrupted else None,
             pool_restarts=self.pool.restarts + self.quarantine.restarts,
         )
@@ -197,6 +238,7 @@ class Run:
     # --- download threads -----------------------------------------------------------------
 
     def _download_loop(self, jobs: SharedIterator[Job | ShardEnd]) -> None:
+        meter = self.download.meter()
         try:
             while (job := jobs.next()) is not None:
                 if isinstance(job, ShardEnd):
@@ -204,12 +246,18 @@ class Run:
                     continue
                 started = time.perf_counter()
                 try:
-                    self.fetched.put(self.downloader.fetch(job))
+                    fetched = self.downloader.fetch(job)
                 except FetchError as err:
                     if self.stop.is_set():  # cut short by an interrupt: not a real failure
                         continue
-                    elapsed = (time.perf_counter() - started) * 1000
-                    self.results.put(Outcome.failed(job, err, download_ms=elapsed))
+                    log.debug("%s %s: %s: %s", job.key, job.url, err.kind, err.message)
+                    elapsed = time.perf_counter() - started
+                    meter.record(elapsed, ok=False)
+                    self.results.put(Outcome.failed(job, err, download_ms=elapsed * 1000))
+                    continue
+                size = len(fetched.body)
+                meter.record(time.perf_counter() - started, bytes_in=size, bytes_out=size)
+                self.fetched.put(fetched)
         except BaseException:
             self.stop.set()
             raise
@@ -235,8 +283,7 @@ class Run:
                 producers -= self.fetched.get() is DONE
             raise
         finally:
-            for _ in range(self.config.transform.in_flight):  # every task has come back
-                self.slots.acquire()
+            self.slots.drain()  # every task has come back
             self.results.put(DONE)
 
     def _submit(self, item: Fetched, attempt: int) -> None:
@@ -252,11 +299,22 @@ class Run:
         self._settle(item, future, crashed)
 
     def _settle(self, item: Fetched, future: Future[Outcome], crashed: bool) -> None:
+        meter = self.transform.meter()  # this runs in a pool's result thread
         if crashed and not self.stop.is_set():
             error = TransformError("worker_crash", "the transform process died on this image")
+            meter.record(0.0, ok=False, bytes_in=len(item.body))
             self.results.put(Outcome.failed(item.job, error, download_ms=item.download_ms,
                                             bytes_in=len(item.body)))  # fmt: skip
         elif not (crashed or future.cancelled()):  # killed or cancelled at shutdown: redone later
+            if future.exception() is None:
+                done = future.result()
+                meter.record(
+                    done.transform_ms / 1000,
+                    ok=done.status == "ok",
+                    bytes_in=done.bytes_in,
+                    bytes_out=done.bytes_out,
+                    cpu_s=done.cpu_ms / 1000,
+                )
             self.results.put(future)
         self.slots.release()
 
@@ -287,7 +345,8 @@ class Run:
 
     # --- main thread: the sink -----------------------------------------------------------
 
-    def _collect(self, stats: RunStats, bar: tqdm) -> None:
+    def _collect(self, stats: RunStats) -> None:
+        meter = self.write.meter()
         try:
             while (item := self.results.get()) is not DONE:
                 if isinstance(item, ShardEnd):
@@ -295,10 +354,10 @@ class Run:
                     continue
                 outcome = item.result() if isinstance(item, Future) else item
                 assert isinstance(outcome, Outcome)
+                started = time.perf_counter()
                 self.sink.add(outcome)
                 stats.add(outcome)
-                bar.update()
-                bar.set_postfix(ok=stats.ok, failed=stats.failed.total(), refresh=False)
+                meter.record(time.perf_counter() - started)
         except BaseException:
             self.stop.set()  # a bug: stop reading URLs, let what is in flight finish, re-raise
             self.downloader.cancel()
@@ -326,17 +385,3 @@ def _signals(pipeline: Run) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-class _Bar(tqdm):  # type: ignore[misc]
-    monitor_interval = 0  # no tqdm monitor thread: nothing but our stages may outlive a run
-
-
-def _progress_bar(enabled: bool) -> tqdm:
-    return _Bar(
-        desc="processed",
-        unit=" url",
-        disable=not (enabled and sys.stderr.isatty()),
-        dynamic_ncols=True,
-        mininterval=0.2,
-    )

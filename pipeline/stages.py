@@ -59,6 +59,38 @@ class BoundedQueue(Generic[T]):
         return self._queue.qsize()
 
 
+class Slots:
+    """At most ``bound`` tasks in flight: ``acquire`` blocks while every slot is taken."""
+
+    def __init__(self, name: str, bound: int) -> None:
+        self.name = name
+        self.bound = bound
+        self.peak = 0
+        self._used = 0
+        self._free = threading.Condition(threading.Lock())
+
+    def acquire(self) -> None:
+        with self._free:
+            self._free.wait_for(lambda: self._used < self.bound)
+            self._used += 1
+            self.peak = max(self.peak, self._used)
+
+    def release(self) -> None:
+        with self._free:
+            if self._used == 0:
+                raise ValueError("Slots released more often than acquired")
+            self._used -= 1
+            self._free.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every slot is free again: every task has come back."""
+        with self._free:
+            self._free.wait_for(lambda: self._used == 0)
+
+    def depth(self) -> int:
+        return self._used
+
+
 class SharedIterator(Generic[T]):
     """An iterator that many threads may pull from; it ends early once ``stop`` is set."""
 

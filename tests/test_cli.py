@@ -90,7 +90,7 @@ def test_run_prints_a_report_and_saves_it(tmp_path, server, image_dir):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert "ok          6" in result.stdout and "http_4xx" in result.stdout
+    assert "7: 6 ok, 1 failed" in result.stdout and "http_4xx" in result.stdout
     saved = json.loads((out / "report.json").read_text())
     assert saved["ok"] == 6 and saved["failed"] == {"http_4xx": 1}
     assert result.stderr == "", "no progress bar or log noise with -q when stderr is not a TTY"

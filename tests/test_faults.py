@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.config import Config, DownloadConfig, OutputConfig, Thumbnail, TransformConfig
 from pipeline.faults import FaultServer
-from pipeline.metrics import format_report
+from pipeline.report import format_report
 from pipeline.runner import run
 from pipeline.sink import read_manifest
 

@@ -1,0 +1,312 @@
+"""The end-of-run report: what happened, how fast each stage went, and which one held the run back.
+
+``Report`` is frozen and plain: printed as a table at the end of a run (``format_report``), saved as
+``report.json`` beside the manifest, and read back by ``pipeline report OUT_DIR`` (``load_report``),
+with the outcomes of every run recounted from the manifest (``count_manifest``) when a folder was
+filled by more than one run.
+
+The bottleneck is named from the stages' utilization (the share of their workers' time spent on
+items) and the occupancy of the queue between them: a full ``fetched`` queue with busy transform
+workers means transforms are the limit; an empty one with busy download threads means downloads
+are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_atomic
+from .errors import PipelineError
+from .metrics import TOP_HOSTS, RunStats, Stage
+from .sink import MANIFEST_DIR, read_manifest
+
+REPORT_FILE = "report.json"
+
+
+@dataclass(frozen=True, slots=True)
+class StageStat:
+    """One stage over the run."""
+
+    name: str
+    workers: int
+    items: int
+    failed: int
+    bytes_in: int
+    bytes_out: int
+    busy_s: float  # time its workers spent on items, summed
+    active_s: float  # from its first item's start to its last item's end
+    utilization: float  # busy_s over workers x (first item .. end of run), in percent: 0 .. 100
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+    @property
+    def rate(self) -> float:
+        """Items per second while the stage was active: what it can do when fed."""
+        return self.items / self.active_s if self.active_s > 0 else 0.0
+
+    @classmethod
+    def of(cls, stage: Stage, ended: float) -> StageStat:
+        """The figures of ``stage`` in a run that ended at ``ended`` (a perf_counter() time).
+
+        Utilization counts from the stage's first item to the end of the run, so that a pool
+        still starting, or downloads waiting on nothing yet, do not count as idle.
+        """
+        meter = stage.total()
+        capacity = stage.workers * (ended - meter.first) if meter.items else 0.0
+        busy = min(meter.busy_s, capacity)
+        return cls(
+            name=stage.name,
+            workers=stage.workers,
+            items=meter.items,
+            failed=meter.failed,
+            bytes_in=meter.bytes_in,
+            bytes_out=meter.bytes_out,
+            busy_s=round(meter.busy_s, 3),
+            active_s=round(max(0.0, meter.last - meter.first), 3) if meter.items else 0.0,
+            utilization=round(100 * busy / capacity, 1) if capacity > 0 else 0.0,
+            p50_ms=round(meter.latency.percentile(50), 2),
+            p95_ms=round(meter.latency.percentile(95), 2),
+            p99_ms=round(meter.latency.percentile(99), 2),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStat:
+    """A bounded buffer between stages: its bound, its peak depth and its sampled mean depth."""
+
+    name: str
+    bound: int
+    peak: int
+    mean: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Which stage limited the run ("download", "transform", "write", "main", or "none")."""
+
+    stage: str
+    advice: str
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    urls: int
+    ok: int
+    failed: dict[str, int]
+    wall_s: float
+    bytes_in: int
+    bytes_out: int
+    stages: tuple[StageStat, ...] = ()
+    queues: tuple[QueueStat, ...] = ()
+    parent_cpu_s: float = 0.0  # CPU time of the main process, all its threads
+    pool_cpu_s: float = 0.0  # CPU time the transform workers spent on images
+    verdict: Verdict | None = None
+    failing_hosts: tuple[tuple[str, int], ...] = ()
+    skipped: int = 0  # URLs an earlier run of this output folder had already done
+    interrupted: str | None = None  # the signal that stopped the run early
+    pool_restarts: int = 0  # transform pools replaced after a worker died
+
+    @property
+    def images_per_s(self) -> float:
+        return self.ok / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def mb_per_s_in(self) -> float:
+        return self.bytes_in / 1e6 / self.wall_s if self.wall_s > 0 else 0.0
+
+    def stage(self, name: str) -> StageStat | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            images_per_s=round(self.images_per_s, 2), mb_per_s_in=round(self.mb_per_s_in, 3)
+        )
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["stages"] = tuple(StageStat(**s) for s in values.get("stages", ()))
+        values["queues"] = tuple(QueueStat(**q) for q in values.get("queues", ()))
+        values["failing_hosts"] = tuple(tuple(h) for h in values.get("failing_hosts", ()))
+        if values.get("verdict") is not None:
+            values["verdict"] = Verdict(**values["verdict"])
+        return cls(**values)
+
+    def save(self, out_dir: Path) -> None:
+        text = json.dumps(self.to_json(), indent=2) + "\n"
+        write_atomic(out_dir / REPORT_FILE, text.encode("utf-8"))
+
+
+def build_report(stats: RunStats, wall_s: float, **extra: Any) -> Report:
+    """The report of a run from its outcome counts; ``extra`` holds the other fields."""
+    report = Report(
+        urls=stats.urls,
+        ok=stats.ok,
+        failed=dict(stats.failed.most_common()),
+        wall_s=round(wall_s, 3),
+        bytes_in=stats.bytes_in,
+        bytes_out=stats.bytes_out,
+        failing_hosts=tuple(stats.hosts.most_common(TOP_HOSTS)),
+        **extra,
+    )
+    return replace(report, verdict=diagnose(report))
+
+
+# --- the bottleneck ------------------------------------------------------------------------------
+
+_SATURATED = 80.0  # % utilization from which a stage is the limit
+_FULL = 0.6  # mean occupancy of the fetched queue (of its bound) that says transforms lag
+_MIN_ITEMS = 10
+
+
+def diagnose(report: Report) -> Verdict:
+    """Name the stage that limited the run, and what to change, in plain words."""
+    download, transform, write = (report.stage(n) for n in ("download", "transform", "write"))
+    if download is None or transform is None or report.urls < _MIN_ITEMS:
+        return Verdict("none", "too few URLs to tell which stage limits the run")
+    fetched = next((q for q in report.queues if q.name == "fetched"), None)
+    backed_up = fetched is not None and fetched.mean >= _FULL * fetched.bound
+    cores = os.cpu_count() or 1
+    if transform.items and (
+        transform.utilization >= _SATURATED
+        or (backed_up and transform.utilization >= download.utilization)
+    ):
+        if transform.workers < cores:
+            return Verdict(
+                "transform",
+                f"transform is saturated: add transform workers "
+                f"(transform.workers, now {transform.workers} on {cores} cores) "
+                "or cheaper ops",
+            )
+        return Verdict(
+            "transform",
+            f"transform is saturated, on all {cores} cores: cheaper ops "
+            "(a smaller transform.reducing_gap, fewer filters) or more machines",
+        )
+    if report.wall_s and report.parent_cpu_s / report.wall_s >= 0.9:
+        return Verdict(
+            "main",
+            "the main process is saturated (one core, shared by download "
+            "threads and the pool's feeding): fewer download threads, a larger "
+            "download.chunk_size",
+        )
+    if download.utilization >= _SATURATED:
+        return Verdict(
+            "download",
+            f"downloads are the bottleneck and transforms are starved: "
+            f"raise download.workers (now {download.workers}), or the server is slow",
+        )
+    if write is not None and write.utilization >= _SATURATED:
+        return Verdict("write", "the writer is saturated: put output.dir on a faster disk")
+    return Verdict("none", "no stage was saturated: the run was short, or the source ran dry")
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+
+def format_report(report: Report) -> str:
+    """The report as a compact table."""
+    failed = sum(report.failed.values())
+    lines = [f"interrupted by {report.interrupted}: rerun the same command to finish"]
+    lines = lines if report.interrupted else []
+    if report.skipped:
+        lines.append(f"resumed     {report.skipped} URLs were done by an earlier run")
+    lines += [
+        f"urls        {report.urls}: {report.ok} ok, {failed} failed, in {report.wall_s:.2f} s",
+        f"throughput  {report.images_per_s:.1f} images/s, {report.mb_per_s_in:.2f} MB/s in "
+        f"({report.bytes_in / 1e6:.1f} MB in, {report.bytes_out / 1e6:.1f} MB out)",
+    ]
+    lines += _stage_table(report) + _queue_table(report)
+    if report.urls:
+        lines.append(
+            f"cpu         main process {report.parent_cpu_s:.2f} s, transform pool "
+            f"{report.pool_cpu_s:.2f} s ({1000 * report.parent_cpu_s / report.urls:.1f} and "
+            f"{1000 * report.pool_cpu_s / report.urls:.1f} ms per URL)"
+        )
+    if report.verdict is not None:
+        lines.append(f"bottleneck  {report.verdict.advice}")
+    lines += _failures(report.failed, report.failing_hosts)
+    if report.pool_restarts:
+        lines.append(f"restarts    the transform pool was restarted {report.pool_restarts} times")
+    return "\n".join(lines)
+
+
+def _failures(failed: dict[str, int], hosts: tuple[tuple[str, int], ...]) -> list[str]:
+    lines = ["failed by kind"] if failed else []
+    lines += [f"  {kind:<20}{count:>8}" for kind, count in failed.items()]
+    lines += ["top failing hosts"] if hosts else []
+    lines += [f"  {host:<30}{count:>8}" for host, count in hosts]
+    return lines
+
+
+def _stage_table(report: Report) -> list[str]:
+    if not report.stages:
+        return []
+    rows = [
+        f"{'stage':<11}{'workers':>7}{'items':>8}{'failed':>7}{'MB in':>8}{'MB out':>8}"
+        f"{'items/s':>9}{'busy':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+    ]
+    for s in report.stages:
+        rows.append(
+            f"{s.name:<11}{s.workers:>7}{s.items:>8}{s.failed:>7}{s.bytes_in / 1e6:>8.1f}"
+            f"{s.bytes_out / 1e6:>8.1f}{s.rate:>9.1f}{s.utilization:>5.0f}%"
+            f"{s.p50_ms:>9.1f}{s.p95_ms:>9.1f}{s.p99_ms:>9.1f}"
+        )
+    return rows
+
+
+def _queue_table(report: Report) -> list[str]:
+    if not report.queues:
+        return []
+    rows = [f"{'queue':<11}{'bound':>7}{'mean':>8}{'peak':>7}"]
+    rows += [f"{q.name:<11}{q.bound:>7}{q.mean:>8.1f}{q.peak:>7}" for q in report.queues]
+    return rows
+
+
+# --- reading a finished run back -----------------------------------------------------------------
+
+
+def load_report(out_dir: Path) -> Report | None:
+    """The report its last run saved in ``out_dir`` (None when no run finished there)."""
+    if not (out_dir / MANIFEST_DIR).is_dir():
+        raise PipelineError(f"{out_dir}: not an output folder of pipeline run (no manifest/)")
+    path = out_dir / REPORT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Report.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise PipelineError(f"{path}: not a report of pipeline run ({exc})") from None
+
+
+def count_manifest(out_dir: Path) -> RunStats:
+    """The outcomes recorded in ``out_dir`` by every run, counted from its manifest."""
+    stats = RunStats()
+    for row in read_manifest(out_dir):
+        stats.add_row(
+            row["status"],
+            row.get("error_kind"),
+            row["url"],
+            row.get("bytes_in") or 0,
+            row.get("bytes_out") or 0,
+        )
+    return stats
+
+
+def format_folder(stats: RunStats) -> str:
+    """What a folder's manifest holds, over every run that wrote to it."""
+    lines = [
+        f"manifest    {stats.urls} URLs recorded: {stats.ok} ok, {stats.failed.total()} failed"
+    ]
+    return "\n".join(
+        lines
+        + _failures(dict(stats.failed.most_common()), tuple(stats.hosts.most_common(TOP_HOSTS)))
+    )

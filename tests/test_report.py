@@ -1,0 +1,125 @@
+"""The report: stage figures, the bottleneck verdict, report.json, and reading a run back."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.metrics import Stage
+from pipeline.records import Outcome
+from pipeline.report import (
+    QueueStat,
+    Report,
+    StageStat,
+    count_manifest,
+    diagnose,
+    format_folder,
+    format_report,
+    load_report,
+)
+from pipeline.sink import Sink
+
+CORES = os.cpu_count() or 1
+
+
+def stage(name: str, utilization: float, workers: int = 4, items: int = 100) -> StageStat:
+    return StageStat(name, workers, items, 0, 0, 0, 1.0, 1.0, utilization, 1.0, 2.0, 3.0)
+
+
+def report(download: float, transform: float, *, fetched_mean: float = 0.0,
+           workers: int = 1, parent_cpu: float = 0.1) -> Report:  # fmt: skip
+    return Report(
+        urls=100, ok=100, failed={}, wall_s=1.0, bytes_in=0, bytes_out=0,
+        stages=(stage("download", download, 16), stage("transform", transform, workers),
+                stage("write", 1.0, 1)),
+        queues=(QueueStat("fetched", 32, 32, fetched_mean),), parent_cpu_s=parent_cpu,
+    )  # fmt: skip
+
+
+def test_stage_figures_from_a_meter_stay_within_bounds():
+    s = Stage("transform", workers=2)
+    meter = s.meter()
+    for i in range(10):  # 10 items of 0.5 s: 2.5 s of work for each of the 2 workers
+        meter.record(0.5, end=1.0 + i * 0.2)
+    figures = StageStat.of(s, ended=5.5)  # 5 s from the first item's start
+    assert figures.items == 10 and figures.active_s == pytest.approx(2.3)
+    assert figures.utilization == pytest.approx(50)
+    assert figures.rate == pytest.approx(10 / 2.3)
+    assert figures.p50_ms == pytest.approx(500, rel=0.03)
+    assert StageStat.of(s, ended=2.5).utilization == 100  # timing noise never passes 100%
+    idle = StageStat.of(Stage("write", workers=1), ended=1.0)
+    assert (idle.items, idle.utilization, idle.rate) == (0, 0.0, 0.0)
+
+
+def test_busy_transforms_and_a_full_queue_name_transform():
+    verdict = diagnose(report(download=20, transform=95, fetched_mean=30))
+    assert verdict.stage == "transform" and "transform" in verdict.advice
+    assert diagnose(report(download=30, transform=60, fetched_mean=31)).stage == "transform"
+
+
+def test_the_advice_for_transform_depends_on_the_cores_left():
+    spare = diagnose(report(download=20, transform=95, workers=max(1, CORES - 1)))
+    full = diagnose(report(download=20, transform=95, workers=CORES))
+    if CORES > 1:
+        assert "add transform workers" in spare.advice
+    assert "cheaper ops" in full.advice and "add transform workers" not in full.advice
+
+
+def test_busy_downloads_and_an_empty_queue_name_download():
+    verdict = diagnose(report(download=97, transform=15, fetched_mean=0.1))
+    assert verdict.stage == "download" and "download.workers" in verdict.advice
+
+
+def test_a_saturated_main_process_is_named():
+    assert diagnose(report(download=60, transform=50, parent_cpu=0.97)).stage == "main"
+
+
+def test_no_verdict_without_a_saturated_stage_or_enough_urls():
+    assert diagnose(report(download=30, transform=40, fetched_mean=5)).stage == "none"
+    assert diagnose(replace(report(download=99, transform=1), urls=3)).stage == "none"
+
+
+def test_report_json_round_trips(tmp_path):
+    (tmp_path / "manifest").mkdir()
+    original = replace(report(download=97, transform=15), failed={"http_4xx": 2},
+                       failing_hosts=(("a.test", 2),), interrupted="SIGINT")  # fmt: skip
+    original = replace(original, verdict=diagnose(original))
+    original.save(tmp_path)
+    assert load_report(tmp_path) == original
+    text = format_report(original)
+    for needle in ("download", "transform", "write", "fetched", "http_4xx", "a.test", "SIGINT"):
+        assert needle in text
+
+
+def outcome(index: int, status: str = "ok", kind: str | None = None) -> Outcome:
+    host = "bad.test" if status == "failed" else "good.test"
+    return Outcome(f"000000-{index:06d}", f"http://{host}/{index}", status,  # type: ignore[arg-type]
+                   error_kind=kind, bytes_in=10)  # fmt: skip
+
+
+def test_the_manifest_is_counted_whole_and_bad_folders_are_refused(tmp_path):
+    with Sink(tmp_path) as sink:
+        for i in range(5):
+            sink.add(outcome(i))
+        sink.add(outcome(5, "failed", "not_image"))
+        sink.add(outcome(6, "failed", "not_image"))
+    stats = count_manifest(tmp_path)
+    assert (stats.urls, stats.ok, dict(stats.failed), stats.bytes_in) == (
+        7,
+        5,
+        {"not_image": 2},
+        70,
+    )
+    text = format_folder(stats)
+    assert "7 URLs recorded: 5 ok, 2 failed" in text and "not_image" in text and "bad.test" in text
+    assert load_report(tmp_path) is None  # no run finished here
+    (tmp_path / "report.json").write_text("{broken")
+    with pytest.raises(PipelineError, match=r"report\.json"):
+        load_report(tmp_path)
+    with pytest.raises(PipelineError, match="not an output folder"):
+        load_report(tmp_path / "elsewhere")
+    assert json.loads(json.dumps(report(1, 1).to_json()))["images_per_s"] == 100.0
