@@ -139,7 +139,7 @@ def _check_response(response: requests.Response, config: DownloadConfig) -> None
     """Reject an error status, or a Content-Type outside ``download.content_types``."""
     code = response.status_code
     if 200 <= code < 300:
-        _check_content_type(response.headers.get("Content-Type", ""), config.content_types)
+        _check_content_type(response.headers.get("Content-Type", ""), config.content_types, code)
         return
     message = f"HTTP {code} {response.reason or ''}".strip()
     if code >= 500:
@@ -149,12 +149,13 @@ def _check_response(response: requests.Response, config: DownloadConfig) -> None
     raise FetchError("network", f"unexpected {message}", code)
 
 
-def _check_content_type(header: str, allowed: tuple[str, ...]) -> None:
+def _check_content_type(header: str, allowed: tuple[str, ...], code: int) -> None:
     media_type = header.partition(";")[0].strip().lower()
     if not allowed or not media_type:  # no list, or no header: let the decoder judge the bytes
         return
     if not any(fnmatch.fnmatchcase(media_type, pattern) for pattern in allowed):
-        raise FetchError("not_image", f"Content-Type {media_type} is not in download.content_types")
+        message = f"Content-Type {media_type} is not in download.content_types"
+        raise FetchError("not_image", message, code)
 
 
 def _read_body(response: requests.Response, config: DownloadConfig) -> bytes:

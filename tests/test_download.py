@@ -67,6 +67,7 @@ def test_a_content_type_outside_the_allow_list_is_not_an_image(downloader):
     responses.get(URL, body=b"<html></html>", content_type="text/html; charset=utf-8")
     error = fetch_error(downloader)
     assert error.kind == "not_image" and "text/html" in error.message
+    assert error.http_status == 200  # the row says what the server answered
 
 
 @responses.activate
