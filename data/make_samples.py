@@ -21,57 +21,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from pipeline.workload import photo  # the photo generator is shared with the benchmarks
+
 PHOTOS = 36
 ALPHAS = 6
 VARIANTS = {30: ("exif6", "RGB"), 31: ("exif8", "RGB"), 32: ("gray", "L"), 33: ("cmyk", "CMYK")}
 ORIENTATION = 0x0112
-
-
-def noise(rng: random.Random, size: tuple[int, int], scale: int) -> Image.Image:
-    """Smooth random variation: random bytes at 1/scale size, blown up with bicubic filtering."""
-    small = (max(2, size[0] // scale), max(2, size[1] // scale))
-    grain = Image.frombytes("L", small, rng.randbytes(small[0] * small[1]))
-    smooth = grain.resize(size, Image.Resampling.BICUBIC)
-    return smooth.filter(ImageFilter.GaussianBlur(scale / 2)) if scale > 1 else smooth
-
-
-def sky_and_ground(rng: random.Random, size: tuple[int, int]) -> Image.Image:
-    """A vertical gradient from a sky colour to a ground colour, horizon at a random height."""
-    sky = tuple(rng.randrange(90, 220) for _ in range(3))
-    ground = tuple(rng.randrange(20, 120) for _ in range(3))
-    top = Image.new("RGB", size, sky)
-    bottom = Image.new("RGB", size, ground)
-    mask = Image.linear_gradient("L").resize(size)
-    return Image.composite(bottom, top, mask)
-
-
-def shapes(rng: random.Random, image: Image.Image) -> Image.Image:
-    """Soft ellipses and polygons: trees, rocks, clouds, out of focus."""
-    layer = image.copy()
-    draw = ImageDraw.Draw(layer)
-    w, h = image.size
-    for _ in range(rng.randrange(6, 14)):
-        x, y, r = rng.randrange(w), rng.randrange(h), rng.randrange(w // 20, w // 4)
-        colour = tuple(rng.randrange(256) for _ in range(3))
-        if rng.random() < 0.5:
-            draw.ellipse((x - r, y - r // 2, x + r, y + r // 2), fill=colour)
-        else:
-            points = [(x + rng.randrange(-r, r), y + rng.randrange(-r, r)) for _ in range(5)]
-            draw.polygon(points, fill=colour)
-    return Image.blend(image, layer.filter(ImageFilter.GaussianBlur(w / 150)), 0.85)
-
-
-def photo(seed: int) -> Image.Image:
-    rng = random.Random(seed)
-    long_side, ratio = rng.randrange(480, 1601), rng.choice([4 / 3, 3 / 2, 16 / 9, 1.0])
-    size = (long_side, round(long_side / ratio))
-    if rng.random() < 0.3:
-        size = size[::-1]  # portrait
-    image = shapes(rng, sky_and_ground(rng, size))
-    tint = Image.merge("RGB", [noise(rng, size, 64) for _ in range(3)])
-    image = Image.blend(image, tint, 0.2)
-    grain = noise(rng, size, 1).convert("RGB")
-    return Image.blend(image, grain, 0.05)
 
 
 def alpha_logo(seed: int) -> Image.Image:
