@@ -258,7 +258,7 @@ class TransformConfig:
     format: str = "jpeg"
     quality: int = 85
     background: str = "#ffffff"
-    resample: str = "lanczos"
+    resample: str = "bicubic"
     reducing_gap: float = 2.0
     max_pixels: int = 89_478_485
     crash_retries: int = 1
