@@ -61,7 +61,7 @@ class Downloader:
             body=body,
             http_status=response.status_code,
             content_type=response.headers.get("Content-Type", ""),
-            download_ms=(time.perf_counter() - started) * 1000,
+            download_ms=round((time.perf_counter() - started) * 1000, 2),
         )
 
     def _get(self, url: str) -> tuple[requests.Response, bytes]:

@@ -104,8 +104,11 @@ class Outcome:
 
     def to_row(self) -> dict[str, Any]:
         """The manifest row: every field, in declaration order."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in _OUTCOME_FIELDS}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Outcome:
         return cls(**row)
+
+
+_OUTCOME_FIELDS = tuple(f.name for f in dataclasses.fields(Outcome))

@@ -253,7 +253,7 @@ class Run:
                     log.debug("%s %s: %s: %s", job.key, job.url, err.kind, err.message)
                     elapsed = time.perf_counter() - started
                     meter.record(elapsed, ok=False)
-                    self.results.put(Outcome.failed(job, err, download_ms=elapsed * 1000))
+                    self.results.put(Outcome.failed(job, err, download_ms=round(elapsed * 1000, 2)))
                     continue
                 size = len(fetched.body)
                 meter.record(time.perf_counter() - started, bytes_in=size, bytes_out=size)

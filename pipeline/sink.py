@@ -32,6 +32,7 @@ from .records import Job, Outcome, ShardEnd
 
 MANIFEST_DIR = "manifest"
 _BUFFER = 1 << 16
+_ROW_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps makes one per call
 
 
 @dataclass(slots=True)
@@ -54,7 +55,7 @@ class Sink:
         """Record one URL's outcome."""
         shard = outcome.shard
         part = self._part(shard)
-        part.file.write(json.dumps(outcome.to_row(), separators=(",", ":")) + "\n")
+        part.file.write(_ROW_ENCODER.encode(outcome.to_row()) + "\n")
         part.rows += 1
         self._seal_if_complete(shard, part)
 
