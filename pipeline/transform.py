@@ -7,14 +7,16 @@ the output file itself, so the parent never touches image bytes twice.
 
 When the chain only shrinks (its first geometric op is ``thumbnail`` or ``resize``, with only
 ``exif_transpose``/``grayscale`` before it), a JPEG is decoded with ``draft``: libjpeg scales by
-1/2, 1/4 or 1/8 while decoding (the smallest scale that still covers the target box), so a
-1600 px photo bound for 256 px is decoded at 400 px and resampled from there: a third of the CPU.
+1/2, 1/4 or 1/8 while decoding (the smallest scale that still covers the first shrink's result),
+so a 1600 px photo bound for 256 px is decoded at 400 px and resampled from there: a third of the
+CPU of decoding it whole.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import select
 import signal
@@ -93,9 +95,9 @@ def decode(body: bytes, config: TransformConfig) -> tuple[Image.Image, tuple[int
             "decompression_bomb",
             f"{size_in[0]}x{size_in[1]} pixels > transform.max_pixels {config.max_pixels}",
         )
-    box = draft_box(config, _swaps_axes(image))
-    if box is not None and image.format == "JPEG":
-        image.draft(None, box)
+    need = draft_size(config, size_in, _swaps_axes(image)) if image.format == "JPEG" else None
+    if need is not None:
+        image.draft(None, need)
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -103,16 +105,31 @@ def decode(body: bytes, config: TransformConfig) -> tuple[Image.Image, tuple[int
     return normalize_mode(image), size_in
 
 
-def draft_box(config: TransformConfig, swaps_axes: bool = False) -> tuple[int, int] | None:
-    """The smallest decoded size the chain needs, or None if it must decode at full size."""
+def draft_size(
+    config: TransformConfig, size: tuple[int, int], swaps_axes: bool = False
+) -> tuple[int, int] | None:
+    """The smallest size an image of ``size`` may be decoded at for the chain, or None (full).
+
+    That is the size of the first shrink's result: libjpeg then decodes at the smallest 1/2, 1/4
+    or 1/8 scale that still covers it, and the resampler does the last, small step.
+    """
+    upright = (size[1], size[0]) if swaps_axes else size  # as the ops will see it
     for op in config.ops:
         if isinstance(op, Thumbnail | Resize):
-            # libjpeg's scaled decoding is itself a good shrink: decode at the smallest scale
-            # that still covers the box, and let the resampler do the last step (<= 2x)
-            return (op.height, op.width) if swaps_axes else (op.width, op.height)
+            need = _shrunk_size(op, upright)
+            return (need[1], need[0]) if swaps_axes else need
         if not isinstance(op, ExifTranspose | Grayscale | Sleep):
             return None
     return None
+
+
+def _shrunk_size(op: Thumbnail | Resize, size: tuple[int, int]) -> tuple[int, int]:
+    if isinstance(op, Resize) and op.mode == "stretch":
+        return (op.width, op.height)
+    w, h = size
+    fill = isinstance(op, Resize) and op.mode == "fill"
+    scale = max(op.width / w, op.height / h) if fill else min(op.width / w, op.height / h)
+    return (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
 
 
 def _swaps_axes(image: Image.Image) -> bool:

@@ -25,7 +25,14 @@ from pipeline.config import (
 from pipeline.errors import TransformError
 from pipeline.faults import bomb_png
 from pipeline.records import Fetched, Job
-from pipeline.transform import WorkerSetup, decode, draft_box, init_worker, process, transform_bytes
+from pipeline.transform import (
+    WorkerSetup,
+    decode,
+    draft_size,
+    init_worker,
+    process,
+    transform_bytes,
+)
 
 
 def out(body: bytes, *ops, **options) -> Image.Image:
@@ -148,12 +155,27 @@ def test_a_shrinking_chain_decodes_a_jpeg_at_reduced_size():
     assert full.size == (2000, 1500)
 
 
-def test_draft_box_needs_a_shrink_first():
-    assert draft_box(TransformConfig(ops=(ExifTranspose(), Thumbnail(100, 50)))) == (100, 50)
-    assert draft_box(TransformConfig(ops=(ExifTranspose(), Thumbnail(100, 50))), True) == (50, 100)
-    assert draft_box(TransformConfig(ops=(Blur(), Thumbnail(100, 50)))) is None
-    assert draft_box(TransformConfig(ops=(CenterCrop(10, 10), Thumbnail(5, 5)))) is None
-    assert draft_box(TransformConfig(ops=())) is None
+def test_draft_size_is_the_first_shrinks_result():
+    thumb = TransformConfig(ops=(ExifTranspose(), Thumbnail(100, 50)))
+    assert draft_size(thumb, (400, 400)) == (50, 50)  # fit in 100x50: the height decides
+    assert draft_size(thumb, (400, 400), True) == (50, 50)
+    assert draft_size(thumb, (800, 200)) == (100, 25)
+    assert draft_size(thumb, (800, 200), True) == (50, 13)  # upright 200x800 fits as 13x50
+    fill = TransformConfig(ops=(Resize(100, 50, "fill"),))
+    assert draft_size(fill, (400, 400)) == (100, 100)  # cover 100x50
+    stretch = TransformConfig(ops=(Grayscale(), Resize(100, 50, "stretch")))
+    assert draft_size(stretch, (400, 400)) == (100, 50)
+    assert draft_size(TransformConfig(ops=(Blur(), Thumbnail(100, 50))), (400, 400)) is None
+    assert draft_size(TransformConfig(ops=(CenterCrop(10, 10), Thumbnail(5, 5))), (9, 9)) is None
+    assert draft_size(TransformConfig(ops=()), (400, 400)) is None
+
+
+def test_drafting_to_the_fitted_size_decodes_a_landscape_photo_smaller():
+    # the 256x256 box would need 1/2 (677x508); the fitted 256x193 is covered by 1/4
+    image, _ = decode(
+        encode(photo(1354, 1016), "JPEG"), TransformConfig(ops=(Thumbnail(256, 256),))
+    )
+    assert image.size == (339, 254)
 
 
 @pytest.mark.parametrize(
