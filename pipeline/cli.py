@@ -8,11 +8,13 @@ Exit status: 0 when the run completed (failed URLs are records, not errors), 2 f
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
@@ -73,6 +75,79 @@ def _report(args: argparse.Namespace) -> int:
         print(format_report(report))
     if report is None or folder.urls != report.urls:  # several runs filled it, or none finished
         print(format_folder(folder))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench  # here, not at the top: a run's start-up need not import its modules
+
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    if args.write_config and path is None:
+        raise PipelineError("--write-config needs a config file (--config, or ./config.toml)")
+    options = bench.BenchOptions(
+        config_path=path,
+        images=args.images,
+        min_px=args.size[0],
+        max_px=args.size[1],
+        latency=args.latency / 1000,
+        bandwidth=args.bandwidth * 1e6,
+        **({"cache": args.cache} if args.cache else {}),
+    )
+    transform = args.transform_workers or bench.default_transform_workers()
+    settings = bench.settings_of(args.download_workers, transform, args.queues)
+
+    def show(line: str) -> None:  # rows as they come; --json prints once, at the end
+        if not args.json:
+            print(line, flush=True)
+
+    with bench.Bench(options) as b:
+        show(
+            f"workload    {args.images} JPEGs of {options.min_px}-{options.max_px} px, "
+            f"{b.workload.mean_bytes() / 1e3:.0f} KB on average, served on loopback"
+            + (f" with {args.latency:g} ms latency" if args.latency else "")
+            + (f" at {args.bandwidth:g} MB/s per connection" if args.bandwidth else "")
+        )
+        result: dict[str, object] = {"images": args.images, "latency_ms": args.latency}
+        if args.compare:
+            show("\n" + bench.header(sweep_table=False))
+            seen: list[bench.Row] = []
+
+            def shown(row: bench.Row) -> None:  # sequential runs first: the others' ratio
+                seen.append(row)
+                show(bench.format_row(row, False, seen[0]))
+
+            rows = bench.compare(b, shown)
+            result["compare"] = [r.to_json() for r in rows]
+            both = bench.overlap(rows)
+            if both is not None:
+                result["overlap"] = {**asdict(both), "ratio": round(both.ratio, 3)}
+                show(
+                    f"\noverlap     staged {both.staged_s:.2f} s against {both.stage} alone "
+                    f"{both.alone_s:.2f} s (two-phase's {both.stage} phase): {both.ratio:.2f}x"
+                )
+        else:
+            show("\n" + bench.header(sweep_table=True))
+            rows = bench.sweep(b, settings, lambda row: show(bench.format_row(row, True)))
+            top = bench.best(rows)
+            assert top.setting is not None
+            result.update(sweep=[r.to_json() for r in rows], best=top.to_json())
+            show(
+                f"\nbest        download.workers = {top.setting.download_workers}, "
+                f"transform.workers = {top.setting.transform_workers}"
+                + (f", queues.fetched = {top.setting.queue}" if top.setting.queue else "")
+                + f": {top.images_per_s:.1f} images/s"
+            )
+            if args.write_config:
+                assert path is not None
+                bench.write_config(path, top.setting)
+                show(f"written     into {path}")
+            if args.plot:
+                bench.plot(rows, args.plot)
+                show(f"plot        {args.plot}")
+    if args.json:
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -154,6 +229,61 @@ def _parser() -> argparse.ArgumentParser:
     _add_verbosity(report)
     report.set_defaults(command=_report)
 
+    bench_cmd = commands.add_parser(
+        "bench", help="measure throughput on a generated workload served on loopback"
+    )
+    bench_cmd.add_argument("--config", type=Path, help="config file (default: ./config.toml)")
+    bench_cmd.add_argument(
+        "--images", type=_positive, default=2000, help="URLs in the workload (default 2000)"
+    )
+    bench_cmd.add_argument(
+        "--size",
+        type=_size_range,
+        default=(1024, 1600),
+        metavar="MIN-MAX",
+        help="long side of the workload's photos, in px (default 1024-1600)",
+    )
+    bench_cmd.add_argument(
+        "--latency", type=_non_negative, default=0.0, help="ms before each answer (default 0)"
+    )
+    bench_cmd.add_argument(
+        "--bandwidth",
+        type=_non_negative,
+        default=0.0,
+        help="MB/s per connection (default 0: no cap)",
+    )
+    bench_cmd.add_argument(
+        "--download-workers",
+        type=_int_list,
+        default=[8, 16, 32],
+        metavar="N,N,...",
+        help="download.workers to try (default 8,16,32)",
+    )
+    bench_cmd.add_argument(
+        "--transform-workers",
+        type=_int_list,
+        metavar="N,N,...",
+        help="transform.workers to try (default: half the cores, all the cores)",
+    )
+    bench_cmd.add_argument(
+        "--queues", type=_int_list, metavar="N,N,...", help="queues.fetched sizes to try too"
+    )
+    bench_cmd.add_argument(
+        "--compare",
+        action="store_true",
+        help="run sequential, threads, processes, two-phase and the staged pipeline instead",
+    )
+    bench_cmd.add_argument(
+        "--write-config", action="store_true", help="write the best setting into the config file"
+    )
+    bench_cmd.add_argument("--plot", type=Path, metavar="FILE.png", help="draw images/s by workers")
+    bench_cmd.add_argument("--json", action="store_true", help="print the results as JSON only")
+    bench_cmd.add_argument(
+        "--cache", type=Path, help="folder for the workload's images (default ~/.cache/pipeline)"
+    )
+    _add_verbosity(bench_cmd)
+    bench_cmd.set_defaults(command=_bench)
+
     serve = commands.add_parser("serve", help="serve a folder over HTTP on 127.0.0.1")
     serve.add_argument("folder", type=Path, metavar="DIR")
     serve.add_argument(
@@ -201,6 +331,30 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
     return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {text})")
+    return value
+
+
+def _size_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    sizes = (_positive(low), _positive(high)) if sep else (_positive(text),) * 2
+    if not 16 <= sizes[0] <= sizes[1] <= 10000:
+        raise argparse.ArgumentTypeError(
+            f"must be MIN-MAX with 16 <= MIN <= MAX <= 10000 (got {text})"
+        )
+    return sizes
+
+
+def _int_list(text: str) -> list[int]:
+    return sorted({_positive(part.strip()) for part in text.split(",")})
 
 
 def _port(text: str) -> int:

@@ -1,0 +1,186 @@
+"""``pipeline bench``: the workload server, the memory sampler, the sweep, --compare, the config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from test_cli import ROOT, pipeline
+
+from pipeline.bench import Row, Setting, best, format_row, header, tree_rss, write_config
+from pipeline.config import load_config, with_overrides
+from pipeline.workload import Workload, WorkloadServer
+
+SMALL = "200-300"  # px: a workload that is quick to draw and to transform
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.fixture(scope="module")
+def workload(cache: Path) -> Workload:
+    work = Workload(cache / "workload", distinct=6, min_px=200, max_px=300)
+    work.make()
+    return work
+
+
+def test_workload_server_serves_each_image_by_number_on_one_connection(workload):
+    bodies = [p.read_bytes() for p in workload.files]
+    with WorkloadServer(workload.files) as server, requests.Session() as session:
+        for n in (0, 1, 5, 6, 13):
+            answer = session.get(f"{server.url}{n}.jpg", timeout=5)
+            assert answer.status_code == 200
+            assert answer.headers["Content-Type"] == "image/jpeg"
+            assert answer.content == bodies[n % len(bodies)]
+        assert session.get(f"{server.url}nope.jpg", timeout=5).status_code == 404
+        pool = session.get_adapter(server.url).poolmanager
+        assert sum(p.num_connections for p in pool.pools._container.values()) == 1
+
+
+def test_workload_server_caps_bandwidth_per_connection(workload):
+    body = workload.files[0].read_bytes()
+    rate = 4 * len(body)  # bytes/s: one body should take about 1/4 s
+    with WorkloadServer(workload.files[:1], bandwidth=rate) as server:
+        started = time.perf_counter()
+        answer = requests.get(f"{server.url}0.jpg", timeout=5)
+        elapsed = time.perf_counter() - started
+    assert answer.content == body
+    assert elapsed >= 0.8 * len(body) / rate  # a cap can only make it slower, never faster
+
+
+def test_workload_urls_name_distinct_urls(workload, tmp_path):
+    workload.write_urls(tmp_path / "urls.txt", "http://127.0.0.1:1/", 25)
+    lines = (tmp_path / "urls.txt").read_text().splitlines()
+    assert len(lines) == len(set(lines)) == 25
+    assert lines[7] == "http://127.0.0.1:1/7.jpg"
+
+
+def test_tree_rss_counts_the_memory_of_children():
+    script = "import sys; b = b'x' * 80_000_000; print('ready', flush=True); sys.stdin.read()"
+    before = tree_rss(os.getpid())
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        during = tree_rss(os.getpid())
+        child_alone = tree_rss(child.pid)
+        child.communicate("")
+    assert child_alone >= 80_000_000
+    assert during - before >= 70_000_000
+
+
+def _row(name: str, rate: float, setting: Setting | None) -> Row:
+    return Row(name, 100, 100, round(100 / rate, 4), 100.0, 1.0, setting=setting)
+
+
+def test_best_prefers_fewer_workers_among_runs_within_three_percent():
+    rows = [
+        _row("a", 200.0, Setting(32, 2)),
+        _row("b", 198.0, Setting(8, 2)),
+        _row("c", 150.0, Setting(4, 1)),
+    ]
+    assert best(rows).name == "b"
+    assert best([*rows, _row("d", 260.0, Setting(64, 3))]).name == "d"
+
+
+def test_write_config_changes_the_workers_and_keeps_every_comment(tmp_path):
+    path = tmp_path / "config.toml"
+    shutil.copy(ROOT / "config.toml", path)
+    original = path.read_text()
+    write_config(path, Setting(7, 3, 64))
+    text = path.read_text()
+    comments = [line for line in original.splitlines() if line.lstrip().startswith("#")]
+    assert all(line in text.splitlines() for line in comments)
+    assert len(text.splitlines()) == len(original.splitlines())
+    written, before = load_config(path), load_config(ROOT / "config.toml")
+    expected = with_overrides(before, "download", workers=7)
+    expected = with_overrides(expected, "transform", workers=3)
+    expected = with_overrides(expected, "queues", fetched=64)
+    assert written == expected
+
+
+def test_bench_sweep_measures_each_setting_writes_the_best_and_plots(cache, tmp_path):
+    config = tmp_path / "config.toml"
+    shutil.copy(ROOT / "config.toml", config)
+    plot = tmp_path / "sweep.png"
+    result = pipeline(
+        "bench", "--images", "30", "--size", SMALL, "--cache", str(cache),
+        "--download-workers", "2,4", "--transform-workers", "1",
+        "--config", str(config), "--write-config", "--plot", str(plot), "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    rows = data["sweep"]
+    assert [
+        (r["setting"]["download_workers"], r["setting"]["transform_workers"]) for r in rows
+    ] == [
+        (2, 1),
+        (4, 1),
+    ]
+    for row in rows:
+        assert row["images"] == row["ok"] == 30
+        assert row["images_per_s"] > 0 and row["wall_s"] > 0
+        assert row["peak_mb"] > 20  # at least the run's interpreter and its pool worker
+        assert row["parent_cpu_s"] > 0 and row["pool_cpu_s"] > 0
+        assert 0 <= row["transform_util"] <= 100
+    chosen = data["best"]["setting"]
+    assert load_config(config).download.workers == chosen["download_workers"]
+    assert "# Download threads; each has its own HTTP session" in config.read_text()
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_compare_rows_show_the_ratio_to_sequential():
+    sequential, staged = _row("sequential", 50.0, None), _row("staged", 200.0, None)
+    assert format_row(sequential, False, sequential).endswith("1.00x")
+    line = format_row(staged, False, sequential)
+    assert line.startswith("staged") and line.endswith("4.00x")
+    assert len(header(sweep_table=False)) == len(line)
+    failed = Row("threads", 100, 90, 1.0, 10.0, 1.0)
+    assert format_row(failed, False, sequential).endswith("(10 failed)")
+
+
+def test_bench_compare_json_holds_phases_and_counts(cache, tmp_path):
+    result = pipeline(
+        "bench", "--compare", "--images", "12", "--size", SMALL, "--cache", str(cache),
+        "--config", str(ROOT / "config.toml"), "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    names = [r["name"] for r in data["compare"]]
+    assert names == ["sequential", "threads", "processes", "two-phase", "staged"]
+    assert all(r["ok"] == 12 for r in data["compare"])
+    phased = data["compare"][3]["phases"]
+    assert phased["download_s"] > 0 and phased["transform_s"] > 0
+    assert data["overlap"]["stage"] in ("download", "transform")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--download-workers", "0"], "--download-workers"),
+        (["--latency", "-5"], "--latency"),
+        (["--size", "300-200"], "--size"),
+    ],
+)
+def test_bench_rejects_bad_options_in_one_line(args, needle):
+    result = pipeline("bench", *args)
+    assert result.returncode == 2
+    assert needle in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_write_config_needs_a_config_file(tmp_path):
+    result = pipeline("bench", "--write-config", "--images", "1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "pipeline: error: --write-config needs a config file (--config, or ./config.toml)"
+    )
