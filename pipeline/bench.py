@@ -286,23 +286,35 @@ def put(doc: Any, section: str, key: str, value: Any) -> None:
     doc[section][key] = value
 
 
-def sweep(bench: Bench, settings: Sequence[Setting], on_row: OnRow = None) -> list[Row]:
+def median(runs: Sequence[Row]) -> Row:
+    """The middle run by images/s: steadier than one run on a noisy machine, fairer than a best."""
+    return sorted(runs, key=lambda r: r.images_per_s)[(len(runs) - 1) // 2]
+
+
+def sweep(
+    bench: Bench, settings: Sequence[Setting], repeat: int = 1, on_row: OnRow = None
+) -> list[Row]:
+    """Each setting ``repeat`` times; its median run."""
     rows = []
     for setting in settings:
-        row = bench.staged(setting)
+        row = median([bench.staged(setting) for _ in range(repeat)])
         rows.append(row)
         if on_row is not None:
             on_row(row)
     return rows
 
 
-def compare(bench: Bench, on_row: OnRow = None) -> list[Row]:
+def compare(bench: Bench, repeat: int = 1, on_row: OnRow = None) -> list[Row]:
+    """Every strategy on the same workload, ``repeat`` times each; sequential first."""
     rows = []
     for strategy in (*STRATEGIES, "staged"):
-        row = bench.staged(name="staged") if strategy == "staged" else bench.baseline(strategy)
-        rows.append(row)
+        runs = [
+            bench.staged(name="staged") if strategy == "staged" else bench.baseline(strategy)
+            for _ in range(repeat)
+        ]
+        rows.append(median(runs))
         if on_row is not None:
-            on_row(row)
+            on_row(rows[-1])
     return rows
 
 

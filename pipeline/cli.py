@@ -109,7 +109,11 @@ def _bench(args: argparse.Namespace) -> int:
             + (f" with {args.latency:g} ms latency" if args.latency else "")
             + (f" at {args.bandwidth:g} MB/s per connection" if args.bandwidth else "")
         )
-        result: dict[str, object] = {"images": args.images, "latency_ms": args.latency}
+        result: dict[str, object] = {
+            "images": args.images,
+            "latency_ms": args.latency,
+            "repeat": args.repeat,
+        }
         if args.compare:
             show("\n" + bench.header(sweep_table=False))
             seen: list[bench.Row] = []
@@ -118,7 +122,7 @@ def _bench(args: argparse.Namespace) -> int:
                 seen.append(row)
                 show(bench.format_row(row, False, seen[0]))
 
-            rows = bench.compare(b, shown)
+            rows = bench.compare(b, args.repeat, shown)
             result["compare"] = [r.to_json() for r in rows]
             both = bench.overlap(rows)
             if both is not None:
@@ -129,7 +133,9 @@ def _bench(args: argparse.Namespace) -> int:
                 )
         else:
             show("\n" + bench.header(sweep_table=True))
-            rows = bench.sweep(b, settings, lambda row: show(bench.format_row(row, True)))
+            rows = bench.sweep(
+                b, settings, args.repeat, lambda row: show(bench.format_row(row, True))
+            )
             top = bench.best(rows)
             assert top.setting is not None
             result.update(sweep=[r.to_json() for r in rows], best=top.to_json())
@@ -267,6 +273,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench_cmd.add_argument(
         "--queues", type=_int_list, metavar="N,N,...", help="queues.fetched sizes to try too"
+    )
+    bench_cmd.add_argument(
+        "--repeat",
+        type=_positive,
+        default=1,
+        help="runs of each setting; the median is shown (default 1)",
     )
     bench_cmd.add_argument(
         "--compare",

@@ -14,7 +14,16 @@ import pytest
 import requests
 from test_cli import ROOT, pipeline
 
-from pipeline.bench import Row, Setting, best, format_row, header, tree_rss, write_config
+from pipeline.bench import (
+    Row,
+    Setting,
+    best,
+    format_row,
+    header,
+    median,
+    tree_rss,
+    write_config,
+)
 from pipeline.config import load_config, with_overrides
 from pipeline.workload import Workload, WorkloadServer
 
@@ -92,6 +101,12 @@ def test_best_prefers_fewer_workers_among_runs_within_three_percent():
     assert best([*rows, _row("d", 260.0, Setting(64, 3))]).name == "d"
 
 
+def test_median_is_the_middle_run_by_rate():
+    runs = [_row("a", 100.0, None), _row("b", 300.0, None), _row("c", 200.0, None)]
+    assert median(runs).name == "c"
+    assert median(runs[:2]).name == "a"  # of two, the slower: never flattering
+
+
 def test_write_config_changes_the_workers_and_keeps_every_comment(tmp_path):
     path = tmp_path / "config.toml"
     shutil.copy(ROOT / "config.toml", path)
@@ -150,8 +165,8 @@ def test_compare_rows_show_the_ratio_to_sequential():
 
 def test_bench_compare_json_holds_phases_and_counts(cache, tmp_path):
     result = pipeline(
-        "bench", "--compare", "--images", "12", "--size", SMALL, "--cache", str(cache),
-        "--config", str(ROOT / "config.toml"), "--json",
+        "bench", "--compare", "--images", "12", "--repeat", "2", "--size", SMALL,
+        "--cache", str(cache), "--config", str(ROOT / "config.toml"), "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
