@@ -93,6 +93,7 @@ class Watchdog:
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Ticket]] = []
+        self._running = 0  # tickets not done yet; the heap also holds done ones, until compacted
         self._order = itertools.count()
         self._wakeup = threading.Condition()
         self._closed = False
@@ -106,6 +107,7 @@ class Watchdog:
             if not self._heap or ticket.expires < self._heap[0][0]:
                 self._wakeup.notify()  # the watchdog must wake earlier than it planned
             heapq.heappush(self._heap, (ticket.expires, next(self._order), ticket))
+            self._running += 1
         _local.ticket = ticket
         try:
             yield ticket
@@ -114,6 +116,22 @@ class Watchdog:
             with ticket.lock:
                 ticket.done = True
                 ticket.sock = None
+            self._finished()
+
+    def _finished(self) -> None:
+        """A download ended. Done tickets leave the heap when they reach its top, which with one
+        deadline for all is only at their expiry: at 250 downloads/s and a 60 s deadline, 15,000
+        tickets. So once done ones are the majority, drop them all (amortized O(1))."""
+        with self._wakeup:
+            self._running -= 1
+            if len(self._heap) > 2 * self._running + 64:
+                self._heap = [entry for entry in self._heap if not entry[2].done]
+                heapq.heapify(self._heap)
+
+    def pending(self) -> int:
+        """Tickets held: the running ones, and done ones not dropped yet."""
+        with self._wakeup:
+            return len(self._heap)
 
     def _watch(self) -> None:
         with self._wakeup:
