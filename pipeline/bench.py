@@ -261,9 +261,9 @@ class Bench:
             run_s=report.wall_s,
         )
 
-    def baseline(self, strategy: str) -> Row:
+    def baseline(self, strategy: str, setting: Setting | None = None) -> Row:
         out = self._folder()
-        config = self._config_file(out, None)
+        config = self._config_file(out, setting)
         argv = [sys.executable, "-m", "pipeline.baselines", strategy, str(self.urls)]
         measured = measure([*argv, "--config", str(config), "--out", str(out)])
         result = json.loads(measured.stdout.strip().splitlines()[-1])
@@ -304,12 +304,16 @@ def sweep(
     return rows
 
 
-def compare(bench: Bench, repeat: int = 1, on_row: OnRow = None) -> list[Row]:
-    """Every strategy on the same workload, ``repeat`` times each; sequential first."""
+def compare(
+    bench: Bench, setting: Setting | None = None, repeat: int = 1, on_row: OnRow = None
+) -> list[Row]:
+    """Every strategy on the same workload and workers, ``repeat`` times each; sequential first."""
     rows = []
     for strategy in (*STRATEGIES, "staged"):
         runs = [
-            bench.staged(name="staged") if strategy == "staged" else bench.baseline(strategy)
+            bench.staged(setting, name="staged")
+            if strategy == "staged"
+            else bench.baseline(strategy, setting)
             for _ in range(repeat)
         ]
         rows.append(median(runs))
@@ -422,10 +426,15 @@ def plot(rows: Sequence[Row], path: Path) -> None:
             by_transform.setdefault(key, []).append(row)
     for (transform, queue), group in sorted(by_transform.items(), key=lambda kv: str(kv[0])):
         group.sort(key=lambda r: r.setting.download_workers if r.setting else 0)
-        label = f"{transform} transform workers" + (f", queue {queue}" if queue else "")
+        label = f"transform.workers = {transform}" + (
+            f", queues.fetched = {queue}" if queue else ""
+        )
         xs = [r.setting.download_workers for r in group if r.setting]
         axes.plot(xs, [r.images_per_s for r in group], marker="o", label=label)
     axes.set_xscale("log", base=2)
+    ticks = sorted({r.setting.download_workers for r in rows if r.setting})
+    axes.set_xticks(ticks, [str(t) for t in ticks])
+    axes.minorticks_off()
     axes.set_xlabel("download workers (threads)")
     axes.set_ylabel("images/s")
     axes.set_ylim(bottom=0)

@@ -95,8 +95,10 @@ def _bench(args: argparse.Namespace) -> int:
         bandwidth=args.bandwidth * 1e6,
         **({"cache": args.cache} if args.cache else {}),
     )
-    transform = args.transform_workers or bench.default_transform_workers()
-    settings = bench.settings_of(args.download_workers, transform, args.queues)
+    if args.compare and any(
+        len(v or ()) > 1 for v in (args.download_workers, args.transform_workers)
+    ):
+        raise PipelineError("--compare runs one setting: give one --download-workers value")
 
     def show(line: str) -> None:  # rows as they come; --json prints once, at the end
         if not args.json:
@@ -115,6 +117,15 @@ def _bench(args: argparse.Namespace) -> int:
             "repeat": args.repeat,
         }
         if args.compare:
+            workers = bench.Setting(
+                (args.download_workers or [b.config.download.workers])[0],
+                (args.transform_workers or [b.config.transform.pool_workers])[0],
+            )
+            show(
+                f"workers     {workers.download_workers} download threads, "
+                f"{workers.transform_workers} transform processes (threads-only: the download "
+                "threads do both)"
+            )
             show("\n" + bench.header(sweep_table=False))
             seen: list[bench.Row] = []
 
@@ -122,7 +133,7 @@ def _bench(args: argparse.Namespace) -> int:
                 seen.append(row)
                 show(bench.format_row(row, False, seen[0]))
 
-            rows = bench.compare(b, args.repeat, shown)
+            rows = bench.compare(b, workers, args.repeat, shown)
             result["compare"] = [r.to_json() for r in rows]
             both = bench.overlap(rows)
             if both is not None:
@@ -132,6 +143,11 @@ def _bench(args: argparse.Namespace) -> int:
                     f"{both.alone_s:.2f} s (two-phase's {both.stage} phase): {both.ratio:.2f}x"
                 )
         else:
+            settings = bench.settings_of(
+                args.download_workers or [8, 16, 32],
+                args.transform_workers or bench.default_transform_workers(),
+                args.queues,
+            )
             show("\n" + bench.header(sweep_table=True))
             rows = bench.sweep(
                 b, settings, args.repeat, lambda row: show(bench.format_row(row, True))
@@ -261,15 +277,14 @@ def _parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument(
         "--download-workers",
         type=_int_list,
-        default=[8, 16, 32],
         metavar="N,N,...",
-        help="download.workers to try (default 8,16,32)",
+        help="download.workers to try (default 8,16,32; --compare: one, config's)",
     )
     bench_cmd.add_argument(
         "--transform-workers",
         type=_int_list,
         metavar="N,N,...",
-        help="transform.workers to try (default: half the cores, all the cores)",
+        help="transform.workers to try (default: half the cores, all; --compare: one, config's)",
     )
     bench_cmd.add_argument(
         "--queues", type=_int_list, metavar="N,N,...", help="queues.fetched sizes to try too"

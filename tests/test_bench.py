@@ -167,6 +167,7 @@ def test_bench_compare_json_holds_phases_and_counts(cache, tmp_path):
     result = pipeline(
         "bench", "--compare", "--images", "12", "--repeat", "2", "--size", SMALL,
         "--cache", str(cache), "--config", str(ROOT / "config.toml"), "--json",
+        "--download-workers", "3",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -176,6 +177,7 @@ def test_bench_compare_json_holds_phases_and_counts(cache, tmp_path):
     phased = data["compare"][3]["phases"]
     assert phased["download_s"] > 0 and phased["transform_s"] > 0
     assert data["overlap"]["stage"] in ("download", "transform")
+    assert data["compare"][4]["setting"]["download_workers"] == 3  # every strategy's workers
 
 
 @pytest.mark.parametrize(
@@ -184,6 +186,7 @@ def test_bench_compare_json_holds_phases_and_counts(cache, tmp_path):
         (["--download-workers", "0"], "--download-workers"),
         (["--latency", "-5"], "--latency"),
         (["--size", "300-200"], "--size"),
+        (["--compare", "--download-workers", "2,4"], "--compare"),
     ],
 )
 def test_bench_rejects_bad_options_in_one_line(args, needle):
