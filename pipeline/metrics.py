@@ -94,6 +94,18 @@ class Meter:
         self.last = max(self.last, end)
         self.latency.add(seconds * 1000)
 
+    def merge(self, other: Meter) -> None:
+        """Add ``other``'s counts to this meter (``first``/``last`` compare on one machine only)."""
+        self.items += other.items
+        self.failed += other.failed
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.busy_s += other.busy_s
+        self.cpu_s += other.cpu_s
+        self.first = min(self.first, other.first)
+        self.last = max(self.last, other.last)
+        self.latency.merge(other.latency)
+
 
 class Stage:
     """The meters of one stage's threads; ``meter()`` is the calling thread's own."""
@@ -127,15 +139,7 @@ class Stage:
         """Every thread's meter merged into one (call once the stage has finished)."""
         merged = Meter()
         for m in self._meters[:]:
-            merged.items += m.items
-            merged.failed += m.failed
-            merged.bytes_in += m.bytes_in
-            merged.bytes_out += m.bytes_out
-            merged.busy_s += m.busy_s
-            merged.cpu_s += m.cpu_s
-            merged.first = min(merged.first, m.first)
-            merged.last = max(merged.last, m.last)
-            merged.latency.merge(m.latency)
+            merged.merge(m)
         return merged
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from .atomic import write_atomic
 from .errors import PipelineError
-from .metrics import TOP_HOSTS, RunStats, Stage
+from .metrics import TOP_HOSTS, Meter, RunStats, Stage
 from .sink import MANIFEST_DIR, read_manifest
 
 REPORT_FILE = "report.json"
@@ -57,17 +57,26 @@ class StageStat:
         still starting, or downloads waiting on nothing yet, do not count as idle.
         """
         meter = stage.total()
-        capacity = stage.workers * (ended - meter.first) if meter.items else 0.0
+        span = ended - meter.first if meter.items else 0.0
+        active = max(0.0, meter.last - meter.first) if meter.items else 0.0
+        return cls.from_meter(stage.name, stage.workers, meter, span_s=span, active_s=active)
+
+    @classmethod
+    def from_meter(
+        cls, name: str, workers: int, meter: Meter, *, span_s: float, active_s: float
+    ) -> StageStat:
+        """``meter``'s figures for ``workers`` workers that could work for ``span_s`` seconds."""
+        capacity = workers * span_s
         busy = min(meter.busy_s, capacity)
         return cls(
-            name=stage.name,
-            workers=stage.workers,
+            name=name,
+            workers=workers,
             items=meter.items,
             failed=meter.failed,
             bytes_in=meter.bytes_in,
             bytes_out=meter.bytes_out,
             busy_s=round(meter.busy_s, 3),
-            active_s=round(max(0.0, meter.last - meter.first), 3) if meter.items else 0.0,
+            active_s=round(active_s, 3),
             utilization=round(100 * busy / capacity, 1) if capacity > 0 else 0.0,
             p50_ms=round(meter.latency.percentile(50), 2),
             p95_ms=round(meter.latency.percentile(95), 2),

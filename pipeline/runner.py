@@ -109,10 +109,23 @@ def make_pool(config: Config, out_dir: Path, workers: int | None = None) -> Proc
     )
 
 
+def make_pools(config: Config, out_dir: Path) -> tuple[RestartingPool, RestartingPool]:
+    """A run's transform pool, and its one-process quarantine pool."""
+    return (
+        RestartingPool(functools.partial(make_pool, config, out_dir)),
+        RestartingPool(functools.partial(make_pool, config, out_dir, 1)),
+    )
+
+
 class Run:
     """The queues, the stop flag and the stage loops of one run."""
 
-    def __init__(self, config: Config, out_dir: Path) -> None:
+    def __init__(
+        self,
+        config: Config,
+        out_dir: Path,
+        pools: tuple[RestartingPool, RestartingPool] | None = None,
+    ) -> None:
         self.config = config
         self.out_dir = out_dir
         self.stop = threading.Event()
@@ -126,10 +139,11 @@ class Run:
         self.write = Stage("write", 1)
         self.sampler = Sampler(self.gauges)  # queue occupancy, and the bars' redraws
         self.downloader = Downloader(config.download)
-        self.pool = RestartingPool(functools.partial(make_pool, config, out_dir))
-        # images that were in a pool when a worker died are retried here, one at a time, so that
-        # a second crash names its culprit and no bystander is blamed
-        self.quarantine = RestartingPool(functools.partial(make_pool, config, out_dir, 1))
+        # the main pool, and a one-process pool where images that were in a pool when a worker
+        # died are retried one at a time, so that a second crash names its culprit; given
+        # (a Dask worker's, kept for its next shard) or made and shut down by this run
+        self._own_pools = pools is None
+        self.pool, self.quarantine = pools or make_pools(config, out_dir)
         self._suspects: deque[tuple[Fetched, int]] = deque()
         self._suspect_running = False
         self._suspect_lock = threading.Lock()
@@ -137,17 +151,33 @@ class Run:
         self._grace: threading.Timer | None = None
 
     def execute(self, files: Sequence[Path], *, progress: bool) -> Report:
+        """Every URL of ``files`` that an earlier run into the output folder did not finish."""
         cfg = self.config
         resume = Resume(self.out_dir)
         items = resume.pending(iter_jobs(files, cfg.input.shard_size, cfg.input.csv_column))
+        return self.process(items, resume, progress=progress, files=files)
+
+    def process(
+        self,
+        items: Iterator[Job | ShardEnd],
+        resume: Resume,
+        *,
+        progress: bool = False,
+        files: Sequence[Path] = (),
+    ) -> Report:
+        """Run ``items`` (already filtered by ``resume``) through the stages; the report.
+
+        ``files`` are counted for the progress bars' totals.
+        """
+        cfg = self.config
         jobs = SharedIterator(items, self.stop)
         stats = RunStats()
         started, cpu_started = time.perf_counter(), time.process_time()
         with (
             self.sink,
             self.downloader,
-            self.pool,
-            self.quarantine,
+            self.pool if self._own_pools else contextlib.nullcontext(),
+            self.quarantine if self._own_pools else contextlib.nullcontext(),
             ThreadPoolExecutor(cfg.download.workers, "download") as downloads,
             ThreadPoolExecutor(1, "dispatch") as dispatch,
             self._monitor(files, resume, progress),
