@@ -54,9 +54,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = _config(args)
-    report = run(
-        args.sources, config, progress=_bars(args), restart=args.restart, handle_signals=True
-    )
+    if args.dask is not None:
+        config = with_overrides(config, "executor", kind="dask", address=args.dask)
+    if config.executor.kind == "dask":
+        from .cluster import run_on_dask  # only then: it imports dask
+
+        report = run_on_dask(args.sources, config, restart=args.restart)
+    else:
+        report = run(
+            args.sources, config, progress=_bars(args), restart=args.restart, handle_signals=True
+        )
     _print_report(report, config, args)
     return _exit_status(report)
 
@@ -233,6 +240,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(run_cmd)
     run_cmd.add_argument(
         "--restart", action="store_true", help="forget what earlier runs of --out did; start over"
+    )
+    run_cmd.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help='run each shard as a task of a Dask cluster: a scheduler (tcp://host:8786) or "local"',
     )
     run_cmd.set_defaults(command=_run)
 

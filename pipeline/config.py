@@ -335,6 +335,36 @@ class QueuesConfig:
         _require(1 <= self.results <= 100_000, "results", "in [1, 100000]", self.results)
 
 
+EXECUTOR_KINDS = ("local", "dask")
+_DASK_ADDRESS = re.compile(r"(?:tcp|tls|ws|wss|inproc|ucx)://\S+")
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorConfig:
+    """Where shards run: here, or as tasks of a Dask cluster (one shard per task)."""
+
+    kind: str = "local"
+    address: str = "local"  # a scheduler such as tcp://10.0.0.5:8786, or "local": a LocalCluster
+    local_workers: int = 2  # workers of a LocalCluster (address = "local")
+    shards_in_flight: int = 0  # 0 = 2 x the cluster's workers
+    retries: int = 2  # a shard whose worker is lost is run again this many times
+
+    def __post_init__(self) -> None:
+        kinds = ", ".join(EXECUTOR_KINDS)
+        _require(self.kind in EXECUTOR_KINDS, "kind", f"one of {kinds}", self.kind)
+        address = self.address
+        _require(
+            address == "local" or bool(_DASK_ADDRESS.fullmatch(address)),
+            "address",
+            '"local" or a scheduler address like tcp://host:8786',
+            address,
+        )
+        _require(1 <= self.local_workers <= 256, "local_workers", "in [1, 256]", self.local_workers)
+        flight = self.shards_in_flight
+        _require(0 <= flight <= 10_000, "shards_in_flight", "in [0, 10000]", flight)
+        _require(0 <= self.retries <= 20, "retries", "in [0, 20]", self.retries)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     input: InputConfig = field(default_factory=InputConfig)
@@ -342,6 +372,7 @@ class Config:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
     queues: QueuesConfig = field(default_factory=QueuesConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
 
 SECTIONS: dict[str, type[Any]] = typing.get_type_hints(Config)

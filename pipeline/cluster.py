@@ -1,0 +1,301 @@
+"""Scale out: the same pipeline on a Dask distributed cluster, one shard per task.
+
+    driver (pipeline run --dask ...)                          Dask workers (non-daemon processes)
+    URL files -> shards of input.shard_size URLs  --submit-->  run_shard: the local staged pipeline
+      (streamed; a sealed shard is skipped whole)   <= K         (download threads -> queue ->
+      <- ShardResult: the shard's report and meters             the worker's process pool), writes
+    merged report (report.json)                                  images and the shard's manifest
+
+The driver holds at most ``executor.shards_in_flight`` shards at a time (Dask bounds nothing
+itself) and one shard's URLs while it reads the next. Each task runs ``Run.process`` on its shard
+and writes that shard's images and manifest part itself, atomically, into ``output.dir``, which
+every worker must see at the same path (a shared filesystem). The manifest part is sealed (renamed
+to ``.jsonl``) when complete, so a rerun skips the shard whole, and a shard retried after its
+worker was lost first keeps the final rows the lost attempt flushed, exactly as a local resume.
+
+A worker keeps one transform pool for all the shards it runs (made on its first shard), so
+pool start-up is paid once per worker. Dask's worker processes are daemons by default, and a
+daemon process may not start children: workers must run with ``distributed.worker.daemon`` off
+(``DASK_DISTRIBUTED__WORKER__DAEMON=False dask worker ...``); a LocalCluster is started that way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import PipelineError
+from .metrics import TOP_HOSTS, Meter
+from .records import Job, ShardEnd
+from .report import QueueStat, Report, StageStat, diagnose
+from .sink import Resume, prepare, shard_path
+from .sources import find_sources, iter_jobs
+from .stages import RestartingPool
+
+log = logging.getLogger(__name__)
+
+INSTALL = "the dask executor needs dask[distributed]: pip install -e '.[dask]'"
+DAEMON_HELP = (
+    "this Dask worker is a daemon process, which may not start the transform pool: start "
+    "workers with DASK_DISTRIBUTED__WORKER__DAEMON=False (config distributed.worker.daemon)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardResult:
+    """What one shard task sends back: its report, and its stages' meters to merge exactly."""
+
+    shard: int
+    report: Report
+    meters: dict[str, Meter]
+    workers: dict[str, int]
+
+
+# --- the worker side ------------------------------------------------------------------------------
+
+_pools: dict[tuple[str, str], tuple[RestartingPool, RestartingPool]] = {}
+_pools_lock = threading.Lock()
+
+
+def _worker_pools(config: Config, out_dir: Path) -> tuple[RestartingPool, RestartingPool]:
+    """This worker process's pools for ``config``'s transform, made on its first shard."""
+    from .runner import make_pools
+
+    key = (repr((config.transform, config.output.folder_size)), str(out_dir))
+    with _pools_lock:
+        if key not in _pools:
+            if multiprocessing.current_process().daemon:
+                raise PipelineError(DAEMON_HELP)
+            _pools[key] = make_pools(config, out_dir)
+        return _pools[key]
+
+
+def close_pools() -> None:
+    """Shut this worker's pools down (the worker is closing)."""
+    with _pools_lock:
+        pools = [pool for pair in _pools.values() for pool in pair]
+        _pools.clear()
+    for pool in pools:
+        pool.shutdown(cancel=True)
+
+
+def pools_plugin() -> Any:
+    """A Dask worker plugin that closes the worker's pools with it, so the worker exits at once."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class ClosePools(WorkerPlugin):  # type: ignore[misc]
+        def teardown(self, worker: Any) -> None:
+            close_pools()
+
+    return ClosePools()
+
+
+def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> ShardResult:
+    """A Dask task: run one shard through the local staged pipeline, on this worker."""
+    from .runner import Run
+
+    folder = Path(out_dir)
+    resume = Resume(folder)  # a retried shard keeps what its lost attempt flushed
+    run = Run(config, folder, _worker_pools(config, folder))
+    report = run.process(resume.pending(iter(items)), resume)
+    stages = (run.download, run.transform, run.write)
+    return ShardResult(
+        shard=items[-1].shard,
+        report=report,
+        meters={s.name: s.total() for s in stages},
+        workers={s.name: s.workers for s in stages},
+    )
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+def shards(items: Iterator[Job | ShardEnd]) -> Iterator[list[Job | ShardEnd]]:
+    """The job stream cut into shards: each list is a shard's jobs and then its ShardEnd."""
+    current: list[Job | ShardEnd] = []
+    for item in items:
+        current.append(item)
+        if isinstance(item, ShardEnd):
+            yield current
+            current = []
+
+
+@contextlib.contextmanager
+def connect(config: Config) -> Iterator[Any]:
+    """A Dask client for ``executor.address``; "local" starts a LocalCluster on 127.0.0.1."""
+    try:
+        import dask
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise PipelineError(INSTALL) from None
+    executor = config.executor
+    if executor.address != "local":
+        try:
+            client = Client(executor.address, timeout=30)
+        except OSError as exc:
+            raise PipelineError(f"executor.address {executor.address}: {exc}") from None
+        with client:
+            yield client
+        return
+    with (
+        dask.config.set({"distributed.worker.daemon": False}),
+        LocalCluster(
+            n_workers=executor.local_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            memory_limit=0,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def run_on_dask(
+    sources: Sequence[Path],
+    config: Config,
+    *,
+    restart: bool = False,
+    client: Any = None,
+    on_shard: Callable[[ShardResult], None] | None = None,
+) -> Report:
+    """Process every URL of ``sources`` on a Dask cluster, a shard per task; the merged report.
+
+    ``client`` is an existing Dask client (else one is made from ``executor``); ``on_shard`` is
+    called in this thread as each shard's result comes back.
+    """
+    files = find_sources(sources, config.input.csv_column)
+    out_dir = Path(config.output.dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{out_dir}: cannot create the output folder: {exc.strerror}") from None
+    prepare(out_dir, config, restart=restart)
+    with contextlib.nullcontext(client) if client is not None else connect(config) as dask:
+        report = _drive(dask, files, config, out_dir, on_shard)
+    report.save(out_dir)
+    return report
+
+
+def _drive(
+    client: Any,
+    files: Sequence[Path],
+    config: Config,
+    out_dir: Path,
+    on_shard: Callable[[ShardResult], None] | None,
+) -> Report:
+    from distributed import as_completed
+
+    client.register_plugin(pools_plugin(), name="pipeline-close-pools")
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    limit = config.executor.shards_in_flight or 2 * workers
+    manifest = out_dir / "manifest"
+    started = time.perf_counter()
+    results: list[ShardResult] = []
+    skipped = 0
+    running = as_completed()
+    in_flight = 0
+    token = uuid.uuid4().hex[:12]  # this run's task keys: never a finished task of another run
+
+    def collect_one() -> None:
+        nonlocal in_flight
+        future = next(running)
+        in_flight -= 1
+        try:
+            result = future.result()
+        except Exception as exc:
+            if type(exc).__name__ == "KilledWorker":  # lost a worker once more than retries
+                raise PipelineError(
+                    f"{future.key}: its worker was lost {config.executor.retries + 1} times; "
+                    "the shards already done are kept, rerun the same command to do the rest"
+                ) from None
+            raise
+        results.append(result)
+        log.info("shard %d: %d URLs, %d ok", result.shard, result.report.urls, result.report.ok)
+        if on_shard is not None:
+            on_shard(result)
+
+    try:
+        for shard in shards(iter_jobs(files, config.input.shard_size, config.input.csv_column)):
+            end = shard[-1]
+            if shard_path(manifest, end.shard).exists():  # sealed: done by an earlier run
+                skipped += len(shard) - 1
+                continue
+            future = client.submit(
+                run_shard,
+                shard,
+                config,
+                str(out_dir),
+                key=f"pipeline-shard-{end.shard:06d}-{token}",
+                retries=config.executor.retries,
+                pure=False,
+            )
+            running.add(future)
+            in_flight += 1
+            while in_flight >= limit:
+                collect_one()
+        while in_flight:
+            collect_one()
+    except BaseException:
+        for future in running.futures:
+            future.cancel()
+        raise
+    return merge(results, time.perf_counter() - started, skipped=skipped, cluster_workers=workers)
+
+
+def merge(
+    results: Sequence[ShardResult], wall_s: float, *, skipped: int, cluster_workers: int
+) -> Report:
+    """One report for the run from its shards' reports; latencies are merged exactly."""
+    failed: Counter[str] = Counter()
+    hosts: Counter[str] = Counter()
+    meters: dict[str, Meter] = {}
+    workers: dict[str, int] = {}
+    queues: dict[str, list[QueueStat]] = {}
+    for result in results:
+        failed.update(result.report.failed)
+        hosts.update(dict(result.report.failing_hosts))
+        for name, meter in result.meters.items():
+            meters.setdefault(name, Meter()).merge(meter)
+            workers[name] = result.workers[name] * cluster_workers
+        for queue in result.report.queues:
+            queues.setdefault(queue.name, []).append(queue)
+    stages = tuple(
+        StageStat.from_meter(name, workers[name], meter, span_s=wall_s, active_s=wall_s)
+        for name, meter in meters.items()
+    )
+    report = Report(
+        urls=sum(r.report.urls for r in results),
+        ok=sum(r.report.ok for r in results),
+        failed=dict(failed.most_common()),
+        wall_s=round(wall_s, 3),
+        bytes_in=sum(r.report.bytes_in for r in results),
+        bytes_out=sum(r.report.bytes_out for r in results),
+        stages=stages,
+        queues=tuple(
+            QueueStat(
+                name,
+                max(q.bound for q in group),
+                max(q.peak for q in group),
+                round(sum(q.mean for q in group) / len(group), 2),
+            )
+            for name, group in queues.items()
+        ),
+        parent_cpu_s=round(sum(r.report.parent_cpu_s for r in results), 3),
+        pool_cpu_s=round(sum(r.report.pool_cpu_s for r in results), 3),
+        failing_hosts=tuple(hosts.most_common(TOP_HOSTS)),
+        skipped=skipped + sum(r.report.skipped for r in results),
+        pool_restarts=sum(r.report.pool_restarts for r in results),
+    )
+    return replace(report, verdict=diagnose(report))
