@@ -148,7 +148,12 @@ def connect(config: Config) -> Iterator[Any]:
             yield client
         return
     with (
-        dask.config.set({"distributed.worker.daemon": False}),
+        dask.config.set(
+            {
+                "distributed.worker.daemon": False,  # our workers start a process pool
+                "distributed.scheduler.allowed-failures": executor.retries,  # lost workers
+            }
+        ),
         LocalCluster(
             n_workers=executor.local_workers,
             threads_per_worker=1,
@@ -217,8 +222,9 @@ def _drive(
         except Exception as exc:
             if type(exc).__name__ == "KilledWorker":  # lost a worker once more than retries
                 raise PipelineError(
-                    f"{future.key}: its worker was lost {config.executor.retries + 1} times; "
-                    "the shards already done are kept, rerun the same command to do the rest"
+                    f"{future.key}: lost one worker after another (the scheduler's "
+                    "distributed.scheduler.allowed-failures); the shards already done are "
+                    "kept, rerun the same command to do the rest"
                 ) from None
             raise
         results.append(result)

@@ -347,7 +347,7 @@ class ExecutorConfig:
     address: str = "local"  # a scheduler such as tcp://10.0.0.5:8786, or "local": a LocalCluster
     local_workers: int = 2  # workers of a LocalCluster (address = "local")
     shards_in_flight: int = 0  # 0 = 2 x the cluster's workers
-    retries: int = 2  # a shard whose worker is lost is run again this many times
+    retries: int = 2  # a failed shard task is run again this many times (Dask's retries=)
 
     def __post_init__(self) -> None:
         kinds = ", ".join(EXECUTOR_KINDS)

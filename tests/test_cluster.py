@@ -180,3 +180,11 @@ def test_executor_settings_are_validated(table, key):
     with pytest.raises(ConfigError) as err:
         parse_config({"executor": table})
     assert str(err.value).startswith(key)
+
+
+def test_a_bad_dask_address_is_a_one_line_error(tmp_path):
+    from test_cli import assert_one_line_error, pipeline
+
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    result = pipeline("run", str(tmp_path / "urls.txt"), "--dask", "http://10.0.0.5:8786")
+    assert_one_line_error(result, "executor.address", "http://10.0.0.5:8786")
