@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     if config.executor.kind == "dask":
         from .cluster import run_on_dask  # only then: it imports dask
 
-        report = run_on_dask(args.sources, config, restart=args.restart)
+        report = run_on_dask(args.sources, config, restart=args.restart, progress=_bars(args))
     else:
         report = run(
             args.sources, config, progress=_bars(args), restart=args.restart, handle_signals=True

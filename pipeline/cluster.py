@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import sys
 import threading
 import time
 import uuid
@@ -172,13 +173,14 @@ def run_on_dask(
     config: Config,
     *,
     restart: bool = False,
+    progress: bool = False,
     client: Any = None,
     on_shard: Callable[[ShardResult], None] | None = None,
 ) -> Report:
     """Process every URL of ``sources`` on a Dask cluster, a shard per task; the merged report.
 
     ``client`` is an existing Dask client (else one is made from ``executor``); ``on_shard`` is
-    called in this thread as each shard's result comes back.
+    called in this thread as each shard's result comes back; ``progress`` draws a bar of URLs.
     """
     files = find_sources(sources, config.input.csv_column)
     out_dir = Path(config.output.dir)
@@ -187,10 +189,42 @@ def run_on_dask(
     except OSError as exc:
         raise PipelineError(f"{out_dir}: cannot create the output folder: {exc.strerror}") from None
     prepare(out_dir, config, restart=restart)
-    with contextlib.nullcontext(client) if client is not None else connect(config) as dask:
-        report = _drive(dask, files, config, out_dir, on_shard)
+    with (
+        contextlib.nullcontext(client) if client is not None else connect(config) as dask,
+        _progress(files, config, on_shard)
+        if progress
+        else contextlib.nullcontext(on_shard) as tell,
+    ):
+        report = _drive(dask, files, config, out_dir, tell)
     report.save(out_dir)
     return report
+
+
+@contextlib.contextmanager
+def _progress(
+    files: Sequence[Path], config: Config, then: Callable[[ShardResult], None] | None
+) -> Iterator[Callable[[ShardResult], None]]:
+    """A bar of URLs done, moved as each shard comes back (then calls ``then``)."""
+    from .progress import Bar, UrlCount
+
+    with UrlCount(files, config.input.csv_column) as count:
+        bar = Bar(desc="urls", unit=" url", leave=True, dynamic_ncols=True, file=sys.stderr)
+        shards = failed = 0
+
+        def advance(result: ShardResult) -> None:
+            nonlocal shards, failed
+            shards += 1
+            failed += sum(result.report.failed.values())
+            bar.total = count.total
+            bar.set_postfix_str(f"shards={shards}, failed={failed}", refresh=False)
+            bar.update(result.report.urls)
+            if then is not None:
+                then(result)
+
+        try:
+            yield advance
+        finally:
+            bar.close()
 
 
 def _drive(

@@ -26,7 +26,7 @@ from .sources import read_urls
 _CHECK_EVERY = 65536  # URLs counted between looks at the stop flag
 
 
-class _Bar(tqdm):  # type: ignore[misc]
+class Bar(tqdm):  # type: ignore[misc]
     monitor_interval = 0  # no tqdm monitor thread: nothing but our stages may outlive a run
 
 
@@ -54,7 +54,7 @@ class Bars:
         names = ("downloaded", "transformed", "written")
         width = max(map(len, names))
         self._bars = [
-            _Bar(
+            Bar(
                 desc=f"{name:<{width}}",
                 unit=" url",
                 position=i,
