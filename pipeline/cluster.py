@@ -38,8 +38,8 @@ from .config import Config
 from .errors import PipelineError
 from .metrics import TOP_HOSTS, Meter
 from .records import Job, ShardEnd
-from .report import QueueStat, Report, StageStat, diagnose
-from .sink import Resume, prepare, shard_path
+from .report import QueueStat, Report, StageStat, count_rows, diagnose
+from .sink import MANIFEST_DIR, Resume, prepare, read_rows, shard_path
 from .sources import find_sources, iter_jobs
 from .stages import RestartingPool
 
@@ -105,13 +105,26 @@ def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> Shar
     """A Dask task: run one shard through the local staged pipeline, on this worker."""
     from .runner import Run
 
-    folder = Path(out_dir)
+    folder, shard = Path(out_dir), items[-1].shard
     resume = Resume(folder)  # a retried shard keeps what its lost attempt flushed
     run = Run(config, folder, _worker_pools(config, folder))
     report = run.process(resume.pending(iter(items)), resume)
+    sealed = shard_path(folder / MANIFEST_DIR, shard)
+    if sealed.exists():  # count the whole shard: rows a lost attempt wrote belong to this run too
+        stats = count_rows(read_rows(sealed))
+        report = replace(
+            report,
+            urls=stats.urls,
+            ok=stats.ok,
+            failed=dict(stats.failed.most_common()),
+            bytes_in=stats.bytes_in,
+            bytes_out=stats.bytes_out,
+            failing_hosts=tuple(stats.hosts.most_common(TOP_HOSTS)),
+            skipped=0,
+        )
     stages = (run.download, run.transform, run.write)
     return ShardResult(
-        shard=items[-1].shard,
+        shard=shard,
         report=report,
         meters={s.name: s.total() for s in stages},
         workers={s.name: s.workers for s in stages},
@@ -239,7 +252,7 @@ def _drive(
     client.register_plugin(pools_plugin(), name="pipeline-close-pools")
     workers = max(1, len(client.scheduler_info().get("workers", {})))
     limit = config.executor.shards_in_flight or 2 * workers
-    manifest = out_dir / "manifest"
+    manifest = out_dir / MANIFEST_DIR
     started = time.perf_counter()
     results: list[ShardResult] = []
     skipped = 0

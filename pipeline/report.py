@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -298,8 +299,13 @@ def load_report(out_dir: Path) -> Report | None:
 
 def count_manifest(out_dir: Path) -> RunStats:
     """The outcomes recorded in ``out_dir`` by every run, counted from its manifest."""
+    return count_rows(read_manifest(out_dir))
+
+
+def count_rows(rows: Iterable[dict[str, Any]]) -> RunStats:
+    """The outcomes of some manifest rows."""
     stats = RunStats()
-    for row in read_manifest(out_dir):
+    for row in rows:
         stats.add_row(
             row["status"],
             row.get("error_kind"),

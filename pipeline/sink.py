@@ -218,7 +218,12 @@ def read_manifest(out_dir: Path, *, include_parts: bool = True) -> Iterator[dict
     patterns = ["*.jsonl", "*.jsonl.part"] if include_parts else ["*.jsonl"]
     paths = sorted(p for pattern in patterns for p in folder.glob(pattern))
     for path in paths:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.endswith("\n"):  # a half-written last line is not a row
-                    yield json.loads(line)
+        yield from read_rows(path)
+
+
+def read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of one manifest file."""
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.endswith("\n"):  # a half-written last line is not a row
+                yield json.loads(line)

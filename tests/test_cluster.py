@@ -135,7 +135,7 @@ def test_losing_a_worker_mid_run_loses_nothing(client, tmp_path, image_dir):
         report = run_on_dask([source], config, client=client, on_shard=kill_a_busy_worker)
     assert killed
     rows = manifest(tmp_path / "out")
-    assert len(rows) == total == report.urls
+    assert len(rows) == total == report.urls and report.skipped == 0
     assert Counter(r["status"] for r in rows.values()) == {"ok": total - 2, "failed": 2}
     for row in rows.values():
         if row["status"] == "ok":
