@@ -39,8 +39,9 @@ from .errors import PipelineError
 from .metrics import TOP_HOSTS, Meter
 from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
-from .sink import MANIFEST_DIR, Resume, prepare, read_rows, shard_path
-from .sources import find_sources, iter_jobs
+from .runner import Run, make_pools, prepare_run
+from .sink import MANIFEST_DIR, Resume, read_rows, shard_path
+from .sources import iter_jobs
 from .stages import RestartingPool
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,6 @@ _pools_lock = threading.Lock()
 
 def _worker_pools(config: Config, out_dir: Path) -> tuple[RestartingPool, RestartingPool]:
     """This worker process's pools for ``config``'s transform, made on its first shard."""
-    from .runner import make_pools
-
     key = (repr((config.transform, config.output.folder_size)), str(out_dir))
     with _pools_lock:
         if key not in _pools:
@@ -103,8 +102,6 @@ def pools_plugin() -> Any:
 
 def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> ShardResult:
     """A Dask task: run one shard through the local staged pipeline, on this worker."""
-    from .runner import Run
-
     folder, shard = Path(out_dir), items[-1].shard
     resume = Resume(folder)  # a retried shard keeps what its lost attempt flushed
     run = Run(config, folder, _worker_pools(config, folder))
@@ -195,13 +192,7 @@ def run_on_dask(
     ``client`` is an existing Dask client (else one is made from ``executor``); ``on_shard`` is
     called in this thread as each shard's result comes back; ``progress`` draws a bar of URLs.
     """
-    files = find_sources(sources, config.input.csv_column)
-    out_dir = Path(config.output.dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PipelineError(f"{out_dir}: cannot create the output folder: {exc.strerror}") from None
-    prepare(out_dir, config, restart=restart)
+    files, out_dir = prepare_run(sources, config, restart=restart)
     with (
         contextlib.nullcontext(client) if client is not None else connect(config) as dask,
         _progress(files, config, on_shard)

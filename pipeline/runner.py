@@ -77,6 +77,18 @@ def run(
 
     With ``handle_signals`` (the CLI), SIGINT and SIGTERM interrupt the run gracefully.
     """
+    files, out_dir = prepare_run(sources, config, restart=restart)
+    pipeline = Run(config, out_dir)
+    with _signals(pipeline) if handle_signals else contextlib.nullcontext():
+        report = pipeline.execute(files, progress=progress)
+    report.save(out_dir)
+    return report
+
+
+def prepare_run(
+    sources: Sequence[Path], config: Config, *, restart: bool
+) -> tuple[list[Path], Path]:
+    """The URL files of ``sources``, and the output folder, made and checked for a resume."""
     files = find_sources(sources, config.input.csv_column)
     out_dir = Path(config.output.dir)
     try:
@@ -84,11 +96,7 @@ def run(
     except OSError as exc:
         raise PipelineError(f"{out_dir}: cannot create the output folder: {exc.strerror}") from None
     prepare(out_dir, config, restart=restart)
-    pipeline = Run(config, out_dir)
-    with _signals(pipeline) if handle_signals else contextlib.nullcontext():
-        report = pipeline.execute(files, progress=progress)
-    report.save(out_dir)
-    return report
+    return files, out_dir
 
 
 def make_pool(config: Config, out_dir: Path, workers: int | None = None) -> ProcessPoolExecutor:
