@@ -329,10 +329,20 @@ class Overlap:
     staged_s: float
     stage: str  # the slower stage: "download" or "transform"
     alone_s: float  # that stage run alone (two-phase's phase)
+    shared_s: float = 0.0  # the main process's CPU, spread on the cores the transforms also use
 
     @property
     def ratio(self) -> float:
         return self.staged_s / self.alone_s if self.alone_s > 0 else 0.0
+
+    @property
+    def floor_s(self) -> float:
+        """The shortest the staged run can be when the transforms already fill every core."""
+        return self.alone_s + (self.shared_s if self.stage == "transform" else 0.0)
+
+    @property
+    def floor_ratio(self) -> float:
+        return self.staged_s / self.floor_s if self.floor_s > 0 else 0.0
 
 
 def overlap(rows: Sequence[Row]) -> Overlap | None:
@@ -342,7 +352,8 @@ def overlap(rows: Sequence[Row]) -> Overlap | None:
     if phased is None or staged is None or staged.run_s is None:
         return None
     stage = max(("download", "transform"), key=lambda name: phased.phases[f"{name}_s"])
-    return Overlap(staged.run_s, stage, phased.phases[f"{stage}_s"])
+    shared = (staged.parent_cpu_s or 0.0) / (os.cpu_count() or 1)
+    return Overlap(staged.run_s, stage, phased.phases[f"{stage}_s"], round(shared, 3))
 
 
 def best(rows: Sequence[Row]) -> Row:

@@ -144,11 +144,22 @@ def _bench(args: argparse.Namespace) -> int:
             result["compare"] = [r.to_json() for r in rows]
             both = bench.overlap(rows)
             if both is not None:
-                result["overlap"] = {**asdict(both), "ratio": round(both.ratio, 3)}
+                result["overlap"] = {
+                    **asdict(both),
+                    "ratio": round(both.ratio, 3),
+                    "floor_s": round(both.floor_s, 3),
+                    "floor_ratio": round(both.floor_ratio, 3),
+                }
                 show(
                     f"\noverlap     staged {both.staged_s:.2f} s against {both.stage} alone "
                     f"{both.alone_s:.2f} s (two-phase's {both.stage} phase): {both.ratio:.2f}x"
                 )
+                if both.stage == "transform":
+                    show(
+                        f"            with the main process's CPU ({both.shared_s:.2f} s a core) "
+                        f"taken from the same cores, the floor is {both.floor_s:.2f} s: "
+                        f"{both.floor_ratio:.2f}x"
+                    )
         else:
             settings = bench.settings_of(
                 args.download_workers or [8, 16, 32],

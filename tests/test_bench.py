@@ -15,6 +15,7 @@ import requests
 from test_cli import ROOT, pipeline
 
 from pipeline.bench import (
+    Overlap,
     Row,
     Setting,
     best,
@@ -101,6 +102,13 @@ def test_best_prefers_fewer_workers_among_runs_within_three_percent():
     assert best([*rows, _row("d", 260.0, Setting(64, 3))]).name == "d"
 
 
+def test_overlap_floor_adds_the_main_processs_cpu_only_when_transforms_fill_the_cores():
+    cpu_bound = Overlap(staged_s=9.0, stage="transform", alone_s=6.0, shared_s=1.5)
+    assert cpu_bound.ratio == 1.5 and cpu_bound.floor_s == 7.5 and cpu_bound.floor_ratio == 1.2
+    network_bound = Overlap(staged_s=9.0, stage="download", alone_s=6.0, shared_s=1.5)
+    assert network_bound.floor_s == 6.0
+
+
 def test_median_is_the_middle_run_by_rate():
     runs = [_row("a", 100.0, None), _row("b", 300.0, None), _row("c", 200.0, None)]
     assert median(runs).name == "c"
@@ -177,6 +185,7 @@ def test_bench_compare_json_holds_phases_and_counts(cache, tmp_path):
     phased = data["compare"][3]["phases"]
     assert phased["download_s"] > 0 and phased["transform_s"] > 0
     assert data["overlap"]["stage"] in ("download", "transform")
+    assert data["overlap"]["floor_s"] >= data["overlap"]["alone_s"] > 0
     assert data["compare"][4]["setting"]["download_workers"] == 3  # every strategy's workers
 
 
