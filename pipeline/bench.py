@@ -31,6 +31,7 @@ from typing import Any
 
 import tomlkit
 
+from .atomic import write_atomic
 from .baselines import STRATEGIES
 from .config import load_config
 from .errors import PipelineError
@@ -378,10 +379,7 @@ def write_config(path: Path, setting: Setting) -> None:
     put(doc, "transform", "workers", setting.transform_workers)
     if setting.queue is not None:
         put(doc, "queues", "fetched", setting.queue)
-    text = tomlkit.dumps(doc)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, "utf-8")
-    tmp.replace(path)
+    write_atomic(path, tomlkit.dumps(doc).encode("utf-8"))
 
 
 # --- output ----------------------------------------------------------------------------------
