@@ -166,12 +166,14 @@ def _read_body(response: requests.Response, config: DownloadConfig) -> bytes:
         )
     # one read when the length is known and small: fewer, larger chunks cost the GIL less
     chunk_size = min(config.chunk_size, length + 1) if length else config.chunk_size
-    body = bytearray()
+    chunks, size = [], 0
     for chunk in response.iter_content(chunk_size):
-        body += chunk
-        if len(body) > config.max_bytes:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > config.max_bytes:
             raise FetchError("too_large", f"body exceeds download.max_bytes {config.max_bytes}")
-    return bytes(body)
+    # usually one chunk: returned as it is, not copied twice through a growing buffer
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _content_length(response: requests.Response) -> int | None:
