@@ -305,13 +305,13 @@ def init_worker(setup: WorkerSetup) -> None:
     if setup.log_setup is not None:
         configure_worker(setup.log_setup)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with(setup.main_pid)
+    exit_with(setup.main_pid)
     # decode() checks the header's size against transform.max_pixels before decoding anything,
     # with a message naming the key; Pillow's own check (at 2x its limit) would pre-empt it
     Image.MAX_IMAGE_PIXELS = None
 
 
-def _exit_with(pid: int) -> None:
+def exit_with(pid: int) -> None:
     """End this worker when process ``pid`` ends, even by SIGKILL.
 
     A worker of a killed run would wait forever: it holds both ends of the pool's task pipe, so

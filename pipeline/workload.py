@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import io
 import multiprocessing
+import os
 import random
 import signal
 import socket
@@ -25,6 +26,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter
 
 from .atomic import write_atomic
+from .transform import exit_with
 
 HOST = "127.0.0.1"
 
@@ -138,7 +140,7 @@ class WorkloadServer:
         context = multiprocessing.get_context("spawn")
         self._process = context.Process(
             target=_serve,
-            args=(self._sock, [str(p) for p in files], latency, bandwidth),
+            args=(self._sock, [str(p) for p in files], latency, bandwidth, os.getpid()),
             name="workload-server",
         )
 
@@ -152,8 +154,11 @@ class WorkloadServer:
         self._process.join()
 
 
-def _serve(sock: socket.socket, files: list[str], latency: float, bandwidth: float) -> None:
+def _serve(
+    sock: socket.socket, files: list[str], latency: float, bandwidth: float, owner: int
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the benchmark's to handle: it stops us
+    exit_with(owner)  # and if it is killed outright, we end with it
     bodies = [Path(f).read_bytes() for f in files]
     asyncio.run(_main(sock, bodies, latency, bandwidth))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,37 @@ def test_workload_server_caps_bandwidth_per_connection(workload):
         elapsed = time.perf_counter() - started
     assert answer.content == body
     assert elapsed >= 0.8 * len(body) / rate  # a cap can only make it slower, never faster
+
+
+OWNER = """
+import sys
+from pathlib import Path
+from pipeline.workload import WorkloadServer
+if __name__ == "__main__":
+    with WorkloadServer([Path(p) for p in sys.argv[1:]]) as server:
+        print(server._process.pid, flush=True)
+        sys.stdin.read()
+"""
+
+
+def test_workload_server_ends_when_its_owner_is_killed(workload, tmp_path):
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    files = [str(p) for p in workload.files]
+    with subprocess.Popen(
+        [sys.executable, str(script), *files],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as owner:
+        assert owner.stdout is not None
+        server = os.pidfd_open(int(owner.stdout.readline()))
+        owner.kill()  # no __exit__ runs: only the server's own watch can end it
+    try:
+        ended, _, _ = select.select([server], [], [], 10)
+    finally:
+        os.close(server)
+    assert ended, "the workload server outlived the process that started it"
 
 
 def test_workload_urls_name_distinct_urls(workload, tmp_path):
