@@ -35,7 +35,7 @@ from .atomic import write_atomic
 from .baselines import STRATEGIES
 from .config import load_config
 from .errors import PipelineError
-from .report import REPORT_FILE, Report
+from .report import REPORT_FILE, load_report
 from .workload import Workload, WorkloadServer
 
 OnRow = Callable[["Row"], None] | None
@@ -232,10 +232,7 @@ class Bench:
         doc = tomlkit.parse(self.text)
         put(doc, "output", "dir", str(out))
         if setting is not None:
-            put(doc, "download", "workers", setting.download_workers)
-            put(doc, "transform", "workers", setting.transform_workers)
-            if setting.queue is not None:
-                put(doc, "queues", "fetched", setting.queue)
+            apply(doc, setting)
         path = out.with_suffix(".toml")
         path.write_text(tomlkit.dumps(doc), "utf-8")
         return path
@@ -245,7 +242,9 @@ class Bench:
         config = self._config_file(out, setting)
         argv = [sys.executable, "-m", "pipeline", "run", str(self.urls), "--config", str(config)]
         measured = measure([*argv, "-qq"])
-        report = Report.from_json(json.loads((out / REPORT_FILE).read_text("utf-8")))
+        report = load_report(out)
+        if report is None:
+            raise PipelineError(f"benchmark run left no {REPORT_FILE} in {out}")
         download, transform = report.stage("download"), report.stage("transform")
         return Row(
             name=name or (setting.label() if setting else "staged"),
@@ -285,6 +284,14 @@ def put(doc: Any, section: str, key: str, value: Any) -> None:
     if section not in doc:
         doc[section] = tomlkit.table()
     doc[section][key] = value
+
+
+def apply(doc: Any, setting: Setting) -> None:
+    """Put ``setting``'s worker counts (and queue size, if any) into a tomlkit document."""
+    put(doc, "download", "workers", setting.download_workers)
+    put(doc, "transform", "workers", setting.transform_workers)
+    if setting.queue is not None:
+        put(doc, "queues", "fetched", setting.queue)
 
 
 def median(runs: Sequence[Row]) -> Row:
@@ -375,10 +382,7 @@ def best(rows: Sequence[Row]) -> Row:
 def write_config(path: Path, setting: Setting) -> None:
     """Write ``setting`` into the config file at ``path``, keeping its comments and layout."""
     doc = tomlkit.parse(path.read_text("utf-8"))
-    put(doc, "download", "workers", setting.download_workers)
-    put(doc, "transform", "workers", setting.transform_workers)
-    if setting.queue is not None:
-        put(doc, "queues", "fetched", setting.queue)
+    apply(doc, setting)
     write_atomic(path, tomlkit.dumps(doc).encode("utf-8"))
 
 
