@@ -32,7 +32,7 @@ from .config import Config, load_config
 from .download import Downloader
 from .errors import ItemError
 from .records import Fetched, Job
-from .sources import iter_jobs
+from .sources import Source, iter_jobs
 from .transform import EXTENSIONS, transform_bytes
 
 STRATEGIES = ("sequential", "threads", "processes", "two-phase")
@@ -48,7 +48,9 @@ def _init(config: Config, out: Path) -> None:
 
 
 def _jobs(urls: Path, config: Config) -> Iterator[Job]:
-    for item in iter_jobs([urls], config.input.shard_size, config.input.csv_column):
+    for item in iter_jobs(
+        [Source(urls, urls.name)], config.input.shard_size, config.input.url_column
+    ):
         if isinstance(item, Job):
             yield item
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,7 +25,15 @@ from .errors import PipelineError
 from .faults import FaultServer
 from .logs import configure
 from .progress import terminal
-from .report import Report, count_manifest, format_folder, format_report, load_report
+from .report import (
+    Report,
+    count_manifest,
+    format_folder,
+    format_history,
+    format_report,
+    load_history,
+    load_report,
+)
 from .runner import run
 from .server import StaticServer
 
@@ -43,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pipeline: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pipeline report out | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
     except Exception as err:  # a bug: one line for the user, the traceback with -v
         log.debug("internal error", exc_info=True)
         print(
@@ -62,7 +74,12 @@ def _run(args: argparse.Namespace) -> int:
         report = run_on_dask(args.sources, config, restart=args.restart, progress=_bars(args))
     else:
         report = run(
-            args.sources, config, progress=_bars(args), restart=args.restart, handle_signals=True
+            args.sources,
+            config,
+            progress=_bars(args),
+            restart=args.restart,
+            handle_signals=True,
+            say=_say if _bars(args) else None,  # above the bars; the report repeats it
         )
     _print_report(report, config, args)
     return _exit_status(report)
@@ -77,11 +94,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     report = load_report(args.folder)
-    folder = count_manifest(args.folder)
     if report is not None:
-        print(format_report(report))
-    if report is None or folder.urls != report.urls:  # several runs filled it, or none finished
-        print(format_folder(folder))
+        print(format_report(report) + "\n")
+    print(format_folder(count_manifest(args.folder)))  # every run's rows, from the manifest
+    history = load_history(args.folder)
+    if history:
+        print(format_history(history))
     return 0
 
 
@@ -191,6 +209,10 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _bars(args: argparse.Namespace) -> bool:
     return not args.quiet and terminal()
 
@@ -229,7 +251,7 @@ def _config(args: argparse.Namespace) -> Config:
 def _print_report(report: Report, config: Config, args: argparse.Namespace) -> None:
     if args.quiet < 2:
         print(format_report(report))
-        print(f"output      {config.output.dir} (manifest/, images/, report.json)")
+        print(f"output      {config.output.dir} (manifest/, images/, report.json, reports/)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -246,7 +268,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         type=Path,
         metavar="SOURCE",
-        help="a folder of .txt/.csv URL lists, or a file",
+        help="a folder of URL lists (.txt .csv .tsv .jsonl .parquet), or a file",
     )
     _add_run_options(run_cmd)
     run_cmd.add_argument(
@@ -269,7 +291,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(demo, default_out=Path("out/demo"))
     demo.set_defaults(command=_demo)
 
-    report = commands.add_parser("report", help="print the report of a finished run again")
+    report = commands.add_parser(
+        "report", help="print the last run's report, the folder's totals and every run into it"
+    )
     report.add_argument("folder", type=Path, metavar="OUT_DIR", help="the run's output folder")
     _add_verbosity(report)
     report.set_defaults(command=_report)

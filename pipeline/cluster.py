@@ -35,13 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .dedupe import Dedupe
 from .errors import PipelineError
 from .metrics import TOP_HOSTS, Meter
 from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
-from .runner import Run, make_pools, prepare_run
-from .sink import MANIFEST_DIR, Resume, read_rows, shard_path
-from .sources import iter_jobs
+from .resume import Plan, Resume
+from .runner import Run, make_pools, now_utc, open_run
+from .sink import MANIFEST_DIR, part_path, read_rows, shard_path
+from .sources import Source, iter_jobs
 from .stages import RestartingPool
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ DAEMON_HELP = (
 class ShardResult:
     """What one shard task sends back: its report, and its stages' meters to merge exactly."""
 
-    shard: int
+    shard: str
     report: Report
     meters: dict[str, Meter]
     workers: dict[str, int]
@@ -103,7 +105,9 @@ def pools_plugin() -> Any:
 def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> ShardResult:
     """A Dask task: run one shard through the local staged pipeline, on this worker."""
     folder, shard = Path(out_dir), items[-1].shard
-    resume = Resume(folder)  # a retried shard keeps what its lost attempt flushed
+    # a shard an earlier run left open, or retried after its worker was lost, keeps its final rows
+    opened = part_path(folder / MANIFEST_DIR, shard).exists()
+    resume = Resume(Plan(folder, [], partial=frozenset({shard} if opened else ())))
     run = Run(config, folder, _worker_pools(config, folder))
     report = run.process(resume.pending(iter(items)), resume)
     sealed = shard_path(folder / MANIFEST_DIR, shard)
@@ -114,6 +118,7 @@ def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> Shar
             urls=stats.urls,
             ok=stats.ok,
             failed=dict(stats.failed.most_common()),
+            duplicates=stats.duplicates,
             bytes_in=stats.bytes_in,
             bytes_out=stats.bytes_out,
             failing_hosts=tuple(stats.hosts.most_common(TOP_HOSTS)),
@@ -192,26 +197,27 @@ def run_on_dask(
     ``client`` is an existing Dask client (else one is made from ``executor``); ``on_shard`` is
     called in this thread as each shard's result comes back; ``progress`` draws a bar of URLs.
     """
-    files, out_dir = prepare_run(sources, config, restart=restart)
-    with (
-        contextlib.nullcontext(client) if client is not None else connect(config) as dask,
-        _progress(files, config, on_shard)
-        if progress
-        else contextlib.nullcontext(on_shard) as tell,
-    ):
-        report = _drive(dask, files, config, out_dir, tell)
-    report.save(out_dir)
+    with open_run(sources, config, restart=restart) as plan:
+        with (
+            contextlib.nullcontext(client) if client is not None else connect(config) as dask,
+            _progress(plan.sources, config, on_shard)
+            if progress
+            else contextlib.nullcontext(on_shard) as tell,
+        ):
+            report = _drive(dask, plan, config, tell)
+        report = replace(report, sources=tuple(s.name for s in plan.sources), resume=plan.summary())
+        report.save(plan.out_dir)
     return report
 
 
 @contextlib.contextmanager
 def _progress(
-    files: Sequence[Path], config: Config, then: Callable[[ShardResult], None] | None
+    sources: Sequence[Source], config: Config, then: Callable[[ShardResult], None] | None
 ) -> Iterator[Callable[[ShardResult], None]]:
     """A bar of URLs done, moved as each shard comes back (then calls ``then``)."""
     from .progress import Bar, UrlCount
 
-    with UrlCount(files, config.input.csv_column) as count:
+    with UrlCount(sources, config.input.url_column) as count:
         bar = Bar(desc="urls", unit=" url", leave=True, dynamic_ncols=True, file=sys.stderr)
         shards = failed = 0
 
@@ -233,9 +239,8 @@ def _progress(
 
 def _drive(
     client: Any,
-    files: Sequence[Path],
+    plan: Plan,
     config: Config,
-    out_dir: Path,
     on_shard: Callable[[ShardResult], None] | None,
 ) -> Report:
     from distributed import as_completed
@@ -243,8 +248,8 @@ def _drive(
     client.register_plugin(pools_plugin(), name="pipeline-close-pools")
     workers = max(1, len(client.scheduler_info().get("workers", {})))
     limit = config.executor.shards_in_flight or 2 * workers
-    manifest = out_dir / MANIFEST_DIR
-    started = time.perf_counter()
+    out_dir = plan.out_dir
+    started_at, started = now_utc(), time.perf_counter()
     results: list[ShardResult] = []
     skipped = 0
     running = as_completed()
@@ -266,36 +271,42 @@ def _drive(
                 ) from None
             raise
         results.append(result)
-        log.info("shard %d: %d URLs, %d ok", result.shard, result.report.urls, result.report.ok)
+        log.info("shard %s: %d URLs, %d ok", result.shard, result.report.urls, result.report.ok)
         if on_shard is not None:
             on_shard(result)
 
+    cfg = config.input
+    items = iter_jobs(plan.sources, cfg.shard_size, cfg.url_column, plan.known)
     try:
-        for shard in shards(iter_jobs(files, config.input.shard_size, config.input.csv_column)):
-            end = shard[-1]
-            if shard_path(manifest, end.shard).exists():  # sealed: done by an earlier run
-                skipped += len(shard) - 1
-                continue
-            future = client.submit(
-                run_shard,
-                shard,
-                config,
-                str(out_dir),
-                key=f"pipeline-shard-{end.shard:06d}-{token}",
-                retries=config.executor.retries,
-                pure=False,
-            )
-            running.add(future)
-            in_flight += 1
-            while in_flight >= limit:
+        with Dedupe(out_dir) if cfg.dedupe else contextlib.nullcontext() as dedupe:
+            if dedupe is not None:
+                items = dedupe.mark(items)
+            for shard in shards(items):
+                end = shard[-1]
+                if end.shard in plan.sealed:  # done by an earlier run, its lines unchanged
+                    skipped += len(shard) - 1
+                    continue
+                future = client.submit(
+                    run_shard,
+                    shard,
+                    config,
+                    str(out_dir),
+                    key=f"pipeline-shard-{end.shard}-{token}",
+                    retries=config.executor.retries,
+                    pure=False,
+                )
+                running.add(future)
+                in_flight += 1
+                while in_flight >= limit:
+                    collect_one()
+            while in_flight:
                 collect_one()
-        while in_flight:
-            collect_one()
     except BaseException:
         for future in running.futures:
             future.cancel()
         raise
-    return merge(results, time.perf_counter() - started, skipped=skipped, cluster_workers=workers)
+    report = merge(results, time.perf_counter() - started, skipped=skipped, cluster_workers=workers)
+    return replace(report, started=started_at)
 
 
 def merge(
@@ -341,5 +352,6 @@ def merge(
         failing_hosts=tuple(hosts.most_common(TOP_HOSTS)),
         skipped=skipped + sum(r.report.skipped for r in results),
         pool_restarts=sum(r.report.pool_restarts for r in results),
+        duplicates=sum(r.report.duplicates for r in results),
     )
     return replace(report, verdict=diagnose(report))

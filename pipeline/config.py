@@ -174,13 +174,14 @@ PUBLIC_OPS = [name for name in OPS if not name.startswith("_")]
 @dataclass(frozen=True, slots=True)
 class InputConfig:
     shard_size: int = 10_000
-    csv_column: str = "url"
+    url_column: str = "url"  # the column (csv, tsv, parquet) or field (jsonl) holding the URL
+    dedupe: bool = False  # a URL seen before in the input gets a "duplicate" row, not a fetch
 
     def __post_init__(self) -> None:
         _require(
             1 <= self.shard_size <= 1_000_000, "shard_size", "in [1, 1000000]", self.shard_size
         )
-        _require(bool(self.csv_column), "csv_column", "a non-empty column name", self.csv_column)
+        _require(bool(self.url_column), "url_column", "a non-empty column name", self.url_column)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,8 @@ class Downloader:
 
     def fetch(self, job: Job) -> Fetched:
         """Download ``job.url`` whole, within the deadline, or raise a FetchError."""
+        if job.problem is not None:
+            raise FetchError("invalid_url", job.problem)
         check_url(job.url)
         started = time.perf_counter()
         with self._host_slot(job.url), self._watchdog.deadline(self.config.deadline) as ticket:

@@ -213,13 +213,14 @@ class RunStats:
 
     ok: int = 0
     failed: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0  # lines whose URL an earlier line had (input.dedupe)
     bytes_in: int = 0
     bytes_out: int = 0
     hosts: Counter[str] = field(default_factory=Counter)  # failures per host, pruned
 
     @property
     def urls(self) -> int:
-        return self.ok + self.failed.total()
+        return self.ok + self.failed.total() + self.duplicates
 
     def add(self, outcome: Outcome) -> None:
         self.add_row(
@@ -233,6 +234,8 @@ class RunStats:
         self.bytes_out += bytes_out
         if status == "ok":
             self.ok += 1
+        elif status == "duplicate":
+            self.duplicates += 1
         else:
             self.failed[kind or "unknown"] += 1
             self._count_host(url)

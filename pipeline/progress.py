@@ -15,13 +15,12 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from tqdm import tqdm
 
 from .errors import PipelineError
 from .metrics import Gauge, Stage
-from .sources import read_urls
+from .sources import Source, read_records
 
 _CHECK_EVERY = 65536  # URLs counted between looks at the stop flag
 
@@ -98,18 +97,18 @@ class Bars:
 class UrlCount:
     """Counts the URLs of the sources in a thread, so the bars can show a total and an ETA."""
 
-    def __init__(self, files: Sequence[Path], csv_column: str) -> None:
+    def __init__(self, sources: Sequence[Source], url_column: str) -> None:
         self.total: int | None = None  # set once every file has been read
-        self._files = files
-        self._column = csv_column
+        self._sources = sources
+        self._column = url_column
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._count, name="url-counter")
 
     def _count(self) -> None:
         count = 0
         try:
-            for path in self._files:
-                for _ in read_urls(path, self._column):
+            for source in self._sources:
+                for _ in read_records(source, self._column):
                     count += 1
                     if count % _CHECK_EVERY == 0 and self._stop.is_set():
                         return  # the run ended first

@@ -1,53 +1,75 @@
 """The records that travel between the stages: small, frozen, picklable.
 
-Job       one input URL with its stable key          sources  -> download
-ShardEnd  "shard N had K URLs"                        sources  -> sink (via the download stage)
-Fetched   a downloaded body                          download -> transform
-Outcome   the result for one URL, ok or failed       transform/download -> sink (one manifest row)
+Job       one input line: where it came from, its URL, its other columns   sources  -> download
+ShardEnd  "shard S covers lines a..b of file F: K records, fingerprint D"  sources  -> sink
+Fetched   a downloaded body                                               download -> transform
+Outcome   the result for one input line, ok or not: one manifest row      any stage -> sink
+
+A key names one input line for good: ``<file id>-<line>`` (``00002-000000017``: line 17 of the
+input file that ``run.json`` numbers 2). A shard is named by the key of its first line, so neither
+changes when lines are appended to a file or when a new file joins the input.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import ItemError
 
-Status = Literal["ok", "failed"]
+Status = Literal["ok", "failed", "duplicate"]
+
+
+def make_key(file: int, line: int) -> str:
+    return f"{file:05d}-{line:09d}"
 
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One URL to process. ``(shard, index)`` is stable for the same input files."""
+    """One input line to process: a URL with its provenance and the input's other columns."""
 
-    shard: int
-    index: int
+    file: int  # the input file's id, fixed in run.json when the file is first seen
+    line: int  # 1-based line of the file (row, for parquet)
     url: str
+    shard: str  # the key of the shard's first line
+    source: str = ""  # the file, relative to the input root
+    columns: Mapping[str, Any] | None = None  # the input's other columns, passed through
+    problem: str | None = None  # why the line holds no usable URL: an invalid_url row
+    duplicate_of: str | None = None  # the key of the line that first had this URL (dedupe)
 
     @property
     def key(self) -> str:
-        return f"{self.shard:06d}-{self.index:06d}"
+        return make_key(self.file, self.line)
 
     def output_path(self, extension: str, folder_size: int) -> str:
         """The output file, relative to the output folder: named by a hash, never by the URL.
 
-        ``images/<shard>/<block>/<index>-<hash>.<ext>``: at most ``folder_size`` files a folder.
+        ``images/<file id>/<block>/<line>-<hash>.<ext>``: at most ``folder_size`` files a folder.
         """
         digest = hashlib.blake2b(self.url.encode("utf-8", "surrogatepass"), digest_size=8)
-        block = self.index // folder_size
+        block = self.line // folder_size
         return (
-            f"images/{self.shard:06d}/{block:04d}/{self.index:06d}-{digest.hexdigest()}.{extension}"
+            f"images/{self.file:05d}/{block:05d}/{self.line:09d}-{digest.hexdigest()}.{extension}"
         )
 
 
 @dataclass(frozen=True, slots=True)
 class ShardEnd:
-    """Sent after the last URL of a shard: the sink seals the shard once ``count`` rows are in."""
+    """Sent after the last line of a shard: the sink seals the shard once ``count`` rows are in.
 
-    shard: int
+    ``first``..``last`` are the lines the shard covers; ``digest`` fingerprints their content, so
+    a rerun can tell whether they changed.
+    """
+
+    shard: str
     count: int
+    file: int = 0
+    first: int = 0
+    last: int = 0
+    digest: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +85,12 @@ class Fetched:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What happened to one URL: exactly one manifest row."""
+    """What happened to one input line: exactly one manifest row."""
 
     key: str
+    shard: str
+    source: str
+    line: int
     url: str
     status: Status
     error_kind: str | None = None
@@ -81,10 +106,22 @@ class Outcome:
     download_ms: float = 0.0
     transform_ms: float = 0.0
     cpu_ms: float = 0.0  # CPU time the transform process spent on it
+    duplicate_of: str | None = None
+    columns: Mapping[str, Any] | None = None
 
-    @property
-    def shard(self) -> int:
-        return int(self.key.partition("-")[0])
+    @classmethod
+    def of(cls, job: Job, status: Status, **fields: Any) -> Outcome:
+        """The row of ``job``, its provenance filled in."""
+        return cls(
+            key=job.key,
+            shard=job.shard,
+            source=job.source,
+            line=job.line,
+            url=job.url,
+            status=status,
+            columns=job.columns,
+            **fields,
+        )
 
     @classmethod
     def failed(
@@ -92,15 +129,19 @@ class Outcome:
     ) -> Outcome:
         """The row of a URL that failed with ``error``."""
         fields.setdefault("http_status", error.http_status)
-        return cls(
-            key=job.key,
-            url=job.url,
-            status="failed",
+        return cls.of(
+            job,
+            "failed",
             error_kind=error.kind,
             error=error.message,
             download_ms=download_ms,
             **fields,
         )
+
+    @classmethod
+    def duplicate(cls, job: Job) -> Outcome:
+        """The row of a line whose URL an earlier line of the input already had."""
+        return cls.of(job, "duplicate", duplicate_of=job.duplicate_of)
 
     def to_row(self) -> dict[str, Any]:
         """The manifest row: every field, in declaration order."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from .metrics import TOP_HOSTS, Meter, RunStats, Stage
 from .sink import MANIFEST_DIR, read_manifest
 
 REPORT_FILE = "report.json"
+HISTORY_DIR = "reports"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +121,10 @@ class Report:
     skipped: int = 0  # URLs an earlier run of this output folder had already done
     interrupted: str | None = None  # the signal that stopped the run early
     pool_restarts: int = 0  # transform pools replaced after a worker died
+    duplicates: int = 0  # lines whose URL an earlier line had (input.dedupe)
+    started: str = ""  # when the run started, UTC, ISO 8601
+    sources: tuple[str, ...] = ()  # the input files the run was given, relative to the root
+    resume: str | None = None  # on a rerun: what earlier runs had done, and what was left
 
     @property
     def images_per_s(self) -> float:
@@ -146,13 +151,17 @@ class Report:
         values["stages"] = tuple(StageStat(**s) for s in values.get("stages", ()))
         values["queues"] = tuple(QueueStat(**q) for q in values.get("queues", ()))
         values["failing_hosts"] = tuple(tuple(h) for h in values.get("failing_hosts", ()))
+        values["sources"] = tuple(values.get("sources", ()))
         if values.get("verdict") is not None:
             values["verdict"] = Verdict(**values["verdict"])
         return cls(**values)
 
     def save(self, out_dir: Path) -> None:
-        text = json.dumps(self.to_json(), indent=2) + "\n"
-        write_atomic(out_dir / REPORT_FILE, text.encode("utf-8"))
+        """Into ``reports/<started>.json``, this run's own, and ``report.json``, the latest."""
+        data = (json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8")
+        stamp = self.started.replace("-", "").replace(":", "").replace("+0000", "Z") or "unknown"
+        write_atomic(out_dir / HISTORY_DIR / f"{stamp}.json", data)
+        write_atomic(out_dir / REPORT_FILE, data)
 
 
 def build_report(stats: RunStats, wall_s: float, **extra: Any) -> Report:
@@ -165,6 +174,7 @@ def build_report(stats: RunStats, wall_s: float, **extra: Any) -> Report:
         bytes_in=stats.bytes_in,
         bytes_out=stats.bytes_out,
         failing_hosts=tuple(stats.hosts.most_common(TOP_HOSTS)),
+        duplicates=stats.duplicates,
         **extra,
     )
     return replace(report, verdict=diagnose(report))
@@ -227,10 +237,14 @@ def format_report(report: Report) -> str:
     failed = sum(report.failed.values())
     lines = [f"interrupted by {report.interrupted}: rerun the same command to finish"]
     lines = lines if report.interrupted else []
-    if report.skipped:
+    if report.resume:
+        lines.append(f"resumed     {report.resume}")
+    elif report.skipped:
         lines.append(f"resumed     {report.skipped} URLs were done by an earlier run")
+    dupes = f", {report.duplicates} duplicate" if report.duplicates else ""
     lines += [
-        f"urls        {report.urls}: {report.ok} ok, {failed} failed, in {report.wall_s:.2f} s",
+        f"urls        {report.urls}: {report.ok} ok, {failed} failed{dupes}, "
+        f"in {report.wall_s:.2f} s",
         f"throughput  {report.images_per_s:.1f} images/s, {report.mb_per_s_in:.2f} MB/s in "
         f"({report.bytes_in / 1e6:.1f} MB in, {report.bytes_out / 1e6:.1f} MB out)",
     ]
@@ -289,11 +303,18 @@ def load_report(out_dir: Path) -> Report | None:
     if not (out_dir / MANIFEST_DIR).is_dir():
         raise PipelineError(f"{out_dir}: not an output folder of pipeline run (no manifest/)")
     path = out_dir / REPORT_FILE
-    if not path.is_file():
-        return None
+    return _read_report(path) if path.is_file() else None
+
+
+def load_history(out_dir: Path) -> list[Report]:
+    """The report of every run into ``out_dir`` that finished, oldest first."""
+    return [_read_report(p) for p in sorted((out_dir / HISTORY_DIR).glob("*.json"))]
+
+
+def _read_report(path: Path) -> Report:
     try:
         return Report.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError) as exc:
         raise PipelineError(f"{path}: not a report of pipeline run ({exc})") from None
 
 
@@ -318,10 +339,25 @@ def count_rows(rows: Iterable[dict[str, Any]]) -> RunStats:
 
 def format_folder(stats: RunStats) -> str:
     """What a folder's manifest holds, over every run that wrote to it."""
+    dupes = f", {stats.duplicates} duplicate" if stats.duplicates else ""
     lines = [
         f"manifest    {stats.urls} URLs recorded: {stats.ok} ok, {stats.failed.total()} failed"
+        + dupes
     ]
     return "\n".join(
         lines
         + _failures(dict(stats.failed.most_common()), tuple(stats.hosts.most_common(TOP_HOSTS)))
     )
+
+
+def format_history(reports: Sequence[Report]) -> str:
+    """One line per run into a folder: when, how many URLs, how fast."""
+    lines = [f"{'runs':<12}{'started (UTC)':<21}{'urls':>8}{'ok':>8}{'failed':>8}{'images/s':>10}"]
+    for r in reports:
+        when = r.started[:19].replace("T", " ") or "?"
+        note = f"  {r.interrupted}" if r.interrupted else ""
+        failed = sum(r.failed.values())
+        lines.append(
+            f"{'':<12}{when:<21}{r.urls:>8}{r.ok:>8}{failed:>8}{r.images_per_s:>10.1f}{note}"
+        )
+    return "\n".join(lines)

@@ -33,6 +33,8 @@ lost image is tried again ``transform.crash_retries`` times before it is a ``wor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import fcntl
 import functools
 import logging
@@ -42,13 +44,14 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import FrameType
 
 from .config import Config
+from .dedupe import Dedupe
 from .download import Downloader
 from .errors import FetchError, PipelineError, TransformError
 from .logs import LogSetup
@@ -56,8 +59,9 @@ from .metrics import RunStats, Sampler, Stage
 from .progress import Bars, UrlCount
 from .records import Fetched, Job, Outcome, ShardEnd
 from .report import QueueStat, Report, StageStat, build_report
-from .sink import Resume, Sink, prepare
-from .sources import find_sources, iter_jobs
+from .resume import Plan, Resume, plan_run
+from .sink import Sink, lock
+from .sources import Source, iter_jobs
 from .stages import DONE, BoundedQueue, RestartingPool, SharedIterator, Slots
 from .transform import WorkerSetup, init_worker, process
 
@@ -73,31 +77,38 @@ def run(
     progress: bool = False,
     restart: bool = False,
     handle_signals: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> Report:
-    """Process every URL of ``sources`` not done yet; returns the report (also report.json).
+    """Process every input line of ``sources`` not done yet; returns the report (also saved).
 
-    With ``handle_signals`` (the CLI), SIGINT and SIGTERM interrupt the run gracefully.
+    With ``handle_signals`` (the CLI), SIGINT and SIGTERM interrupt the run gracefully; ``say``
+    is told, before the run starts, what an earlier run had done.
     """
-    files, out_dir = prepare_run(sources, config, restart=restart)
-    pipeline = Run(config, out_dir)
-    with _signals(pipeline) if handle_signals else contextlib.nullcontext():
-        report = pipeline.execute(files, progress=progress)
-    report.save(out_dir)
+    with open_run(sources, config, restart=restart) as plan:
+        summary = plan.summary()
+        if say is not None and summary:
+            say(f"resumed     {summary}")
+        pipeline = Run(config, plan.out_dir)
+        with _signals(pipeline) if handle_signals else contextlib.nullcontext():
+            report = pipeline.execute(plan, progress=progress)
+        report.save(plan.out_dir)
     return report
 
 
-def prepare_run(
-    sources: Sequence[Path], config: Config, *, restart: bool
-) -> tuple[list[Path], Path]:
-    """The URL files of ``sources``, and the output folder, made and checked for a resume."""
-    files = find_sources(sources, config.input.csv_column)
+@contextlib.contextmanager
+def open_run(sources: Sequence[Path], config: Config, *, restart: bool) -> Iterator[Plan]:
+    """The output folder made, locked for this run, and checked against ``sources``: the plan."""
     out_dir = Path(config.output.dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PipelineError(f"{out_dir}: cannot create the output folder: {exc.strerror}") from None
-    prepare(out_dir, config, restart=restart)
-    return files, out_dir
+    with lock(out_dir):
+        yield plan_run(sources, config, out_dir, restart=restart)
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
 
 
 def make_pool(config: Config, out_dir: Path, workers: int | None = None) -> ProcessPoolExecutor:
@@ -178,12 +189,20 @@ class Run:
         self.sink = Sink(out_dir)
         self._grace: threading.Timer | None = None
 
-    def execute(self, files: Sequence[Path], *, progress: bool) -> Report:
-        """Every URL of ``files`` that an earlier run into the output folder did not finish."""
-        cfg = self.config
-        resume = Resume(self.out_dir)
-        items = resume.pending(iter_jobs(files, cfg.input.shard_size, cfg.input.csv_column))
-        return self.process(items, resume, progress=progress, files=files)
+    def execute(self, plan: Plan, *, progress: bool) -> Report:
+        """Every line of the plan's sources that an earlier run did not finish."""
+        cfg = self.config.input
+        resume = Resume(plan)
+        items = iter_jobs(plan.sources, cfg.shard_size, cfg.url_column, plan.known)
+        with Dedupe(plan.out_dir) if cfg.dedupe else contextlib.nullcontext() as dedupe:
+            if dedupe is not None:
+                items = dedupe.mark(items)
+            report = self.process(
+                resume.pending(items), resume, progress=progress, sources=plan.sources
+            )
+        return dataclasses.replace(
+            report, sources=tuple(s.name for s in plan.sources), resume=plan.summary()
+        )
 
     def process(
         self,
@@ -191,15 +210,16 @@ class Run:
         resume: Resume,
         *,
         progress: bool = False,
-        files: Sequence[Path] = (),
+        sources: Sequence[Source] = (),
     ) -> Report:
         """Run ``items`` (already filtered by ``resume``) through the stages; the report.
 
-        ``files`` are counted for the progress bars' totals.
+        ``sources`` are counted for the progress bars' totals.
         """
         cfg = self.config
         jobs = SharedIterator(items, self.stop)
         stats = RunStats()
+        started_at = now_utc()
         started, cpu_started = time.perf_counter(), time.process_time()
         with (
             self.sink,
@@ -208,7 +228,7 @@ class Run:
             self.quarantine if self._own_pools else contextlib.nullcontext(),
             ThreadPoolExecutor(cfg.download.workers, "download") as downloads,
             ThreadPoolExecutor(1, "dispatch") as dispatch,
-            self._monitor(files, resume, progress),
+            self._monitor(sources, resume, progress),
         ):
             loops = [
                 downloads.submit(self._download_loop, jobs) for _ in range(cfg.download.workers)
@@ -223,16 +243,17 @@ class Run:
         if self.sink.open_shards and self.interrupted is None:
             log.warning("shards left incomplete: %s", self.sink.open_shards)
         ended, cpu = time.perf_counter(), time.process_time() - cpu_started
-        return self._report(stats, started, ended, cpu, skipped=resume.skipped)
+        report = self._report(stats, started, ended, cpu, skipped=resume.skipped)
+        return dataclasses.replace(report, started=started_at)
 
     @contextlib.contextmanager
-    def _monitor(self, files: Sequence[Path], resume: Resume, progress: bool) -> Iterator[None]:
+    def _monitor(self, sources: Sequence[Source], resume: Resume, progress: bool) -> Iterator[None]:
         """The sampler thread, and the progress bars it redraws when they are on."""
         if not progress:
             with self.sampler:
                 yield
             return
-        with UrlCount(files, self.config.input.csv_column) as count:
+        with UrlCount(sources, self.config.input.url_column) as count:
             total = lambda: None if count.total is None else count.total - resume.skipped  # noqa: E731
             bars = Bars(self.download, self.transform, self.write, self.gauges, total=total)
             self.sampler.tick = bars.refresh
@@ -301,6 +322,9 @@ class Run:
             while (job := jobs.next()) is not None:
                 if isinstance(job, ShardEnd):
                     self.results.put(job)
+                    continue
+                if job.duplicate_of is not None:  # its URL is fetched for an earlier line
+                    self.results.put(Outcome.duplicate(job))
                     continue
                 started = time.perf_counter()
                 try:

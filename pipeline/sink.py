@@ -1,45 +1,47 @@
-"""The manifest: one JSON line per input URL, one file per shard; and what a rerun can skip.
+"""The manifest: one JSON line per input line, one file per shard; and the output folder's lock.
 
-Rows of shard N are appended to ``manifest/<N>.jsonl.part`` as they arrive (in completion order,
-written in batches by the file buffer). When the source has said how many URLs the shard holds
-(``ShardEnd``) and that many rows are in, the part is closed and renamed to
-``manifest/<N>.jsonl``: a sealed shard's manifest is always whole. Only the thread that owns the
-Sink calls it, so it needs no lock.
+Rows of shard S are appended to ``manifest/<S>.jsonl.part`` as they arrive (in completion order,
+written in batches by the file buffer). When the source has said how many lines the shard holds
+(``ShardEnd``) and that many rows are in, the shard's seal (``<S>.seal.json``: the file id, the
+lines it covers and their fingerprint) is written, then the part is closed and renamed to
+``manifest/<S>.jsonl``: a sealed shard's manifest is always whole, and always has its seal. Only
+the thread that owns the Sink calls it, so it needs no lock.
 
-A rerun with the same output folder resumes (``Resume``): a sealed shard is skipped whole, from its
-file name alone; a shard with a part is "adopted" when the source reaches it: its final rows are
-kept (rewritten atomically, so a half line left by a kill, a duplicate or a retryable failure is
-dropped) and only its other URLs are done again. At most one shard's keys are in memory at once.
-``run.json`` holds the settings that decide keys and outputs; a rerun with other ones is refused.
+One run at a time may write into an output folder: ``lock`` holds ``.lock`` with ``flock`` for the
+whole run, and a second run is refused with the first one's pid and start time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import os
-import shutil
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 from .atomic import write_atomic
-from .config import Config
-from .errors import PipelineError, is_final
-from .records import Job, Outcome, ShardEnd
+from .errors import PipelineError
+from .records import Outcome, ShardEnd
 
 MANIFEST_DIR = "manifest"
+LOCK_FILE = ".lock"
 _BUFFER = 1 << 16
-_ROW_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps makes one per call
+# one encoder: json.dumps makes one per call; default=str for a parquet column's dates or decimals
+_ROW_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 @dataclass(slots=True)
 class _Part:
     file: IO[str]
     rows: int = 0
-    expected: int | None = None
+    end: ShardEnd | None = None
 
 
 class Sink:
@@ -48,11 +50,11 @@ class Sink:
     def __init__(self, out_dir: Path) -> None:
         self.folder = out_dir / MANIFEST_DIR
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._parts: dict[int, _Part] = {}
+        self._parts: dict[str, _Part] = {}
         self.sealed = 0
 
     def add(self, outcome: Outcome) -> None:
-        """Record one URL's outcome."""
+        """Record one line's outcome."""
         shard = outcome.shard
         part = self._part(shard)
         part.file.write(_ROW_ENCODER.encode(outcome.to_row()) + "\n")
@@ -60,36 +62,31 @@ class Sink:
         self._seal_if_complete(shard, part)
 
     def end_shard(self, end: ShardEnd) -> None:
-        """The source has read all ``end.count`` URLs of ``end.shard``."""
+        """The source has read all ``end.count`` lines of ``end.shard``."""
         part = self._part(end.shard)
-        part.expected = end.count
+        part.end = end
         self._seal_if_complete(end.shard, part)
 
-    def _part(self, shard: int) -> _Part:
+    def _part(self, shard: str) -> _Part:
         part = self._parts.get(shard)
         if part is None:  # a resumed shard's part holds its final rows already: append to them
-            path = self.part_path(shard)
+            path = part_path(self.folder, shard)
             kept = _count_lines(path) if path.exists() else 0
             file = path.open("a", encoding="utf-8", buffering=_BUFFER)
             part = self._parts[shard] = _Part(file, rows=kept)
         return part
 
-    def _seal_if_complete(self, shard: int, part: _Part) -> None:
-        if part.expected is None or part.rows < part.expected:
+    def _seal_if_complete(self, shard: str, part: _Part) -> None:
+        if part.end is None or part.rows < part.end.count:
             return
         part.file.close()
-        os.replace(self.part_path(shard), self.shard_path(shard))
+        write_atomic(seal_path(self.folder, shard), _seal_json(part.end))
+        os.replace(part_path(self.folder, shard), shard_path(self.folder, shard))
         del self._parts[shard]
         self.sealed += 1
 
-    def part_path(self, shard: int) -> Path:
-        return part_path(self.folder, shard)
-
-    def shard_path(self, shard: int) -> Path:
-        return shard_path(self.folder, shard)
-
     @property
-    def open_shards(self) -> list[int]:
+    def open_shards(self) -> list[str]:
         """Shards with rows still missing (empty after a complete run)."""
         return sorted(self._parts)
 
@@ -108,108 +105,33 @@ class Sink:
         self.close()
 
 
-def part_path(folder: Path, shard: int) -> Path:
-    return folder / f"{shard:06d}.jsonl.part"
+def _seal_json(end: ShardEnd) -> bytes:
+    return (json.dumps(dataclasses.asdict(end), indent=1) + "\n").encode("utf-8")
 
 
-def shard_path(folder: Path, shard: int) -> Path:
-    return folder / f"{shard:06d}.jsonl"
+def part_path(folder: Path, shard: str) -> Path:
+    return folder / f"{shard}.jsonl.part"
+
+
+def shard_path(folder: Path, shard: str) -> Path:
+    return folder / f"{shard}.jsonl"
+
+
+def seal_path(folder: Path, shard: str) -> Path:
+    return folder / f"{shard}.seal.json"
+
+
+def read_seal(path: Path) -> ShardEnd | None:
+    """A shard's seal, or None when it is missing or damaged."""
+    try:
+        return ShardEnd(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _count_lines(path: Path) -> int:
     with path.open("rb") as f:
         return sum(1 for _ in f)
-
-
-class Resume:
-    """Filters the job stream of a rerun down to what is not done yet."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.folder = out_dir / MANIFEST_DIR
-        self.sealed = _shards(self.folder, ".jsonl")
-        self.partial = _shards(self.folder, ".jsonl.part")
-        self.skipped = 0  # URLs found done, for the report
-
-    def pending(self, items: Iterable[Job | ShardEnd]) -> Iterator[Job | ShardEnd]:
-        """``items`` less the jobs already done (runs in whichever thread pulls from it)."""
-        current, done = -1, frozenset[str]()
-        for item in items:
-            if item.shard in self.sealed:
-                self.skipped += isinstance(item, Job)
-                continue
-            if item.shard != current:
-                current = item.shard
-                done = self._adopt(item.shard) if item.shard in self.partial else frozenset()
-            if isinstance(item, Job) and item.key in done:
-                self.skipped += 1
-                continue
-            yield item
-
-    def _adopt(self, shard: int) -> frozenset[str]:
-        """Keep the final rows of a shard's part; return their keys."""
-        path = part_path(self.folder, shard)
-        kept, keys = [], set()
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                row = _parse(line)
-                if row is None or row["key"] in keys:
-                    continue
-                if is_final(row.get("error_kind"), row.get("http_status")):
-                    kept.append(line)
-                    keys.add(row["key"])
-        write_atomic(path, "".join(kept).encode("utf-8"))
-        for temp in (self.out_dir / "images" / f"{shard:06d}").glob("*/.*.tmp"):
-            temp.unlink(missing_ok=True)  # left by a worker killed mid-write
-        return frozenset(keys)
-
-
-def _parse(line: str) -> dict[str, Any] | None:
-    """A whole manifest row, or None for a half line (cut by a kill) or a damaged one."""
-    if not line.endswith("\n"):
-        return None
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) and "key" in row else None
-
-
-def _shards(folder: Path, suffix: str) -> set[int]:
-    names = (p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}")) if folder.is_dir() else ()
-    return {int(name) for name in names if name.isdigit()}
-
-
-RUN_FILE = "run.json"
-
-
-def fingerprint(config: Config) -> dict[str, Any]:
-    """The settings that decide keys and output bytes: a resume must use the same ones."""
-    transform = config.transform
-    return {
-        "input": dataclasses.asdict(config.input),
-        "folder_size": config.output.folder_size,
-        "output": [transform.format, transform.quality, transform.background, transform.resample,
-                   transform.reducing_gap, transform.max_pixels],
-        "ops": [[type(op).__name__, *dataclasses.astuple(op)] for op in transform.ops],
-    }  # fmt: skip
-
-
-def prepare(out_dir: Path, config: Config, *, restart: bool) -> None:
-    """Make ``out_dir`` ready: start over if asked, else check a rerun uses the same settings."""
-    run_file = out_dir / RUN_FILE
-    if restart:
-        shutil.rmtree(out_dir / MANIFEST_DIR, ignore_errors=True)
-        run_file.unlink(missing_ok=True)
-    wanted = fingerprint(config)
-    if run_file.exists():
-        if json.loads(run_file.read_text(encoding="utf-8")) != wanted:
-            raise PipelineError(
-                f"{out_dir}: this output folder was made with other input, output or transform "
-                "settings; rerun with --restart to start over, or choose another --out"
-            )
-        return
-    write_atomic(run_file, json.dumps(wanted, indent=1).encode("utf-8"))
 
 
 def read_manifest(out_dir: Path, *, include_parts: bool = True) -> Iterator[dict[str, Any]]:
@@ -222,8 +144,35 @@ def read_manifest(out_dir: Path, *, include_parts: bool = True) -> Iterator[dict
 
 
 def read_rows(path: Path) -> Iterator[dict[str, Any]]:
-    """The rows of one manifest file."""
+    """The rows of one manifest file (a half-written last line is not a row)."""
     with path.open(encoding="utf-8") as f:
         for line in f:
-            if line.endswith("\n"):  # a half-written last line is not a row
+            if line.endswith("\n"):
                 yield json.loads(line)
+
+
+@contextlib.contextmanager
+def lock(out_dir: Path) -> Iterator[None]:
+    """Hold the output folder for one run; raise PipelineError when another run holds it."""
+    path = out_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot open the lock file: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise PipelineError(f"{path}: cannot lock: {exc.strerror}") from None
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise PipelineError(
+                f"{out_dir}: another pipeline run is writing into this folder ({holder}); "
+                "wait for it to end, or choose another --out"
+            ) from None
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {started}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock

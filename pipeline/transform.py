@@ -353,10 +353,9 @@ def process(fetched: Fetched) -> Outcome:
         return Outcome.failed(
             job, err, download_ms=fetched.download_ms, transform_ms=elapsed, cpu_ms=cpu, **common
         )
-    return Outcome(
-        key=job.key,
-        url=job.url,
-        status="ok",
+    return Outcome.of(
+        job,
+        "ok",
         bytes_out=len(encoded.data),
         width_in=encoded.size_in[0],
         height_in=encoded.size_in[1],

@@ -25,17 +25,17 @@ def downloader():
 
 def fetch_error(downloader: Downloader, url: str = URL) -> FetchError:
     with pytest.raises(FetchError) as caught:
-        downloader.fetch(Job(0, 0, url))
+        downloader.fetch(Job(0, 0, url, "s"))
     return caught.value
 
 
 @responses.activate
 def test_a_body_comes_back_whole_with_its_headers(downloader):
     responses.get(URL, body=b"\xff\xd8" + bytes(5000), content_type="image/jpeg")
-    fetched = downloader.fetch(Job(0, 1, URL))
+    fetched = downloader.fetch(Job(0, 1, URL, "s"))
     assert fetched.body == b"\xff\xd8" + bytes(5000)
     assert (fetched.http_status, fetched.content_type) == (200, "image/jpeg")
-    assert fetched.job.index == 1 and fetched.download_ms >= 0
+    assert fetched.job.line == 1 and fetched.download_ms >= 0
 
 
 @responses.activate
@@ -74,7 +74,7 @@ def test_a_content_type_outside_the_allow_list_is_not_an_image(downloader):
 def test_an_empty_allow_list_accepts_anything():
     responses.get(URL, body=b"data", content_type="application/octet-stream")
     with Downloader(DownloadConfig(content_types=())) as d:
-        assert d.fetch(Job(0, 0, URL)).body == b"data"
+        assert d.fetch(Job(0, 0, URL, "s")).body == b"data"
 
 
 @pytest.mark.parametrize(
@@ -122,7 +122,7 @@ def test_each_thread_gets_its_own_session_with_the_right_settings(downloader):
     sessions = {}
 
     def grab(name: str) -> None:
-        downloader.fetch(Job(0, 0, URL))
+        downloader.fetch(Job(0, 0, URL, "s"))
         sessions[name] = downloader._session()
 
     threads = [threading.Thread(target=grab, args=(str(i),)) for i in range(2)]

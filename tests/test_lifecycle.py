@@ -20,6 +20,7 @@ from helpers import descendants, leftover_workers
 from PIL import Image
 
 from pipeline.config import Config, Crash, OutputConfig, Thumbnail, TransformConfig
+from pipeline.errors import PipelineError
 from pipeline.faults import FaultServer
 from pipeline.runner import run
 from pipeline.sink import read_manifest
@@ -248,5 +249,5 @@ def test_a_rerun_with_other_transform_settings_is_refused(tmp_path, server, imag
                     transform=TransformConfig(workers=1, ops=(Thumbnail(32, 32),)))  # fmt: skip
     run([tmp_path / "urls.txt"], config)
     other = Config(output=config.output, transform=TransformConfig(workers=1, format="png"))
-    with pytest.raises(Exception, match="other input, output or transform settings"):
+    with pytest.raises(PipelineError, match=r"other settings \(output was .*jpeg.*, now .*png"):
         run([tmp_path / "urls.txt"], other)

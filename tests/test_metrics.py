@@ -94,9 +94,12 @@ def test_the_sampler_averages_depths_and_calls_its_tick():
 
 def test_run_stats_count_kinds_and_failing_hosts():
     stats = RunStats()
-    stats.add(Outcome("000000-000000", "http://a.test/x", "ok", bytes_in=5, bytes_out=2))
+    stats.add(Outcome("0-1", "0-1", "a.txt", 1, "http://a.test/x", "ok", bytes_in=5, bytes_out=2))
     for i, url in enumerate(["http://b.test/1", "http://b.test/2", "http://c.test/3", "x:/"]):
-        stats.add(Outcome(f"000000-{i + 1:06d}", url, "failed", error_kind="http_4xx"))
-    assert (stats.urls, stats.ok, stats.failed["http_4xx"]) == (5, 1, 4)
+        stats.add(
+            Outcome(f"0-{i + 2}", "0-1", "a.txt", i + 2, url, "failed", error_kind="http_4xx")
+        )
+    stats.add(Outcome("0-9", "0-1", "a.txt", 9, "http://b.test/1", "duplicate", duplicate_of="0-2"))
+    assert (stats.urls, stats.ok, stats.failed["http_4xx"], stats.duplicates) == (6, 1, 4, 1)
     assert stats.hosts.most_common(1) == [("b.test", 2)]
     assert stats.bytes_in == 5 and stats.bytes_out == 2

@@ -100,7 +100,9 @@ def test_pipeline_report_reprints_a_run_and_totals_a_resumed_folder(tmp_path, mi
         assert f"{len(first)}: {len(first) - 2} ok, 2 failed" in again.stdout
         assert "http_4xx" in again.stdout and "not_image" in again.stdout
         assert "top failing hosts" in again.stdout and "127.0.0.1" in again.stdout
-        assert "bottleneck" in again.stdout and "manifest" not in again.stdout
+        assert "bottleneck" in again.stdout
+        assert f"{len(first)} URLs recorded: {len(first) - 2} ok, 2 failed" in again.stdout
+        assert len(runs_listed(again.stdout)) == 1
 
         (source / "b.txt").write_text(server.url("gone.jpg") + "\n")  # a second run adds one
         pipeline("run", str(source), "--out", str(out), "-q", cwd=tmp_path)
@@ -108,9 +110,22 @@ def test_pipeline_report_reprints_a_run_and_totals_a_resumed_folder(tmp_path, mi
     both = pipeline("report", str(out), cwd=tmp_path)
     assert "1: 0 ok, 1 failed" in both.stdout  # the last run
     assert f"{len(first) + 1} URLs recorded: {len(first) - 2} ok, 3 failed" in both.stdout
+    runs = runs_listed(both.stdout)  # each run's own report is kept: the first is not lost
+    assert [line.split()[2:5] for line in runs] == [
+        [str(len(first)), str(len(first) - 2), "2"],
+        ["1", "0", "1"],
+    ]
+    assert len(list((out / "reports").glob("*.json"))) == 2
     missing = pipeline("report", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert missing.returncode == 2 and "not an output folder" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def runs_listed(text: str) -> list[str]:
+    """The lines of ``pipeline report``'s table of runs, one per run."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("runs "))
+    return [line for line in lines[start + 1 :] if re.match(r"\s+\d{4}-\d\d-\d\d ", line)]
 
 
 def test_log_lines_name_their_process_and_thread(tmp_path, mixed):

@@ -97,7 +97,8 @@ def test_report_json_round_trips(tmp_path):
 
 def outcome(index: int, status: str = "ok", kind: str | None = None) -> Outcome:
     host = "bad.test" if status == "failed" else "good.test"
-    return Outcome(f"000000-{index:06d}", f"http://{host}/{index}", status,  # type: ignore[arg-type]
+    return Outcome(f"00000-{index:09d}", "00000-000000001", "a.txt", index,
+                   f"http://{host}/{index}", status,  # type: ignore[arg-type]
                    error_kind=kind, bytes_in=10)  # fmt: skip
 
 

@@ -213,12 +213,12 @@ def worker(tmp_path):
 
 
 def fetched(body: bytes, url: str = "http://x/a.jpg") -> Fetched:
-    return Fetched(Job(2, 17, url), body, 200, "image/jpeg", 5.0)
+    return Fetched(Job(2, 17, url, "00002-000000001"), body, 200, "image/jpeg", 5.0)
 
 
 def test_the_worker_writes_its_file_atomically_and_reports_it(worker: Path):
     outcome = process(fetched(JPEG))
-    assert outcome.status == "ok" and outcome.key == "000002-000017"
+    assert outcome.status == "ok" and outcome.key == "00002-000000017"
     written = worker / str(outcome.path)
     assert written.stat().st_size == outcome.bytes_out
     assert (outcome.width_in, outcome.height_in) == (800, 600)
