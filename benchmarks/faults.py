@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.bench.faults import FaultServer
 from pipeline.config import load_config, with_overrides
-from pipeline.faults import FaultServer
 from pipeline.runner import run
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.faults import FaultServer
+from pipeline.bench.faults import FaultServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.workload import photo  # the photo generator is shared with the benchmarks
+from pipeline.bench.workload import photo  # the photo generator is shared with the benchmarks
 
 PHOTOS = 36
 ALPHAS = 6

@@ -19,10 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
+from .bench.demo import SAMPLES, run_demo
+from .bench.faults import FaultServer
+from .bench.server import StaticServer
 from .config import Config, load_config, with_overrides
-from .demo import SAMPLES, run_demo
 from .errors import PipelineError
-from .faults import FaultServer
 from .logs import configure
 from .progress import terminal
 from .report import (
@@ -35,7 +36,6 @@ from .report import (
     load_report,
 )
 from .runner import run
-from .server import StaticServer
 
 log = logging.getLogger("pipeline")
 DEFAULT_CONFIG = Path("config.toml")
@@ -104,7 +104,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from . import bench  # here, not at the top: a run's start-up need not import its modules
+    from .bench import sweep as bench  # here: a run's start-up need not import its modules
 
     path = args.config
     if path is None and DEFAULT_CONFIG.is_file():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import write_images
 
-from pipeline.server import StaticServer
+from pipeline.bench.server import StaticServer
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 import requests
 from test_cli import ROOT, pipeline
 
-from pipeline.bench import (
+from pipeline.bench.sweep import (
     Overlap,
     Row,
     Setting,
@@ -26,8 +26,8 @@ from pipeline.bench import (
     tree_rss,
     write_config,
 )
+from pipeline.bench.workload import Workload, WorkloadServer
 from pipeline.config import load_config, with_overrides
-from pipeline.workload import Workload, WorkloadServer
 
 SMALL = "200-300"  # px: a workload that is quick to draw and to transform
 
@@ -71,7 +71,7 @@ def test_workload_server_caps_bandwidth_per_connection(workload):
 OWNER = """
 import sys
 from pathlib import Path
-from pipeline.workload import WorkloadServer
+from pipeline.bench.workload import WorkloadServer
 if __name__ == "__main__":
     with WorkloadServer([Path(p) for p in sys.argv[1:]]) as server:
         print(server._process.pid, flush=True)

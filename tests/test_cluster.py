@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.bench.server import StaticServer
 from pipeline.config import (
     Config,
     DownloadConfig,
@@ -24,7 +25,6 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.runner import run
-from pipeline.server import StaticServer
 from pipeline.sink import read_manifest
 
 pytest.importorskip("distributed")

@@ -12,6 +12,7 @@ import pytest
 from helpers import leftover_workers
 from PIL import Image
 
+from pipeline.bench.server import StaticServer
 from pipeline.config import (
     Config,
     DownloadConfig,
@@ -22,7 +23,6 @@ from pipeline.config import (
     TransformConfig,
 )
 from pipeline.runner import run
-from pipeline.server import StaticServer
 from pipeline.sink import read_manifest
 
 BOX = (64, 48)

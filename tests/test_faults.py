@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.bench.faults import FaultServer
 from pipeline.config import Config, DownloadConfig, OutputConfig, Thumbnail, TransformConfig
-from pipeline.faults import FaultServer
 from pipeline.report import format_report
 from pipeline.runner import run
 from pipeline.sink import read_manifest

@@ -19,9 +19,9 @@ import pytest
 from helpers import descendants, leftover_workers
 from PIL import Image
 
+from pipeline.bench.faults import FaultServer
 from pipeline.config import Config, Crash, OutputConfig, Thumbnail, TransformConfig
 from pipeline.errors import PipelineError
-from pipeline.faults import FaultServer
 from pipeline.runner import run
 from pipeline.sink import read_manifest
 

@@ -19,10 +19,10 @@ import pytest
 from helpers import write_images
 from test_cli import ROOT, pipeline
 
+from pipeline.bench.server import StaticServer
 from pipeline.config import Config, DownloadConfig, OutputConfig, Sleep, Thumbnail, TransformConfig
 from pipeline.report import REPORT_FILE, load_report
 from pipeline.runner import run
-from pipeline.server import StaticServer
 from pipeline.sink import read_manifest
 
 

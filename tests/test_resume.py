@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from test_cli import ROOT, assert_one_line_error
 
+from pipeline.bench.server import QuietHandler, StaticServer
 from pipeline.config import (
     Config,
     DownloadConfig,
@@ -29,7 +30,6 @@ from pipeline.config import (
 )
 from pipeline.records import make_key
 from pipeline.runner import run
-from pipeline.server import QuietHandler, StaticServer
 from pipeline.sink import read_manifest
 
 

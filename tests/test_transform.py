@@ -11,6 +11,7 @@ import pytest
 from helpers import encode, photo
 from PIL import Image
 
+from pipeline.bench.faults import bomb_png
 from pipeline.config import (
     Blur,
     CenterCrop,
@@ -23,7 +24,6 @@ from pipeline.config import (
     TransformConfig,
 )
 from pipeline.errors import TransformError
-from pipeline.faults import bomb_png
 from pipeline.records import Fetched, Job
 from pipeline.transform import (
     WorkerSetup,

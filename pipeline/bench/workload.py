@@ -25,8 +25,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from .atomic import write_atomic
-from .transform import exit_with
+from ..atomic import write_atomic
+from ..transform import exit_with
 
 HOST = "127.0.0.1"
 

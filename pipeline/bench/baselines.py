@@ -10,9 +10,9 @@ differs:
     two-phase    download everything with threads into memory, then ``Pool.map`` the transforms:
                  no overlap between the phases, and every body held in memory at once
 
-Run as ``python -m pipeline.baselines STRATEGY URLS --config FILE --out DIR``, in a process of its
-own so that its peak memory is its own; prints one JSON line: the counts, the wall time, and for
-two-phase the time of each phase (each stage run alone, for the overlap figure).
+Run as ``python -m pipeline.bench.baselines STRATEGY URLS --config FILE --out DIR``, in a
+process of its own so that its peak memory is its own; prints one JSON line: the counts, the wall
+time, and for two-phase the time of each phase (each stage run alone, for the overlap figure).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_atomic
-from .config import Config, load_config
-from .download import Downloader
-from .errors import ItemError
-from .records import Fetched, Job
-from .sources import Source, iter_jobs
-from .transform import EXTENSIONS, transform_bytes
+from ..atomic import write_atomic
+from ..config import Config, load_config
+from ..download import Downloader
+from ..errors import ItemError
+from ..records import Fetched, Job
+from ..sources import Source, iter_jobs
+from ..transform import EXTENSIONS, transform_bytes
 
 STRATEGIES = ("sequential", "threads", "processes", "two-phase")
 
@@ -125,7 +125,7 @@ RUNNERS: dict[str, Callable[[Path, Config, Path], dict[str, Any]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.baselines")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.baselines")
     parser.add_argument("strategy", choices=STRATEGIES)
     parser.add_argument("urls", type=Path)
     parser.add_argument("--config", type=Path, required=True)

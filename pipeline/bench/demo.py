@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config
-from .errors import SourceError
-from .report import Report
-from .runner import run
+from ..config import Config
+from ..errors import SourceError
+from ..report import Report
+from ..runner import run
 from .server import StaticServer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
-SAMPLES = Path(__file__).resolve().parent.parent / "data" / "images"
+SAMPLES = Path(__file__).resolve().parents[2] / "data" / "images"
 
 
 def sample_images(folder: Path) -> list[Path]:

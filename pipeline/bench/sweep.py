@@ -2,9 +2,10 @@
 
 A ``Workload`` of photo-like JPEGs is served on loopback by a ``WorkloadServer`` (its own process,
 with an optional latency per answer and bandwidth cap). Every measured run is a child process of
-its own (``pipeline run ... -qq``, or ``python -m pipeline.baselines``), started cold like a user's
-run, while a sampler thread here adds up the resident memory of its whole process tree (the run,
-its forkserver and its pool workers) from ``/proc``. A run's figures come from its ``report.json``.
+its own (``pipeline run ... -qq``, or ``python -m pipeline.bench.baselines``), started cold like a
+user's run, while a sampler thread here adds up the resident memory of its whole process tree (the
+run, its forkserver and its pool workers) from ``/proc``. A run's figures come from its
+``report.json``.
 
 The sweep runs every ``download.workers`` x ``transform.workers`` (x ``queues.fetched``) setting
 and names the fastest; ``--write-config`` writes it into the config file with tomlkit, which keeps
@@ -31,11 +32,11 @@ from typing import Any
 
 import tomlkit
 
-from .atomic import write_atomic
+from ..atomic import write_atomic
+from ..config import load_config
+from ..errors import PipelineError
+from ..report import REPORT_FILE, load_report
 from .baselines import STRATEGIES
-from .config import load_config
-from .errors import PipelineError
-from .report import REPORT_FILE, load_report
 from .workload import Workload, WorkloadServer
 
 OnRow = Callable[["Row"], None] | None
@@ -129,7 +130,7 @@ def measure(argv: Sequence[str]) -> Measured:
 def _child_env() -> dict[str, str]:
     """The environment of a measured run: this package importable, whatever the working folder."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
@@ -264,7 +265,7 @@ class Bench:
     def baseline(self, strategy: str, setting: Setting | None = None) -> Row:
         out = self._folder()
         config = self._config_file(out, setting)
-        argv = [sys.executable, "-m", "pipeline.baselines", strategy, str(self.urls)]
+        argv = [sys.executable, "-m", "pipeline.bench.baselines", strategy, str(self.urls)]
         measured = measure([*argv, "--config", str(config), "--out", str(out)])
         result = json.loads(measured.stdout.strip().splitlines()[-1])
         phases = {k: result[k] for k in ("download_s", "transform_s") if k in result}
