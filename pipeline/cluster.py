@@ -25,7 +25,6 @@ import contextlib
 import logging
 import multiprocessing
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -41,10 +40,9 @@ from .metrics import TOP_HOSTS, Meter
 from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
 from .resume import Plan, Resume
-from .runner import Run, make_pools, now_utc, open_run
+from .runner import Coordinator, now_utc, open_run
 from .sink import MANIFEST_DIR, part_path, read_rows, shard_path
 from .sources import Source, iter_jobs
-from .stages import RestartingPool
 
 log = logging.getLogger(__name__)
 
@@ -67,40 +65,6 @@ class ShardResult:
 
 # --- the worker side ------------------------------------------------------------------------------
 
-_pools: dict[tuple[str, str], tuple[RestartingPool, RestartingPool]] = {}
-_pools_lock = threading.Lock()
-
-
-def _worker_pools(config: Config, out_dir: Path) -> tuple[RestartingPool, RestartingPool]:
-    """This worker process's pools for ``config``'s transform, made on its first shard."""
-    key = (repr((config.transform, config.output.folder_size)), str(out_dir))
-    with _pools_lock:
-        if key not in _pools:
-            if multiprocessing.current_process().daemon:
-                raise PipelineError(DAEMON_HELP)
-            _pools[key] = make_pools(config, out_dir)
-        return _pools[key]
-
-
-def close_pools() -> None:
-    """Shut this worker's pools down (the worker is closing)."""
-    with _pools_lock:
-        pools = [pool for pair in _pools.values() for pool in pair]
-        _pools.clear()
-    for pool in pools:
-        pool.shutdown(cancel=True)
-
-
-def pools_plugin() -> Any:
-    """A Dask worker plugin that closes the worker's pools with it, so the worker exits at once."""
-    from distributed.diagnostics.plugin import WorkerPlugin
-
-    class ClosePools(WorkerPlugin):  # type: ignore[misc]
-        def teardown(self, worker: Any) -> None:
-            close_pools()
-
-    return ClosePools()
-
 
 def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> ShardResult:
     """A Dask task: run one shard through the local staged pipeline, on this worker."""
@@ -108,7 +72,9 @@ def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> Shar
     # a shard an earlier run left open, or retried after its worker was lost, keeps its final rows
     opened = part_path(folder / MANIFEST_DIR, shard).exists()
     resume = Resume(Plan(folder, [], partial=frozenset({shard} if opened else ())))
-    run = Run(config, folder, _worker_pools(config, folder))
+    if multiprocessing.current_process().daemon:
+        raise PipelineError(DAEMON_HELP)
+    run = Coordinator(config, folder)
     report = run.process(resume.pending(iter(items)), resume)
     sealed = shard_path(folder / MANIFEST_DIR, shard)
     if sealed.exists():  # count the whole shard: rows a lost attempt wrote belong to this run too
@@ -124,13 +90,7 @@ def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> Shar
             failing_hosts=tuple(stats.hosts.most_common(TOP_HOSTS)),
             skipped=0,
         )
-    stages = (run.download, run.transform, run.write)
-    return ShardResult(
-        shard=shard,
-        report=report,
-        meters={s.name: s.total() for s in stages},
-        workers={s.name: s.workers for s in stages},
-    )
+    return ShardResult(shard=shard, report=report, meters=run.meters, workers=run.workers)
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -245,7 +205,6 @@ def _drive(
 ) -> Report:
     from distributed import as_completed
 
-    client.register_plugin(pools_plugin(), name="pipeline-close-pools")
     workers = max(1, len(client.scheduler_info().get("workers", {})))
     limit = config.executor.shards_in_flight or 2 * workers
     out_dir = plan.out_dir
@@ -349,6 +308,9 @@ def merge(
         ),
         parent_cpu_s=round(sum(r.report.parent_cpu_s for r in results), 3),
         pool_cpu_s=round(sum(r.report.pool_cpu_s for r in results), 3),
+        lanes=max((r.report.lanes for r in results), default=0),
+        lane_cpu_s=round(sum(r.report.lane_cpu_s for r in results), 3),
+        lane_cpu_max_s=max((r.report.lane_cpu_max_s for r in results), default=0.0),
         failing_hosts=tuple(hosts.most_common(TOP_HOSTS)),
         skipped=skipped + sum(r.report.skipped for r in results),
         pool_restarts=sum(r.report.pool_restarts for r in results),

@@ -27,6 +27,17 @@ _MEDIA_TYPE = re.compile(r"[a-z0-9.+-]+/(?:\*|[a-z0-9.+-]+)")
 _COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity), which may be fewer than the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+CORES_PER_LANE = 4  # a lane's download threads and hand-off keep ~4 cores of transforms fed
+
+
 def _require(ok: bool, key: str, rule: str, got: object) -> None:
     if not ok:
         raise ConfigError(key, f"must be {rule} (got {got!r})")
@@ -307,7 +318,7 @@ class TransformConfig:
     @property
     def pool_workers(self) -> int:
         """The number of pool processes: ``workers``, or every core when it is 0."""
-        return self.workers or os.cpu_count() or 1
+        return self.workers or available_cores()
 
     @property
     def in_flight(self) -> int:
@@ -349,6 +360,7 @@ class ExecutorConfig:
     local_workers: int = 2  # workers of a LocalCluster (address = "local")
     shards_in_flight: int = 0  # 0 = 2 x the cluster's workers
     retries: int = 2  # a failed shard task is run again this many times (Dask's retries=)
+    lanes: int = 0  # download processes, each with its threads and its share of the pool; 0: auto
 
     def __post_init__(self) -> None:
         kinds = ", ".join(EXECUTOR_KINDS)
@@ -364,6 +376,7 @@ class ExecutorConfig:
         flight = self.shards_in_flight
         _require(0 <= flight <= 10_000, "shards_in_flight", "in [0, 10000]", flight)
         _require(0 <= self.retries <= 20, "retries", "in [0, 20]", self.retries)
+        _require(0 <= self.lanes <= 256, "lanes", "in [0, 256]", self.lanes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +393,13 @@ SECTIONS: dict[str, type[Any]] = typing.get_type_hints(Config)
 
 
 # --- loading ----------------------------------------------------------------------------------
+
+
+def lane_count(config: Config) -> int:
+    """Lanes for a run: ``executor.lanes``, or one per CORES_PER_LANE cores; never more lanes
+    than transform workers, so that every lane has a pool."""
+    lanes = config.executor.lanes or max(1, round(available_cores() / CORES_PER_LANE))
+    return max(1, min(lanes, config.transform.pool_workers))
 
 
 def load_config(path: Path | None) -> Config:

@@ -143,6 +143,16 @@ class Stage:
         return merged
 
 
+class Counts(Protocol):
+    """Anything that counts a stage's items: a Stage, or what the lanes last reported."""
+
+    @property
+    def items(self) -> int: ...
+
+    @property
+    def failed(self) -> int: ...
+
+
 class Gauge(Protocol):
     """Anything with a bounded depth: a queue, the pool's task slots."""
 

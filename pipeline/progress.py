@@ -2,7 +2,7 @@
 
     downloaded:  61%|██████      | 1220/2000 [00:06<00:04, 196 url/s, failed=3]
     transformed: 60%|██████      | 1201/1997 [00:06<00:04, 193 url/s, fetched=32/32, pool=4/4]
-    written:     60%|██████      | 1199/2000 [00:06<00:04, 193 url/s, results=0/256, failed=3]
+    written:     60%|██████      | 1199/2000 [00:06<00:04, 193 url/s, jobs=180/240, failed=3]
 
 The stages never touch the bars: they count into their meters, and ``Bars.refresh`` (called from
 the sampler thread, and once at the end) copies the counts over, so drawing costs the hot path
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from tqdm import tqdm
 
 from .errors import PipelineError
-from .metrics import Gauge, Stage
+from .metrics import Counts, Gauge
 from .sources import Source, read_records
 
 _CHECK_EVERY = 65536  # URLs counted between looks at the stop flag
@@ -39,9 +39,9 @@ class Bars:
 
     def __init__(
         self,
-        download: Stage,
-        transform: Stage,
-        write: Stage,
+        download: Counts,
+        transform: Counts,
+        write: Counts,
         gauges: Sequence[Gauge],
         *,
         total: Callable[[], int | None],
@@ -75,7 +75,7 @@ class Bars:
             postfixes = (
                 f"failed={failed_downloads}",
                 f"{self._depth('fetched')}, {self._depth('pool')}, failed={transform.failed}",
-                f"{self._depth('results')}, failed={failed_downloads + transform.failed}",
+                f"{self._depth('jobs')}, failed={failed_downloads + transform.failed}",
             )
             for bar, count, bar_total, postfix in zip(
                 self._bars, counts, totals, postfixes, strict=True

@@ -14,13 +14,13 @@ are.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
+from .config import available_cores
 from .errors import PipelineError
 from .metrics import TOP_HOSTS, Meter, RunStats, Stage
 from .sink import MANIFEST_DIR, read_manifest
@@ -114,8 +114,11 @@ class Report:
     bytes_out: int
     stages: tuple[StageStat, ...] = ()
     queues: tuple[QueueStat, ...] = ()
-    parent_cpu_s: float = 0.0  # CPU time of the main process, all its threads
+    parent_cpu_s: float = 0.0  # CPU time of the coordinator process, all its threads
     pool_cpu_s: float = 0.0  # CPU time the transform workers spent on images
+    lanes: int = 0  # lane processes that ran
+    lane_cpu_s: float = 0.0  # CPU time of the lane processes (downloads, hand-off), summed
+    lane_cpu_max_s: float = 0.0  # ... of the busiest lane
     verdict: Verdict | None = None
     failing_hosts: tuple[tuple[str, int], ...] = ()
     skipped: int = 0  # URLs an earlier run of this output folder had already done
@@ -183,18 +186,37 @@ def build_report(stats: RunStats, wall_s: float, **extra: Any) -> Report:
 # --- the bottleneck ------------------------------------------------------------------------------
 
 _SATURATED = 80.0  # % utilization from which a stage is the limit
+_ONE_CORE = 0.85  # CPU seconds per second from which one process (its GIL) is the limit
 _FULL = 0.6  # mean occupancy of the fetched queue (of its bound) that says transforms lag
 _MIN_ITEMS = 10
 
 
 def diagnose(report: Report) -> Verdict:
-    """Name the stage that limited the run, and what to change, in plain words."""
+    """Name the stage that limited the run, and what to change, in plain words.
+
+    The coordinator and each lane are one process each, whose GIL is their ceiling: one that
+    used ~a core for the whole run was the limit. Transform utilization is the CPU its workers
+    used; download utilization the time its threads spent on downloads.
+    """
     download, transform, write = (report.stage(n) for n in ("download", "transform", "write"))
     if download is None or transform is None or report.urls < _MIN_ITEMS:
         return Verdict("none", "too few URLs to tell which stage limits the run")
+    wall = report.wall_s or 1.0
+    if report.parent_cpu_s / wall >= _ONE_CORE:
+        return Verdict(
+            "coordinator",
+            "the coordinator is saturated (one core: reading the input, writing a manifest row "
+            "per URL): split the input over several runs or machines (--dask)",
+        )
+    if report.lanes and report.lane_cpu_max_s / wall >= _ONE_CORE:
+        return Verdict(
+            "lane",
+            f"the lanes are saturated (each uses a whole core for its downloads and hand-off): "
+            f"more lanes (executor.lanes, now {report.lanes}), fewer download threads per lane",
+        )
     fetched = next((q for q in report.queues if q.name == "fetched"), None)
     backed_up = fetched is not None and fetched.mean >= _FULL * fetched.bound
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     if transform.items and (
         transform.utilization >= _SATURATED
         or (backed_up and transform.utilization >= download.utilization)
@@ -210,13 +232,6 @@ def diagnose(report: Report) -> Verdict:
             "transform",
             f"transform is saturated, on all {cores} cores: cheaper ops "
             "(a smaller transform.reducing_gap, fewer filters) or more machines",
-        )
-    if report.wall_s and report.parent_cpu_s / report.wall_s >= 0.9:
-        return Verdict(
-            "main",
-            "the main process is saturated (one core, shared by download "
-            "threads and the pool's feeding): fewer download threads, a larger "
-            "download.chunk_size",
         )
     if download.utilization >= _SATURATED:
         return Verdict(
@@ -250,10 +265,17 @@ def format_report(report: Report) -> str:
     ]
     lines += _stage_table(report) + _queue_table(report)
     if report.urls:
+        per = 1000 / report.urls
+        lanes = f"{report.lanes} lane{'s' * (report.lanes != 1)} {report.lane_cpu_s:.2f} s, "
         lines.append(
-            f"cpu         main process {report.parent_cpu_s:.2f} s, transform pool "
-            f"{report.pool_cpu_s:.2f} s ({1000 * report.parent_cpu_s / report.urls:.1f} and "
-            f"{1000 * report.pool_cpu_s / report.urls:.1f} ms per URL)"
+            f"cpu         coordinator {report.parent_cpu_s:.2f} s, "
+            + (lanes if report.lanes else "")
+            + f"transform pool {report.pool_cpu_s:.2f} s"
+        )
+        lines.append(
+            f"            per URL: coordinator {per * report.parent_cpu_s:.2f} ms, "
+            + (f"lanes {per * report.lane_cpu_s:.2f} ms, " if report.lanes else "")
+            + f"pool {per * report.pool_cpu_s:.2f} ms"
         )
     if report.verdict is not None:
         lines.append(f"bottleneck  {report.verdict.advice}")

@@ -1,33 +1,31 @@
-"""One run of the pipeline: the stages wired together, owned by the main thread.
+"""One run: the coordinator, which deals jobs to lanes and records what comes back.
 
-    URL files (streamed) -> Resume.pending (skips what an earlier run finished) -> SharedIterator
+    URL files (streamed) -> Resume.pending -> (Dedupe) ---+
+                                                          v
+    coordinator, main thread: deals batches of Jobs; a lane holds at most its credit
+        |  jobs pipe                                      ^  results pipe: batches of Outcomes
+        v                                                 |
+    lane 0 .. lane N-1 (lane.py), a process each:         |
+        download threads -> [fetched] -> dispatcher -> its own transform pool
         |
-        v
-    download threads x download.workers          one requests.Session each
-        |  Fetched                      \\  failed URLs (Outcome) and ShardEnd markers
-        v                                \\
-    [fetched: BoundedQueue, queues.fetched] \\
-        |                                    \\
-        v                                     \\
-    dispatcher thread --submit, at most transform.in_flight-->  process pool x transform.workers
-                                                               (decode, ops, encode, write file)
-        |                                                       |  Outcome, via the future
-        v                                                       v
-    [results: BoundedQueue, queues.results]  <------------------+
-        |
-        v
-    main thread: manifest (Sink), stats, progress bar  ->  Report
+    coordinator, main thread: manifest (Sink), stats  ->  Report (screen, report.json)
+    sampler thread: samples what the lanes report, redraws the progress bars
 
-Threads download because a download spends its time waiting on sockets, which releases the GIL;
-processes transform because decoding and resizing hold the GIL. Each queue is bounded and the pool
-gets at most ``in_flight`` tasks, so memory stays flat whatever the number of URLs.
+The coordinator reads the input and owns resume, the manifest and the report. It does nothing
+per byte: image bodies go from a lane's download threads to that lane's transform workers, and
+the coordinator handles small records, a batch at a time, so its cost per image is a share of
+two batches' pickling and one manifest row, and the run multiplies with the lanes. ShardEnds,
+lines without a usable URL and duplicates never leave it. Each lane may hold ``credit`` jobs
+(its download threads, its queue and its pool's slots, and a batch more); the coordinator deals
+to the lane with the most room, so memory stays flat and a slow lane gets less.
 
-Lifecycle. The first SIGINT/SIGTERM stops reading URLs and cuts every download in progress; the
-images already in the pool get ``transform.shutdown_grace`` seconds to finish, then their workers
-are killed; everything drains through the queues as usual, the manifest is flushed, and the run
-returns marked interrupted. What was not recorded is done by the next run (resume). A second
-signal aborts at once. A worker that dies mid-run breaks its pool: a fresh pool takes over and each
-lost image is tried again ``transform.crash_retries`` times before it is a ``worker_crash`` row.
+Lifecycle. The first SIGINT/SIGTERM stops dealing and sends STOP to every lane: it cuts its
+downloads at once, gives its pool ``transform.shutdown_grace`` seconds, then kills its workers,
+sends what is done and exits; the manifest is flushed and the run returns marked interrupted. A
+second signal kills the lanes and exits at once. What was not recorded is done by the next run
+(resume). A lane that dies mid-run (OOM killer, kill -9) loses nothing: the jobs it held are
+dealt again, to a lane started in its place; a job whose lane died twice is a ``worker_crash``
+row. A worker that dies inside a lane is that lane's pool's business (pool.py).
 """
 
 from __future__ import annotations
@@ -35,39 +33,34 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import fcntl
-import functools
 import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait
 from pathlib import Path
 from types import FrameType
 
-from .config import Config
+from .config import Config, lane_count
 from .dedupe import Dedupe
-from .download import Downloader
 from .errors import FetchError, PipelineError, TransformError
+from .lane import BATCH, END, STOP, Batch, LaneDone, LaneHandle, LaneSetup, lane_config
 from .logs import LogSetup
-from .metrics import RunStats, Sampler, Stage
+from .metrics import Meter, RunStats, Sampler, Stage
 from .progress import Bars, UrlCount
-from .records import Fetched, Job, Outcome, ShardEnd
+from .records import Job, Outcome, ShardEnd
 from .report import QueueStat, Report, StageStat, build_report
 from .resume import Plan, Resume, plan_run
 from .sink import Sink, lock
 from .sources import Source, iter_jobs
-from .stages import DONE, BoundedQueue, RestartingPool, SharedIterator, Slots
-from .transform import WorkerSetup, init_worker, process
 
 log = logging.getLogger(__name__)
 
-Result = Outcome | ShardEnd | Future[Outcome]
+LANE_DEATHS = 2  # a job whose lane died this many times is recorded as worker_crash
 
 
 def run(
@@ -88,7 +81,7 @@ def run(
         summary = plan.summary()
         if say is not None and summary:
             say(f"resumed     {summary}")
-        pipeline = Run(config, plan.out_dir)
+        pipeline = Coordinator(config, plan.out_dir)
         with _signals(pipeline) if handle_signals else contextlib.nullcontext():
             report = pipeline.execute(plan, progress=progress)
         report.save(plan.out_dir)
@@ -111,83 +104,77 @@ def now_utc() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
 
 
-def make_pool(config: Config, out_dir: Path, workers: int | None = None) -> ProcessPoolExecutor:
-    """The transform pool, started with the configured method (never plain fork)."""
-    method = config.transform.start_method
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":  # workers fork from a server that has already imported Pillow
-        context.set_forkserver_preload(["pipeline.transform"])
-    setup = WorkerSetup(
-        config.transform, str(out_dir), config.output.folder_size, os.getpid(), LogSetup.current()
-    )
-    pool = ProcessPoolExecutor(
-        max_workers=workers or config.transform.pool_workers,
-        mp_context=context,
-        initializer=init_worker,
-        initargs=(setup,),
-        max_tasks_per_child=config.transform.max_tasks_per_child or None,
-    )
-    _widen_pipe(getattr(getattr(pool, "_call_queue", None), "_writer", None))
-    return pool
+class _Reported:
+    """A stage as the lanes last reported it, for the bars: ``items`` and ``failed``."""
+
+    def __init__(self, lanes: list[LaneHandle], items: str, failed: str) -> None:
+        self._lanes, self._items, self._failed = lanes, items, failed
+
+    @property
+    def items(self) -> int:
+        return sum(getattr(h.progress, self._items) for h in self._lanes[:])
+
+    @property
+    def failed(self) -> int:
+        return sum(getattr(h.progress, self._failed) for h in self._lanes[:])
 
 
-_PIPE_BYTES = 1 << 20
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), not exported before Python 3.10 everywhere
+class _Gauge:
+    """A depth summed over the lanes (bodies queued, images in pools, jobs held)."""
+
+    def __init__(self, name: str, bound: int, depth: Callable[[LaneHandle], int]) -> None:
+        self.name, self.bound, self.peak = name, bound, 0
+        self._depth = depth
+        self.lanes: list[LaneHandle] = []
+
+    def depth(self) -> int:
+        value = sum(self._depth(h) for h in self.lanes[:])
+        self.peak = max(self.peak, value)
+        return value
 
 
-def _widen_pipe(conn: object) -> None:
-    """Let one image's bytes fit in the pool's task pipe (64 KB by default on Linux).
+class Coordinator:
+    """The lanes of one run, what they hold, and the sink."""
 
-    A 200 KB body otherwise goes through in four blocking writes, each waiting for the worker to
-    read the last: eight thread switches per image. Best effort: no pipe, no Linux, no change.
-    """
-    fileno = getattr(conn, "fileno", None)
-    if fileno is None:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        fcntl.fcntl(fileno(), getattr(fcntl, "F_SETPIPE_SZ", _F_SETPIPE_SZ), _PIPE_BYTES)
-
-
-def make_pools(config: Config, out_dir: Path) -> tuple[RestartingPool, RestartingPool]:
-    """A run's transform pool, and its one-process quarantine pool."""
-    return (
-        RestartingPool(functools.partial(make_pool, config, out_dir)),
-        RestartingPool(functools.partial(make_pool, config, out_dir, 1)),
-    )
-
-
-class Run:
-    """The queues, the stop flag and the stage loops of one run."""
-
-    def __init__(
-        self,
-        config: Config,
-        out_dir: Path,
-        pools: tuple[RestartingPool, RestartingPool] | None = None,
-    ) -> None:
+    def __init__(self, config: Config, out_dir: Path) -> None:
         self.config = config
         self.out_dir = out_dir
-        self.stop = threading.Event()
+        self.lanes_wanted = lane_count(config)
+        self.lane_config = lane_config(config, self.lanes_wanted)
+        self.stopping = False
         self.interrupted: int | None = None  # the signal that stopped the run
-        self.fetched: BoundedQueue[Fetched] = BoundedQueue("fetched", config.queues.fetched)
-        self.results: BoundedQueue[Result] = BoundedQueue("results", config.queues.results)
-        self.slots = Slots("pool", config.transform.in_flight)  # tasks in the pool
-        self.gauges = (self.fetched, self.slots, self.results)
-        self.download = Stage("download", config.download.workers)
-        self.transform = Stage("transform", config.transform.pool_workers)
-        self.write = Stage("write", 1)
-        self.sampler = Sampler(self.gauges)  # queue occupancy, and the bars' redraws
-        self.downloader = Downloader(config.download)
-        # the main pool, and a one-process pool where images that were in a pool when a worker
-        # died are retried one at a time, so that a second crash names its culprit; given
-        # (a Dask worker's, kept for its next shard) or made and shut down by this run
-        self._own_pools = pools is None
-        self.pool, self.quarantine = pools or make_pools(config, out_dir)
-        self._suspects: deque[tuple[Fetched, int]] = deque()
-        self._suspect_running = False
-        self._suspect_lock = threading.Lock()
+        self.lanes: list[LaneHandle] = []  # running now
+        self.every_lane: list[LaneHandle] = []  # ... and those that ended: the bars' counts
+        self.finished: list[LaneDone] = []
         self.sink = Sink(out_dir)
-        self._grace: threading.Timer | None = None
+        self.write = Stage("write", 1)
+        self.stats = RunStats()
+        self.meters: dict[str, Meter] = {}  # each stage's, merged over the lanes, once it ends
+        self.workers: dict[str, int] = {}
+        self._deaths: Counter[str] = Counter()  # lane deaths per job key
+        self._restarts_left = 2 * self.lanes_wanted + 2
+        self._redo: deque[Job] = deque()
+        self._items: Iterator[Job | ShardEnd] = iter(())
+        self._exhausted = False
+        self._jobs_peak = 0
+        self._wake_r, self._wake_w = os.pipe()  # a signal handler wakes the main loop
+        os.set_blocking(self._wake_w, False)
+        workers = config.transform.pool_workers
+        self._shares = [workers // self.lanes_wanted + (i < workers % self.lanes_wanted)
+                        for i in range(self.lanes_wanted)]  # fmt: skip
+        self.gauges = (
+            _Gauge(
+                "fetched", self.lanes_wanted * config.queues.fetched, lambda h: h.progress.fetched
+            ),
+            _Gauge(
+                "pool", sum(self._in_flight(w) for w in self._shares), lambda h: h.progress.pool
+            ),
+            _Gauge("jobs", 0, lambda h: len(h.outstanding)),
+        )
+        self.sampler = Sampler(self.gauges)
+
+    def _in_flight(self, workers: int) -> int:
+        return self.config.transform.max_in_flight or 2 * workers
 
     def execute(self, plan: Plan, *, progress: bool) -> Report:
         """Every line of the plan's sources that an earlier run did not finish."""
@@ -212,39 +199,151 @@ class Run:
         progress: bool = False,
         sources: Sequence[Source] = (),
     ) -> Report:
-        """Run ``items`` (already filtered by ``resume``) through the stages; the report.
+        """Deal ``items`` (already filtered by ``resume``) to the lanes; the report.
 
         ``sources`` are counted for the progress bars' totals.
         """
-        cfg = self.config
-        jobs = SharedIterator(items, self.stop)
-        stats = RunStats()
+        self._items = items
         started_at = now_utc()
         started, cpu_started = time.perf_counter(), time.process_time()
-        with (
-            self.sink,
-            self.downloader,
-            self.pool if self._own_pools else contextlib.nullcontext(),
-            self.quarantine if self._own_pools else contextlib.nullcontext(),
-            ThreadPoolExecutor(cfg.download.workers, "download") as downloads,
-            ThreadPoolExecutor(1, "dispatch") as dispatch,
-            self._monitor(sources, resume, progress),
-        ):
-            loops = [
-                downloads.submit(self._download_loop, jobs) for _ in range(cfg.download.workers)
-            ]
-            loops.append(dispatch.submit(self._dispatch_loop))
-            try:
-                self._collect(stats)
-            finally:
-                self._end_grace()
-            for loop in loops:  # a stage's bug surfaces here, after everything has drained
-                loop.result()
+        try:
+            with self.sink, self._monitor(sources, resume, progress):
+                for index in range(self.lanes_wanted):
+                    self._start_lane(index)
+                self._loop()
+        finally:
+            self._kill_lanes()  # only lanes still running: after a bug
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         if self.sink.open_shards and self.interrupted is None:
             log.warning("shards left incomplete: %s", self.sink.open_shards)
         ended, cpu = time.perf_counter(), time.process_time() - cpu_started
-        report = self._report(stats, started, ended, cpu, skipped=resume.skipped)
+        report = self._report(started, ended, cpu, skipped=resume.skipped)
         return dataclasses.replace(report, started=started_at)
+
+    # --- the main loop: deal, wait, record --------------------------------------------------
+
+    def _loop(self) -> None:
+        while self.lanes:
+            self._deal()
+            ready = wait([h.results for h in self.lanes] + [self._wake_r])
+            if self._wake_r in ready:
+                os.read(self._wake_r, 64)
+            for handle in [h for h in self.lanes if h.results in ready]:
+                self._receive(handle)
+
+    def _deal(self) -> None:
+        if self.stopping:
+            for handle in self.lanes:
+                handle.tell(STOP)
+            return
+        for handle in sorted(self.lanes, key=lambda h: -h.room):
+            while handle.told is None and handle.room >= min(BATCH, handle.credit // 2):
+                batch = self._take(min(handle.room, BATCH))
+                if batch:
+                    handle.deal(batch)
+                    self._jobs_peak = max(self._jobs_peak, len(handle.outstanding))
+                if self._exhausted and not self._redo:
+                    break
+        if self._exhausted and not self._redo:
+            for handle in self.lanes:
+                handle.tell(END)
+
+    def _take(self, count: int) -> list[Job]:
+        """Up to ``count`` jobs for a lane; what needs no lane is recorded on the way."""
+        batch: list[Job] = []
+        while len(batch) < count:
+            if self._redo:
+                batch.append(self._redo.popleft())
+                continue
+            item = next(self._items, None) if not self._exhausted else None
+            if item is None:
+                self._exhausted = True
+                break
+            if isinstance(item, ShardEnd):
+                self.sink.end_shard(item)
+            elif item.problem is not None:
+                self._record(Outcome.failed(item, FetchError("invalid_url", item.problem)))
+            elif item.duplicate_of is not None:  # its URL is fetched for an earlier line
+                self._record(Outcome.duplicate(item))
+            else:
+                batch.append(item)
+        return batch
+
+    def _receive(self, handle: LaneHandle) -> None:
+        try:
+            message = handle.results.recv()
+        except (EOFError, OSError):
+            self._lost(handle)
+            return
+        if isinstance(message, Batch):
+            handle.progress = message.progress
+            for outcome in message.outcomes:
+                del handle.outstanding[outcome.key]
+                self._record(outcome)
+        else:
+            assert isinstance(message, LaneDone)
+            self.finished.append(message)
+            handle.progress = dataclasses.replace(
+                handle.progress,
+                downloaded=message.download.items,
+                download_failed=message.download.failed,
+                transformed=message.transform.items,
+                transform_failed=message.transform.failed,
+            )
+            self.lanes.remove(handle)
+            handle.close()
+
+    def _record(self, outcome: Outcome) -> None:
+        started = time.perf_counter()
+        self.sink.add(outcome)
+        self.stats.add(outcome)
+        self.write.meter().record(time.perf_counter() - started)
+
+    # --- lanes ---------------------------------------------------------------------------------
+
+    def _start_lane(self, index: int) -> None:
+        method = self.config.transform.start_method
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":  # lanes fork from a server that has imported their code
+            context.set_forkserver_preload(["pipeline.lane"])
+        setup = LaneSetup(index, self.lane_config, str(self.out_dir), self._shares[index],
+                          os.getpid(), LogSetup.current())  # fmt: skip
+        handle = LaneHandle(setup, context)
+        self.lanes.append(handle)
+        self.every_lane.append(handle)
+        for gauge in self.gauges:
+            gauge.lanes = self.lanes
+        self.gauges[2].bound = sum(h.credit for h in self.lanes)
+
+    def _lost(self, handle: LaneHandle) -> None:
+        """A lane died: deal its jobs again (or record them, the second time), replace it."""
+        self.lanes.remove(handle)
+        handle.close()
+        code = handle.process.exitcode
+        cause = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        log.warning("lane %d died (%s) holding %d jobs", handle.index, cause,
+                    len(handle.outstanding))  # fmt: skip
+        if self.stopping:
+            return  # its jobs are not recorded: the next run does them
+        for job in handle.outstanding.values():
+            self._deaths[job.key] += 1
+            if self._deaths[job.key] < LANE_DEATHS:
+                self._redo.append(job)
+            else:
+                error = TransformError("worker_crash", f"its lane process died twice ({cause})")
+                self._record(Outcome.failed(job, error))
+        if self._restarts_left <= 0:
+            raise PipelineError(f"lane processes keep dying (the last: {cause}); see the log")
+        self._restarts_left -= 1
+        self._start_lane(handle.index)
+
+    def _kill_lanes(self) -> None:
+        for handle in self.lanes:
+            with contextlib.suppress(OSError, ValueError):
+                handle.process.kill()
+            handle.close()
+        self.lanes.clear()
 
     @contextlib.contextmanager
     def _monitor(self, sources: Sequence[Source], resume: Resume, progress: bool) -> Iterator[None]:
@@ -255,7 +354,9 @@ class Run:
             return
         with UrlCount(sources, self.config.input.url_column) as count:
             total = lambda: None if count.total is None else count.total - resume.skipped  # noqa: E731
-            bars = Bars(self.download, self.transform, self.write, self.gauges, total=total)
+            download = _Reported(self.every_lane, "downloaded", "download_failed")
+            transform = _Reported(self.every_lane, "transformed", "transform_failed")
+            bars = Bars(download, transform, self.write, self.gauges, total=total)
             self.sampler.tick = bars.refresh
             try:
                 with self.sampler:
@@ -263,193 +364,87 @@ class Run:
             finally:
                 bars.close()
 
-    def _report(
-        self, stats: RunStats, started: float, ended: float, cpu_s: float, skipped: int
-    ) -> Report:
-        occupancy = self.sampler.occupancy
+    def _report(self, started: float, ended: float, cpu_s: float, skipped: int) -> Report:
+        download, transform = Meter(), Meter()
+        for done in self.finished:
+            download.merge(done.download)
+            transform.merge(done.transform)
+        wall = ended - started
+        threads = self.config.download.workers * self.lanes_wanted
+        self.meters = {"download": download, "transform": transform, "write": self.write.total()}
+        self.workers = {"download": threads, "transform": sum(self._shares), "write": 1}
         return build_report(
-            stats,
-            ended - started,
-            stages=tuple(
-                StageStat.of(s, ended) for s in (self.download, self.transform, self.write)
+            self.stats,
+            wall,
+            stages=(
+                _stage("download", threads, download, ended),
+                _cpu_stage("transform", sum(self._shares), transform, ended),
+                StageStat.of(self.write, ended),
             ),
-            queues=tuple(
-                QueueStat(g.name, g.bound, g.peak, round(occupancy[g.name].mean, 2))
-                for g in self.gauges
-            ),
+            queues=self._queues(),
             parent_cpu_s=round(cpu_s, 3),
-            pool_cpu_s=round(self.transform.total().cpu_s, 3),
+            pool_cpu_s=round(transform.cpu_s, 3),
+            lanes=len(self.finished),
+            lane_cpu_s=round(sum(d.cpu_s for d in self.finished), 3),
+            lane_cpu_max_s=round(max((d.cpu_s for d in self.finished), default=0.0), 3),
             skipped=skipped,
             interrupted=signal.Signals(self.interrupted).name if self.interrupted else None,
-            pool_restarts=self.pool.restarts + self.quarantine.restarts,
+            pool_restarts=sum(d.pool_restarts for d in self.finished),
         )
 
-    # --- lifecycle: called from the signal handler, in the main thread ---------------------------
+    def _queues(self) -> tuple[QueueStat, ...]:
+        """Each gauge per lane: its bound, its mean over the run, its peak in any lane."""
+        lanes = max(1, self.lanes_wanted)
+        occupancy = self.sampler.occupancy
+        peaks = {
+            "fetched": max((d.fetched_peak for d in self.finished), default=0),
+            "pool": max((d.pool_peak for d in self.finished), default=0),
+            "jobs": self._jobs_peak,
+        }
+        return tuple(
+            QueueStat(g.name, g.bound // lanes, peaks[g.name],
+                      round(occupancy[g.name].mean / lanes, 2))
+            for g in self.gauges
+        )  # fmt: skip
+
+    # --- lifecycle: called from the signal handler, in the main thread ------------------------
 
     def interrupt(self, signum: int) -> None:
-        """Stop gracefully: read no more URLs, end downloads now, give the pool a grace period."""
+        """Stop gracefully: deal no more; the main loop sends STOP to every lane."""
         self.interrupted = signum
-        self.stop.set()
-        self.downloader.cancel()
-        self._grace = threading.Timer(self.config.transform.shutdown_grace, self._kill_workers)
-        self._grace.name = "shutdown-grace"
-        self._grace.start()
+        self.stopping = True
+        with contextlib.suppress(OSError):  # the loop is waiting: wake it
+            os.write(self._wake_w, b"!")
         log.warning(
             "%s: finishing the images in flight (again to abort)", signal.Signals(signum).name
         )
 
     def abort(self, signum: int) -> None:
-        """Stop now: kill the workers, flush the manifest, exit; a rerun redoes what is missing."""
-        self._kill_workers()
+        """Stop now: kill the lanes (their workers follow), flush the manifest, exit."""
+        for handle in self.lanes:
+            with contextlib.suppress(OSError, ValueError):
+                handle.process.kill()
         self.sink.close()
         os._exit(128 + signum)
 
-    def _kill_workers(self) -> None:
-        for worker in [*self.pool.processes(), *self.quarantine.processes()]:
-            with contextlib.suppress(OSError, ValueError):  # already gone
-                worker.kill()
 
-    def _end_grace(self) -> None:
-        if self._grace is not None:
-            self._grace.cancel()
-            self._grace.join()
+def _stage(name: str, workers: int, meter: Meter, ended: float) -> StageStat:
+    """Utilization counts from the stage's first item (not while lanes and pools start)."""
+    span = ended - meter.first if meter.items else 0.0
+    active = max(0.0, meter.last - meter.first) if meter.items else 0.0
+    return StageStat.from_meter(name, workers, meter, span_s=span, active_s=active)
 
-    # --- download threads -----------------------------------------------------------------
 
-    def _download_loop(self, jobs: SharedIterator[Job | ShardEnd]) -> None:
-        meter = self.download.meter()
-        try:
-            while (job := jobs.next()) is not None:
-                if isinstance(job, ShardEnd):
-                    self.results.put(job)
-                    continue
-                if job.duplicate_of is not None:  # its URL is fetched for an earlier line
-                    self.results.put(Outcome.duplicate(job))
-                    continue
-                started = time.perf_counter()
-                try:
-                    fetched = self.downloader.fetch(job)
-                except FetchError as err:
-                    if self.stop.is_set():  # cut short by an interrupt: not a real failure
-                        continue
-                    log.debug("%s %s: %s: %s", job.key, job.url, err.kind, err.message)
-                    elapsed = time.perf_counter() - started
-                    meter.record(elapsed, ok=False)
-                    self.results.put(Outcome.failed(job, err, download_ms=round(elapsed * 1000, 2)))
-                    continue
-                size = len(fetched.body)
-                meter.record(time.perf_counter() - started, bytes_in=size, bytes_out=size)
-                self.fetched.put(fetched)
-        except BaseException:
-            self.stop.set()
-            raise
-        finally:
-            self.fetched.put(DONE)
-
-    # --- dispatcher thread: feeds the pool, at most in_flight tasks at a time -----------------
-
-    def _dispatch_loop(self) -> None:
-        producers = self.config.download.workers
-        try:
-            while producers:
-                item = self.fetched.get()
-                if item is DONE:
-                    producers -= 1
-                elif not self.stop.is_set():  # once stopping, downloaded bodies are dropped
-                    assert isinstance(item, Fetched)
-                    self.slots.acquire()
-                    self._submit(item, attempt=0)
-        except BaseException:
-            self.stop.set()
-            while producers:  # keep the download threads from blocking on a full queue
-                producers -= self.fetched.get() is DONE
-            raise
-        finally:
-            self.slots.drain()  # every task has come back
-            self.results.put(DONE)
-
-    def _submit(self, item: Fetched, attempt: int) -> None:
-        future = self.pool.submit(process, item)
-        future.add_done_callback(functools.partial(self._on_done, item, attempt))
-
-    def _on_done(self, item: Fetched, attempt: int, future: Future[Outcome]) -> None:
-        """Runs in the pool's thread: pass the result on, or deal with a dead worker."""
-        crashed = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
-        if crashed and not self.stop.is_set() and attempt < self.config.transform.crash_retries:
-            self._suspect(item, attempt + 1)  # the slot stays taken until it is settled
-            return
-        self._settle(item, future, crashed)
-
-    def _settle(self, item: Fetched, future: Future[Outcome], crashed: bool) -> None:
-        meter = self.transform.meter()  # this runs in a pool's result thread
-        if crashed and not self.stop.is_set():
-            error = TransformError("worker_crash", "the transform process died on this image")
-            meter.record(0.0, ok=False, bytes_in=len(item.body))
-            self.results.put(Outcome.failed(item.job, error, download_ms=item.download_ms,
-                                            bytes_in=len(item.body)))  # fmt: skip
-        elif not (crashed or future.cancelled()):  # killed or cancelled at shutdown: redone later
-            if future.exception() is None:
-                done = future.result()
-                meter.record(
-                    done.transform_ms / 1000,
-                    ok=done.status == "ok",
-                    bytes_in=done.bytes_in,
-                    bytes_out=done.bytes_out,
-                    cpu_s=done.cpu_ms / 1000,
-                )
-            self.results.put(future)
-        self.slots.release()
-
-    def _suspect(self, item: Fetched, attempt: int) -> None:
-        with self._suspect_lock:
-            self._suspects.append((item, attempt))
-            if self._suspect_running:
-                return
-            self._suspect_running = True
-        self._next_suspect()
-
-    def _next_suspect(self) -> None:
-        with self._suspect_lock:
-            if not self._suspects:
-                self._suspect_running = False
-                return
-            item, attempt = self._suspects.popleft()
-        future = self.quarantine.submit(process, item)
-        future.add_done_callback(functools.partial(self._on_suspect_done, item, attempt))
-
-    def _on_suspect_done(self, item: Fetched, attempt: int, future: Future[Outcome]) -> None:
-        crashed = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
-        if crashed and not self.stop.is_set() and attempt < self.config.transform.crash_retries:
-            self._suspect(item, attempt + 1)
-        else:
-            self._settle(item, future, crashed)
-        self._next_suspect()
-
-    # --- main thread: the sink -----------------------------------------------------------
-
-    def _collect(self, stats: RunStats) -> None:
-        meter = self.write.meter()
-        try:
-            while (item := self.results.get()) is not DONE:
-                if isinstance(item, ShardEnd):
-                    self.sink.end_shard(item)
-                    continue
-                outcome = item.result() if isinstance(item, Future) else item
-                assert isinstance(outcome, Outcome)
-                started = time.perf_counter()
-                self.sink.add(outcome)
-                stats.add(outcome)
-                meter.record(time.perf_counter() - started)
-        except BaseException:
-            self.stop.set()  # a bug: stop reading URLs, let what is in flight finish, re-raise
-            self.downloader.cancel()
-            while self.results.get() is not DONE:
-                pass
-            raise
+def _cpu_stage(name: str, workers: int, meter: Meter, ended: float) -> StageStat:
+    """A stage of processes: busy while they use CPU, so utilization is the CPU they used."""
+    stat = _stage(name, workers, meter, ended)
+    capacity = workers * (ended - meter.first if meter.items else 0.0)
+    used = round(min(100.0, 100 * meter.cpu_s / capacity), 1) if capacity > 0 else 0.0
+    return dataclasses.replace(stat, utilization=used)
 
 
 @contextlib.contextmanager
-def _signals(pipeline: Run) -> Iterator[None]:
+def _signals(pipeline: Coordinator) -> Iterator[None]:
     """SIGINT/SIGTERM: the first interrupts ``pipeline`` gracefully, a second aborts it."""
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -29,7 +29,8 @@ from pipeline.sink import read_manifest
 
 pytest.importorskip("distributed")
 
-from pipeline.cluster import DAEMON_HELP, INSTALL, _worker_pools, connect, run_on_dask
+from pipeline.cluster import DAEMON_HELP, INSTALL, connect, run_on_dask, run_shard
+from pipeline.records import ShardEnd
 
 SHARD = 25
 
@@ -153,7 +154,8 @@ def test_a_daemonic_worker_is_told_how_to_start_workers(tmp_path):
 
 def _try_pools(out: str, answers) -> None:
     try:
-        _worker_pools(make_config(Path(out)), Path(out))
+        shard = [ShardEnd("00000-000000001", 0)]
+        run_shard(shard, make_config(Path(out)), out)
         answers.put("no error")
     except PipelineError as err:
         answers.put(str(err))

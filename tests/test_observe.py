@@ -20,7 +20,15 @@ from helpers import write_images
 from test_cli import ROOT, pipeline
 
 from pipeline.bench.server import StaticServer
-from pipeline.config import Config, DownloadConfig, OutputConfig, Sleep, Thumbnail, TransformConfig
+from pipeline.config import (
+    Blur,
+    Config,
+    DownloadConfig,
+    OutputConfig,
+    Resize,
+    Thumbnail,
+    TransformConfig,
+)
 from pipeline.report import REPORT_FILE, load_report
 from pipeline.runner import run
 from pipeline.sink import read_manifest
@@ -74,7 +82,8 @@ def test_the_report_agrees_with_the_manifest(tmp_path, mixed):
 def test_slow_transforms_are_named_the_bottleneck(tmp_path, mixed):
     with StaticServer(mixed) as server:
         url_file(tmp_path / "urls.txt", server, mixed)
-        report = run([tmp_path / "urls.txt"], config(tmp_path / "out", 4, 2, Sleep(0.1)))
+        heavy = (Resize(1200, 1200, "stretch"), Blur(12.0))  # CPU, not sleep: utilization is CPU
+        report = run([tmp_path / "urls.txt"], config(tmp_path / "out", 4, 2, *heavy))
     assert report.verdict is not None and report.verdict.stage == "transform", report.verdict
     assert report.stage("transform").utilization > report.stage("download").utilization
 
@@ -137,10 +146,11 @@ def test_log_lines_name_their_process_and_thread(tmp_path, mixed):
         )  # fmt: skip
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "logs" / "run.log").read_text()
-    # a download thread of the main process, and a transform worker process
-    assert re.search(r"DEBUG MainProcess/download_\d+ pipeline\.runner: .* http_4xx", log), log
-    assert re.search(r"DEBUG transform-\d+/MainThread pipeline\.transform: .* not_image", log), log
-    assert "MainProcess/download_" in result.stderr  # and the terminal gets them too
+    # a download thread of a lane process, and a transform worker process
+    assert re.search(r"DEBUG lane-\d+/download_\d+ pipeline\.lane: .* http_4xx", log), log
+    worker = r"DEBUG transform-[\d:]+/MainThread pipeline\.transform: .* not_image"
+    assert re.search(worker, log), log
+    assert "lane-0/download_" in result.stderr  # and the terminal gets them too
 
 
 def run_in_pty(*args: str, cwd: Path, timeout: float = 120) -> tuple[int, str]:

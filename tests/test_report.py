@@ -74,8 +74,13 @@ def test_busy_downloads_and_an_empty_queue_name_download():
     assert verdict.stage == "download" and "download.workers" in verdict.advice
 
 
-def test_a_saturated_main_process_is_named():
-    assert diagnose(report(download=60, transform=50, parent_cpu=0.97)).stage == "main"
+def test_a_saturated_coordinator_or_lane_is_named():
+    assert diagnose(report(download=60, transform=50, parent_cpu=0.97)).stage == "coordinator"
+    lanes = replace(report(download=60, transform=50), lanes=3, lane_cpu_s=2.0, lane_cpu_max_s=0.9)
+    verdict = diagnose(lanes)
+    assert verdict.stage == "lane" and "executor.lanes, now 3" in verdict.advice
+    calm = replace(lanes, lane_cpu_max_s=0.5)
+    assert diagnose(calm).stage == "none"
 
 
 def test_no_verdict_without_a_saturated_stage_or_enough_urls():

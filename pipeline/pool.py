@@ -1,0 +1,301 @@
+"""The transform stage of a lane: a process pool, and the one thread that owns it.
+
+    download threads --put(Fetched)--> Inbox: downloaded bodies, at most queues.fetched
+                                         |                ^ finished tasks: the pools' callbacks
+                                         v                | only post them here, never decide
+                      dispatcher thread (the owner) ------+
+                        | submit, at most transform.in_flight images held at once
+                        v
+                      RestartingPool x transform.workers: decode -> ops -> encode -> write file
+                      quarantine pool x 1: images that were in a pool when a worker died
+                        |
+                        v  Outcome (a small record)
+                      results queue
+
+Every decision about the pool is the dispatcher's, taken in its own thread: what to submit and
+when a slot is free, whether an image whose worker died is tried again (in the quarantine pool,
+one at a time, so that a second crash names its culprit) or recorded as ``worker_crash``, and
+what becomes of each result. A worker that dies breaks a ProcessPoolExecutor for good; the
+RestartingPool starts a fresh one on the next submit. Once the lane is stopping, bodies are
+dropped and killed tasks are not recorded: the next run does them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import multiprocessing
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .config import Config
+from .errors import TransformError
+from .logs import LogSetup
+from .metrics import Stage
+from .records import Fetched, Outcome
+from .stages import DONE, BoundedQueue, _Done
+from .transform import WorkerSetup, init_worker, process
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def make_pool(config: Config, out_dir: Path, workers: int) -> ProcessPoolExecutor:
+    """A transform pool, started with the configured method (never plain fork)."""
+    method = config.transform.start_method
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":  # workers fork from a server that has already imported Pillow
+        context.set_forkserver_preload(["pipeline.transform"])
+    setup = WorkerSetup(
+        config.transform, str(out_dir), config.output.folder_size, os.getpid(), LogSetup.current()
+    )
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=init_worker,
+        initargs=(setup,),
+        max_tasks_per_child=config.transform.max_tasks_per_child or None,
+    )
+
+
+class RestartingPool:
+    """A ProcessPoolExecutor that is replaced by a fresh one when a worker process dies.
+
+    Only the dispatcher submits; ``processes`` may be read from another thread (the grace timer
+    that kills workers), hence the lock.
+    """
+
+    def __init__(self, factory: Callable[[], ProcessPoolExecutor]) -> None:
+        self._factory = factory
+        self._pool = factory()
+        self._retired: list[ProcessPoolExecutor] = []
+        self._lock = threading.Lock()
+        self.restarts = 0
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        with self._lock:
+            try:
+                return self._pool.submit(fn, *args)
+            except BrokenProcessPool:
+                self._retired.append(self._pool)
+                self._pool = self._factory()
+                self.restarts += 1
+                return self._pool.submit(fn, *args)
+
+    def processes(self) -> list[Any]:
+        """The live worker processes (multiprocessing.Process objects) of every pool."""
+        with self._lock:
+            pools = [*self._retired, self._pool]
+        # ProcessPoolExecutor keeps no public list of its processes before Python 3.14
+        return [p for pool in pools for p in (getattr(pool, "_processes", None) or {}).values()]
+
+    def shutdown(self, *, cancel: bool = False) -> None:
+        with self._lock:
+            pools, self._retired = [*self._retired, self._pool], []
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+_Finished = tuple[Fetched, int, bool, "Future[Outcome]"]  # item, attempt, quarantined, future
+
+
+class Inbox:
+    """Where the dispatcher waits: downloaded bodies (bounded) and finished tasks (unbounded:
+    a callback must never block). One condition, so the owner blocks on both without polling."""
+
+    def __init__(self, bound: int) -> None:
+        self.name = "fetched"
+        self.bound = bound
+        self.peak = 0
+        self._bodies: deque[Fetched | _Done] = deque()
+        self._finished: deque[_Finished] = deque()
+        self._held = 0  # bodies in _bodies (the DONEs there are not bounded)
+        self._closed = False
+        self._ready = threading.Condition(threading.Lock())
+
+    def put(self, item: Fetched | _Done) -> None:
+        """A body, or a download thread's DONE; blocks while the bodies are at their bound."""
+        with self._ready:
+            if item is not DONE:
+                self._ready.wait_for(lambda: self._held < self.bound or self._closed)
+                if self._closed:
+                    return  # the dispatcher has failed: nobody will take it
+                self._held += 1
+                self.peak = max(self.peak, self._held)
+            self._bodies.append(item)
+            self._ready.notify_all()
+
+    def finished(self, event: _Finished) -> None:
+        with self._ready:
+            self._finished.append(event)
+            self._ready.notify_all()
+
+    def take(self, room: bool) -> tuple[_Finished | None, Fetched | _Done | None]:
+        """A finished task first, else (when there is ``room``) the next body; blocks for one."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._finished or (room and self._bodies))
+            if self._finished:
+                return self._finished.popleft(), None
+            body = self._bodies.popleft()
+            if body is not DONE:
+                self._held -= 1
+                self._ready.notify_all()  # a download thread may be waiting for room
+            return None, body
+
+    def close(self) -> None:
+        """The dispatcher is gone: let the download threads through."""
+        with self._ready:
+            self._closed = True
+            self._bodies.clear()
+            self._held = 0
+            self._ready.notify_all()
+
+    def depth(self) -> int:
+        return self._held
+
+
+class TransformPool:
+    """The dispatcher thread, its pools and its slots. ``producers`` download threads feed it."""
+
+    def __init__(
+        self,
+        config: Config,
+        out_dir: Path,
+        results: BoundedQueue[Outcome],
+        stage: Stage,
+        stop: threading.Event,
+        producers: int,
+        workers: int,
+    ) -> None:
+        self.config = config
+        self.inbox = Inbox(config.queues.fetched)
+        self.results = results
+        self.stage = stage
+        self.stop = stop
+        self.producers = producers
+        self.bound = config.transform.max_in_flight or 2 * workers
+        self.name, self.peak = "pool", 0  # a gauge: images held by the pool
+        self.in_flight = 0
+        self.pool = RestartingPool(functools.partial(make_pool, config, out_dir, workers))
+        self.quarantine = RestartingPool(functools.partial(make_pool, config, out_dir, 1))
+        self._suspects: deque[tuple[Fetched, int]] = deque()
+        self._suspect_running = False
+        self._thread = threading.Thread(target=self._run, name="dispatch")
+        self._error: BaseException | None = None
+
+    def depth(self) -> int:
+        return self.in_flight
+
+    @property
+    def restarts(self) -> int:
+        return self.pool.restarts + self.quarantine.restarts
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait for the dispatcher; re-raise its error, if any."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def kill_workers(self) -> None:
+        """Called once the grace after a stop is over: whatever is still running is lost."""
+        for worker in [*self.pool.processes(), *self.quarantine.processes()]:
+            with contextlib.suppress(OSError, ValueError):  # already gone
+                worker.kill()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel=True)
+        self.quarantine.shutdown(cancel=True)
+
+    # --- the dispatcher thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        producers = self.producers
+        try:
+            while producers or self.in_flight:
+                room = self.in_flight < self.bound or self.stop.is_set()
+                finished, body = self.inbox.take(room)
+                if finished is not None:
+                    self._finished(*finished)
+                elif body is DONE:
+                    producers -= 1
+                elif not self.stop.is_set():  # once stopping, downloaded bodies are dropped
+                    assert isinstance(body, Fetched)
+                    self.in_flight += 1
+                    self.peak = max(self.peak, self.in_flight)
+                    self._submit(body, 0, quarantined=False)
+        except BaseException as exc:
+            self._error = exc
+            self.stop.set()
+            self.inbox.close()
+        finally:
+            self.results.put(DONE)
+
+    def _submit(self, item: Fetched, attempt: int, *, quarantined: bool) -> None:
+        pool = self.quarantine if quarantined else self.pool
+        try:
+            future = pool.submit(process, item)
+        except Exception as exc:  # no worker could be started (EMFILE, ...): this image fails
+            log.warning("cannot start a transform process: %s", exc)
+            error = TransformError("worker_crash", f"no transform process could be started: {exc}")
+            self._record(Outcome.failed(item.job, error, download_ms=item.download_ms))
+            return
+        self._suspect_running |= quarantined
+        future.add_done_callback(lambda f: self.inbox.finished((item, attempt, quarantined, f)))
+
+    def _finished(
+        self, item: Fetched, attempt: int, quarantined: bool, future: Future[Outcome]
+    ) -> None:
+        if quarantined:
+            self._suspect_running = False
+        crashed = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
+        stopping = self.stop.is_set()
+        if crashed and not stopping and attempt < self.config.transform.crash_retries:
+            self._suspects.append((item, attempt + 1))  # its slot stays taken till it is settled
+        elif crashed and not stopping:
+            error = TransformError("worker_crash", "the transform process died on this image")
+            self.stage.meter().record(0.0, ok=False, bytes_in=len(item.body))
+            self._record(Outcome.failed(item.job, error, download_ms=item.download_ms,
+                                        bytes_in=len(item.body)))  # fmt: skip
+        elif crashed or future.cancelled():  # killed or cancelled at shutdown: redone later
+            self.in_flight -= 1
+        else:
+            self._record(self._outcome(item, future))
+        self._next_suspect()
+
+    def _outcome(self, item: Fetched, future: Future[Outcome]) -> Outcome:
+        exc = future.exception()
+        if exc is not None:  # not an ItemError (process() turns those into rows): still one row
+            log.warning("%s: the transform raised %s: %s", item.job.key, type(exc).__name__, exc)
+            error = TransformError("transform_error", f"{type(exc).__name__}: {exc}")
+            return Outcome.failed(item.job, error, download_ms=item.download_ms)
+        done = future.result()
+        self.stage.meter().record(
+            done.transform_ms / 1000,
+            ok=done.status == "ok",
+            bytes_in=done.bytes_in,
+            bytes_out=done.bytes_out,
+            cpu_s=done.cpu_ms / 1000,
+        )
+        return done
+
+    def _record(self, outcome: Outcome) -> None:
+        self.in_flight -= 1
+        self.results.put(outcome)
+
+    def _next_suspect(self) -> None:
+        if self.stop.is_set():  # not tried again now: the next run does them
+            self.in_flight -= len(self._suspects)
+            self._suspects.clear()
+        if self._suspects and not self._suspect_running:
+            item, attempt = self._suspects.popleft()
+            self._submit(item, attempt, quarantined=True)
