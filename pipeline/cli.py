@@ -245,6 +245,8 @@ def _config(args: argparse.Namespace) -> Config:
         config = with_overrides(config, "download", workers=args.download_workers)
     if args.transform_workers is not None:
         config = with_overrides(config, "transform", workers=args.transform_workers)
+    if getattr(args, "lanes", None) is not None:
+        config = with_overrides(config, "executor", lanes=args.lanes)
     return config
 
 
@@ -379,6 +381,11 @@ def _add_run_options(cmd: argparse.ArgumentParser, default_out: Path | None = No
     )
     cmd.add_argument(
         "--transform-workers", type=_positive, help="transform processes (transform.workers)"
+    )
+    cmd.add_argument(
+        "--lanes",
+        type=_positive,
+        help="download processes, each with its threads and a share of the pool (executor.lanes)",
     )
     _add_verbosity(cmd)
 

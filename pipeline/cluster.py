@@ -311,6 +311,7 @@ def merge(
         lanes=max((r.report.lanes for r in results), default=0),
         lane_cpu_s=round(sum(r.report.lane_cpu_s for r in results), 3),
         lane_cpu_max_s=max((r.report.lane_cpu_max_s for r in results), default=0.0),
+        lane_restarts=sum(r.report.lane_restarts for r in results),
         failing_hosts=tuple(hosts.most_common(TOP_HOSTS)),
         skipped=skipped + sum(r.report.skipped for r in results),
         pool_restarts=sum(r.report.pool_restarts for r in results),

@@ -119,6 +119,7 @@ class Report:
     lanes: int = 0  # lane processes that ran
     lane_cpu_s: float = 0.0  # CPU time of the lane processes (downloads, hand-off), summed
     lane_cpu_max_s: float = 0.0  # ... of the busiest lane
+    lane_restarts: int = 0  # lanes started in place of one that died
     verdict: Verdict | None = None
     failing_hosts: tuple[tuple[str, int], ...] = ()
     skipped: int = 0  # URLs an earlier run of this output folder had already done
@@ -282,6 +283,8 @@ def format_report(report: Report) -> str:
     lines += _failures(report.failed, report.failing_hosts)
     if report.pool_restarts:
         lines.append(f"restarts    the transform pool was restarted {report.pool_restarts} times")
+    if report.lane_restarts:
+        lines.append(f"restarts    a lane died and was replaced {report.lane_restarts} times")
     return "\n".join(lines)
 
 

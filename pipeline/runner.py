@@ -153,6 +153,7 @@ class Coordinator:
         self.workers: dict[str, int] = {}
         self._deaths: Counter[str] = Counter()  # lane deaths per job key
         self._restarts_left = 2 * self.lanes_wanted + 2
+        self.lane_restarts = 0
         self._redo: deque[Job] = deque()
         self._items: Iterator[Job | ShardEnd] = iter(())
         self._exhausted = False
@@ -336,6 +337,7 @@ class Coordinator:
         if self._restarts_left <= 0:
             raise PipelineError(f"lane processes keep dying (the last: {cause}); see the log")
         self._restarts_left -= 1
+        self.lane_restarts += 1
         self._start_lane(handle.index)
 
     def _kill_lanes(self) -> None:
@@ -390,6 +392,7 @@ class Coordinator:
             skipped=skipped,
             interrupted=signal.Signals(self.interrupted).name if self.interrupted else None,
             pool_restarts=sum(d.pool_restarts for d in self.finished),
+            lane_restarts=self.lane_restarts,
         )
 
     def _queues(self) -> tuple[QueueStat, ...]:

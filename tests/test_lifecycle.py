@@ -109,11 +109,16 @@ def slow_run_files(tmp_path: Path, server: FaultServer, image_dir: Path, sleep: 
     return urls
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_stops_the_run_quickly_and_cleanly(tmp_path, fault_server, image_dir, sig, code):
+@pytest.mark.parametrize(
+    ("sig", "code", "lanes"),
+    [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 1), (signal.SIGINT, 130, 2)],
+)
+def test_a_signal_stops_the_run_quickly_and_cleanly(
+    tmp_path, fault_server, image_dir, sig, code, lanes
+):
     urls = slow_run_files(tmp_path, fault_server, image_dir, sleep=0.05)
     out = tmp_path / "out"
-    proc = start(["run", "urls.txt", "--out", "out", "-q"], cwd=tmp_path)
+    proc = start(["run", "urls.txt", "--out", "out", "-q", "--lanes", str(lanes)], cwd=tmp_path)
     wait_for(lambda: images_written(out) >= 6)
     children = set(descendants(proc.pid))
     assert children, "the run should have worker processes"
@@ -127,6 +132,7 @@ def test_a_signal_stops_the_run_quickly_and_cleanly(tmp_path, fault_server, imag
     assert took < 3.0, f"took {took:.1f} s to exit"
     assert "Traceback" not in stderr
     assert f"interrupted by {sig.name}" in stdout
+    assert json.loads((out / "report.json").read_text())["lanes"] == lanes
     # the forkserver and resource tracker see the parent's pipe close and exit on their own
     wait_for(lambda: alive(children) == set(), timeout=2, what="every child process to exit")
     rows = check_manifest(out)
