@@ -22,7 +22,7 @@ from . import __version__
 from .bench.demo import SAMPLES, run_demo
 from .bench.faults import FaultServer
 from .bench.server import StaticServer
-from .config import Config, load_config, with_overrides
+from .config import Config, lane_count, load_config, with_overrides
 from .errors import PipelineError
 from .logs import configure
 from .progress import terminal
@@ -118,12 +118,16 @@ def _bench(args: argparse.Namespace) -> int:
         max_px=args.size[1],
         latency=args.latency / 1000,
         bandwidth=args.bandwidth * 1e6,
+        server_cores=args.server_cores,
         **({"cache": args.cache} if args.cache else {}),
     )
     if args.compare and any(
-        len(v or ()) > 1 for v in (args.download_workers, args.transform_workers)
+        len(v or ()) > 1 for v in (args.download_workers, args.transform_workers, args.lanes)
     ):
-        raise PipelineError("--compare runs one setting: give one --download-workers value")
+        raise PipelineError(
+            "--compare runs one setting: give one --download-workers, --transform-workers "
+            "and --lanes value"
+        )
 
     def show(line: str) -> None:  # rows as they come; --json prints once, at the end
         if not args.json:
@@ -145,11 +149,12 @@ def _bench(args: argparse.Namespace) -> int:
             workers = bench.Setting(
                 (args.download_workers or [b.config.download.workers])[0],
                 (args.transform_workers or [b.config.transform.pool_workers])[0],
+                lanes=(args.lanes or [lane_count(b.config)])[0],
             )
             show(
-                f"workers     {workers.download_workers} download threads, "
-                f"{workers.transform_workers} transform processes (threads-only: the download "
-                "threads do both)"
+                f"workers     {workers.lanes} lane(s) of {workers.download_workers} download "
+                f"threads, {workers.transform_workers} transform processes in all (the "
+                "baselines: the same threads and processes in one process)"
             )
             show("\n" + bench.header(sweep_table=False))
             seen: list[bench.Row] = []
@@ -174,8 +179,8 @@ def _bench(args: argparse.Namespace) -> int:
                 )
                 if both.stage == "transform":
                     show(
-                        f"            with the main process's CPU ({both.shared_s:.2f} s a core) "
-                        f"taken from the same cores, the floor is {both.floor_s:.2f} s: "
+                        f"            with the coordinator's and lanes' CPU ({both.shared_s:.2f} s "
+                        f"a core) taken from the same cores, the floor is {both.floor_s:.2f} s: "
                         f"{both.floor_ratio:.2f}x"
                     )
         else:
@@ -183,6 +188,7 @@ def _bench(args: argparse.Namespace) -> int:
                 args.download_workers or [8, 16, 32],
                 args.transform_workers or bench.default_transform_workers(),
                 args.queues,
+                args.lanes,
             )
             show("\n" + bench.header(sweep_table=True))
             rows = bench.sweep(
@@ -195,6 +201,7 @@ def _bench(args: argparse.Namespace) -> int:
                 f"\nbest        download.workers = {top.setting.download_workers}, "
                 f"transform.workers = {top.setting.transform_workers}"
                 + (f", queues.fetched = {top.setting.queue}" if top.setting.queue else "")
+                + (f", executor.lanes = {top.setting.lanes}" if top.setting.lanes else "")
                 + f": {top.images_per_s:.1f} images/s"
             )
             if args.write_config:
@@ -339,6 +346,16 @@ def _parser() -> argparse.ArgumentParser:
         "--queues", type=_int_list, metavar="N,N,...", help="queues.fetched sizes to try too"
     )
     bench_cmd.add_argument(
+        "--lanes", type=_int_list, metavar="N,N,...", help="executor.lanes to try too"
+    )
+    bench_cmd.add_argument(
+        "--server-cores",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="run the workload server on N cores of its own (N processes), the runs on the rest",
+    )
+    bench_cmd.add_argument(
         "--repeat",
         type=_positive,
         default=1,
@@ -412,6 +429,10 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive(text)
 
 
 def _non_negative(text: str) -> float:

@@ -93,8 +93,9 @@ class RestartingPool:
         """The live worker processes (multiprocessing.Process objects) of every pool."""
         with self._lock:
             pools = [*self._retired, self._pool]
-        # ProcessPoolExecutor keeps no public list of its processes before Python 3.14
-        return [p for pool in pools for p in (getattr(pool, "_processes", None) or {}).values()]
+        # ProcessPoolExecutor keeps no public list of its processes before Python 3.14; its
+        # manager thread may change the dict meanwhile: dict() copies it in one step (the GIL)
+        return [p for pool in pools for p in dict(getattr(pool, "_processes", None) or {}).values()]
 
     def shutdown(self, *, cancel: bool = False) -> None:
         with self._lock:
@@ -247,6 +248,7 @@ class TransformPool:
         except Exception as exc:  # no worker could be started (EMFILE, ...): this image fails
             log.warning("cannot start a transform process: %s", exc)
             error = TransformError("worker_crash", f"no transform process could be started: {exc}")
+            self.stage.meter().record(0.0, ok=False, bytes_in=len(item.body))
             self._record(Outcome.failed(item.job, error, download_ms=item.download_ms))
             return
         self._suspect_running |= quarantined
@@ -277,6 +279,7 @@ class TransformPool:
         if exc is not None:  # not an ItemError (process() turns those into rows): still one row
             log.warning("%s: the transform raised %s: %s", item.job.key, type(exc).__name__, exc)
             error = TransformError("transform_error", f"{type(exc).__name__}: {exc}")
+            self.stage.meter().record(0.0, ok=False, bytes_in=len(item.body))
             return Outcome.failed(item.job, error, download_ms=item.download_ms)
         done = future.result()
         self.stage.meter().record(
@@ -296,6 +299,6 @@ class TransformPool:
         if self.stop.is_set():  # not tried again now: the next run does them
             self.in_flight -= len(self._suspects)
             self._suspects.clear()
-        if self._suspects and not self._suspect_running:
+        while self._suspects and not self._suspect_running:  # a failed submit: the next one
             item, attempt = self._suspects.popleft()
             self._submit(item, attempt, quarantined=True)

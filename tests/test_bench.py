@@ -68,13 +68,25 @@ def test_workload_server_caps_bandwidth_per_connection(workload):
     assert elapsed >= 0.8 * len(body) / rate  # a cap can only make it slower, never faster
 
 
+def test_workload_servers_share_a_port_on_the_cores_set_apart(workload):
+    last = max(os.sched_getaffinity(0))
+    with WorkloadServer(workload.files[:3], processes=2, cores=frozenset({last})) as server:
+        pids = [p.pid for p in server._processes]
+        assert all(os.sched_getaffinity(pid) == {last} for pid in pids)
+        for n in range(12):  # a new connection each time: the kernel spreads them
+            with requests.Session() as session:
+                answer = session.get(f"{server.url}{n}.jpg", timeout=5)
+            assert answer.content == workload.files[n % 3].read_bytes()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
 OWNER = """
 import sys
 from pathlib import Path
 from pipeline.bench.workload import WorkloadServer
 if __name__ == "__main__":
     with WorkloadServer([Path(p) for p in sys.argv[1:]]) as server:
-        print(server._process.pid, flush=True)
+        print(server._processes[0].pid, flush=True)
         sys.stdin.read()
 """
 

@@ -33,7 +33,7 @@ from typing import Any
 import tomlkit
 
 from ..atomic import write_atomic
-from ..config import load_config
+from ..config import available_cores, load_config
 from ..errors import PipelineError
 from ..report import REPORT_FILE, load_report
 from .baselines import STRATEGIES
@@ -140,12 +140,14 @@ def _child_env() -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class Setting:
-    download_workers: int
-    transform_workers: int
+    download_workers: int  # per lane
+    transform_workers: int  # in all, shared out among the lanes
     queue: int | None = None  # queues.fetched; None keeps the config's
+    lanes: int | None = None  # executor.lanes; None keeps the config's
 
     def label(self) -> str:
         text = f"{self.download_workers} x {self.transform_workers}"
+        text = text if self.lanes is None else f"{self.lanes}L {text}"
         return text if self.queue is None else f"{text} q{self.queue}"
 
 
@@ -161,6 +163,8 @@ class Row:
     mb_in: float
     parent_cpu_s: float | None = None  # the staged pipeline reports its own CPU split
     pool_cpu_s: float | None = None
+    lane_cpu_s: float | None = None
+    lanes: int | None = None
     download_util: float | None = None
     transform_util: float | None = None
     setting: Setting | None = None
@@ -193,6 +197,7 @@ class BenchOptions:
     cache: Path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pipeline"
     min_px: int = 1024
     max_px: int = 1600
+    server_cores: int = 0  # cores set apart for the workload server, one process each; 0: none
 
 
 class Bench:
@@ -210,10 +215,19 @@ class Bench:
 
     def __enter__(self) -> Bench:
         files = self.workload.make()
+        cores, apart = split_cores(self.options.server_cores)
         server = WorkloadServer(
-            files, latency=self.options.latency, bandwidth=self.options.bandwidth
+            files,
+            latency=self.options.latency,
+            bandwidth=self.options.bandwidth,
+            processes=max(1, len(apart)),
+            cores=apart,
         )
         self._stack.enter_context(server)
+        if apart:  # the measured runs (our children) get the other cores only
+            before = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, cores)
+            self._stack.callback(os.sched_setaffinity, 0, before)
         self.scratch = Path(self._stack.enter_context(tempfile.TemporaryDirectory("-bench")))
         self.urls = self.scratch / "urls.txt"
         self.workload.write_urls(self.urls, server.url, self.options.images)
@@ -256,6 +270,8 @@ class Bench:
             mb_in=round(report.bytes_in / 1e6, 2),
             parent_cpu_s=report.parent_cpu_s,
             pool_cpu_s=report.pool_cpu_s,
+            lane_cpu_s=report.lane_cpu_s,
+            lanes=report.lanes,
             download_util=download.utilization if download else None,
             transform_util=transform.utilization if transform else None,
             setting=setting,
@@ -280,6 +296,19 @@ class Bench:
         )
 
 
+def split_cores(apart: int) -> tuple[frozenset[int], frozenset[int]]:
+    """The cores left for the measured runs, and ``apart`` cores set apart for the server."""
+    cores = sorted(os.sched_getaffinity(0))
+    if not apart:
+        return frozenset(cores), frozenset()
+    if apart >= len(cores):
+        raise PipelineError(
+            f"--server-cores {apart}: this process may use only {len(cores)} cores; "
+            "leave at least one for the run"
+        )
+    return frozenset(cores[:-apart]), frozenset(cores[-apart:])
+
+
 def put(doc: Any, section: str, key: str, value: Any) -> None:
     """Set ``section.key`` in a tomlkit document, keeping the comments around it."""
     if section not in doc:
@@ -293,6 +322,8 @@ def apply(doc: Any, setting: Setting) -> None:
     put(doc, "transform", "workers", setting.transform_workers)
     if setting.queue is not None:
         put(doc, "queues", "fetched", setting.queue)
+    if setting.lanes is not None:
+        put(doc, "executor", "lanes", setting.lanes)
 
 
 def median(runs: Sequence[Row]) -> Row:
@@ -338,7 +369,7 @@ class Overlap:
     staged_s: float
     stage: str  # the slower stage: "download" or "transform"
     alone_s: float  # that stage run alone (two-phase's phase)
-    shared_s: float = 0.0  # the main process's CPU, spread on the cores the transforms also use
+    shared_s: float = 0.0  # coordinator + lanes' CPU, spread on the cores the transforms also use
 
     @property
     def ratio(self) -> float:
@@ -361,7 +392,8 @@ def overlap(rows: Sequence[Row]) -> Overlap | None:
     if phased is None or staged is None or staged.run_s is None:
         return None
     stage = max(("download", "transform"), key=lambda name: phased.phases[f"{name}_s"])
-    shared = (staged.parent_cpu_s or 0.0) / (os.cpu_count() or 1)
+    hand_off = (staged.parent_cpu_s or 0.0) + (staged.lane_cpu_s or 0.0)
+    shared = hand_off / available_cores()
     return Overlap(staged.run_s, stage, phased.phases[f"{stage}_s"], round(shared, 3))
 
 
@@ -374,7 +406,9 @@ def best(rows: Sequence[Row]) -> Row:
     return min(
         close,
         key=lambda r: (
-            r.setting.download_workers + r.setting.transform_workers if r.setting else 0,
+            (r.setting.lanes or 1) * r.setting.download_workers + r.setting.transform_workers
+            if r.setting
+            else 0,
             -r.images_per_s,
         ),
     )
@@ -394,7 +428,7 @@ def header(sweep_table: bool) -> str:
     first = "setting" if sweep_table else "strategy"
     text = f"{first:<16}{'images/s':>9}{'wall s':>8}{'MB/s':>7}{'peak MB':>9}"
     if sweep_table:
-        text += f"{'main cpu':>9}{'pool cpu':>9}{'dl busy':>8}{'tf busy':>8}"
+        text += f"{'lanes':>6}{'coord ms':>9}{'lane ms':>8}{'pool ms':>8}{'tf busy':>8}"
     return text + ("" if sweep_table else f"{'vs sequential':>15}")
 
 
@@ -403,16 +437,21 @@ def format_row(row: Row, sweep_table: bool, sequential: Row | None = None) -> st
         f"{row.name:<16}{row.images_per_s:>9.1f}{row.wall_s:>8.2f}{row.mb_per_s:>7.1f}"
         f"{row.peak_mb:>9.0f}"
     )
-    if sweep_table:
+    if sweep_table:  # CPU per image: what says whether a process multiplies with the cores
+        per = 1000 / row.ok if row.ok else 0.0
         text += (
-            f"{_opt(row.parent_cpu_s, 's'):>9}{_opt(row.pool_cpu_s, 's'):>9}"
-            f"{_opt(row.download_util, '%'):>8}{_opt(row.transform_util, '%'):>8}"
+            f"{row.lanes or '-':>6}{_ms(row.parent_cpu_s, per):>9}{_ms(row.lane_cpu_s, per):>8}"
+            f"{_ms(row.pool_cpu_s, per):>8}{_opt(row.transform_util, '%'):>8}"
         )
     elif sequential is not None and sequential.images_per_s > 0:
         text += f"{row.images_per_s / sequential.images_per_s:>14.2f}x"
     if row.ok < row.images:
         text += f"  ({row.images - row.ok} failed)"
     return text
+
+
+def _ms(seconds: float | None, per: float) -> str:
+    return "-" if seconds is None else f"{seconds * per:.2f}"
 
 
 def _opt(value: float | None, unit: str) -> str:
@@ -433,15 +472,17 @@ def plot(rows: Sequence[Row], path: Path) -> None:
             "--plot needs matplotlib: pip install 'pipeline[plot]' (or pip install matplotlib)"
         ) from None
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    by_transform: dict[tuple[int, int | None], list[Row]] = {}
+    by_transform: dict[tuple[int, int | None, int | None], list[Row]] = {}
     for row in rows:
         if row.setting is not None:
-            key = (row.setting.transform_workers, row.setting.queue)
+            key = (row.setting.transform_workers, row.setting.queue, row.setting.lanes)
             by_transform.setdefault(key, []).append(row)
-    for (transform, queue), group in sorted(by_transform.items(), key=lambda kv: str(kv[0])):
+    for (transform, queue, lanes), group in sorted(by_transform.items(), key=lambda kv: str(kv[0])):
         group.sort(key=lambda r: r.setting.download_workers if r.setting else 0)
-        label = f"transform.workers = {transform}" + (
-            f", queues.fetched = {queue}" if queue else ""
+        label = (
+            f"transform.workers = {transform}"
+            + (f", queues.fetched = {queue}" if queue else "")
+            + (f", lanes = {lanes}" if lanes else "")
         )
         xs = [r.setting.download_workers for r in group if r.setting]
         axes.plot(xs, [r.images_per_s for r in group], marker="o", label=label)
@@ -449,7 +490,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     ticks = sorted({r.setting.download_workers for r in rows if r.setting})
     axes.set_xticks(ticks, [str(t) for t in ticks])
     axes.minorticks_off()
-    axes.set_xlabel("download workers (threads)")
+    axes.set_xlabel("download workers (threads per lane)")
     axes.set_ylabel("images/s")
     axes.set_ylim(bottom=0)
     axes.grid(True, alpha=0.3)
@@ -465,15 +506,19 @@ def plot(rows: Sequence[Row], path: Path) -> None:
 
 
 def default_transform_workers() -> list[int]:
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     return sorted({max(1, cores // 2), cores})
 
 
 def settings_of(
-    download: Sequence[int], transform: Sequence[int], queues: Sequence[int] | None
+    download: Sequence[int],
+    transform: Sequence[int],
+    queues: Sequence[int] | None,
+    lanes: Sequence[int] | None = None,
 ) -> list[Setting]:
     return [
-        Setting(d, t, q)
+        Setting(d, t, q, n)
+        for n in (lanes or [None])  # type: ignore[list-item]
         for t in transform
         for d in download
         for q in (queues or [None])  # type: ignore[list-item]

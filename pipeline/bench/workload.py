@@ -22,6 +22,7 @@ import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -127,39 +128,79 @@ class Workload:
 
 
 class WorkloadServer:
-    """Serves ``/<n>.jpg`` (image ``n % len(files)``) on 127.0.0.1 from a child process.
+    """Serves ``/<n>.jpg`` (image ``n % len(files)``) on 127.0.0.1 from child processes.
 
-    ``latency`` seconds pass before each answer; ``bandwidth`` (bytes/s, 0 = no cap) limits
-    each connection. ``with WorkloadServer(files) as server: server.url`` is the base URL.
+    ``processes`` servers share one port (SO_REUSEPORT: the kernel spreads the connections), so
+    serving keeps up with a many-core run; with ``cores`` they run only on those CPUs, set apart
+    from the measured run. ``latency`` seconds pass before each answer; ``bandwidth`` (bytes/s,
+    0 = no cap) limits each connection. ``with WorkloadServer(files) as server: server.url``.
     """
 
-    def __init__(self, files: list[Path], *, latency: float = 0.0, bandwidth: float = 0.0) -> None:
-        self._sock = socket.create_server((HOST, 0), backlog=1024)
+    def __init__(
+        self,
+        files: list[Path],
+        *,
+        latency: float = 0.0,
+        bandwidth: float = 0.0,
+        processes: int = 1,
+        cores: frozenset[int] = frozenset(),
+    ) -> None:
+        self._sock = _reuseport_socket(0)  # holds the port until every server listens on it
         self.port = self._sock.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}/"
         context = multiprocessing.get_context("spawn")
-        self._process = context.Process(
-            target=_serve,
-            args=(self._sock, [str(p) for p in files], latency, bandwidth, os.getpid()),
-            name="workload-server",
-        )
+        self._ready = [context.Pipe(duplex=False) for _ in range(processes)]
+        args = ([str(p) for p in files], latency, bandwidth, os.getpid(), self.port, cores)
+        self._processes = [
+            context.Process(target=_serve, args=(*args, ready), name=f"workload-server-{i}")
+            for i, (_, ready) in enumerate(self._ready)
+        ]
 
     def __enter__(self) -> WorkloadServer:
-        self._process.start()
-        self._sock.close()  # the child has its own copy
+        for process in self._processes:
+            process.start()
+        for receive, send in self._ready:
+            send.close()
+            if not receive.poll(60) or receive.recv() != "ready":
+                self.__exit__()
+                raise OSError("a workload server did not start")
+            receive.close()
+        self._sock.close()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._process.terminate()
-        self._process.join()
+        for process in self._processes:
+            process.terminate()
+        for process in self._processes:
+            process.join()
+
+
+def _reuseport_socket(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((HOST, port))
+    return sock
 
 
 def _serve(
-    sock: socket.socket, files: list[str], latency: float, bandwidth: float, owner: int
+    files: list[str],
+    latency: float,
+    bandwidth: float,
+    owner: int,
+    port: int,
+    cores: frozenset[int],
+    ready: Any,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the benchmark's to handle: it stops us
     exit_with(owner)  # and if it is killed outright, we end with it
+    if cores:
+        os.sched_setaffinity(0, cores)
     bodies = [Path(f).read_bytes() for f in files]
+    sock = _reuseport_socket(port)
+    sock.listen(1024)
+    ready.send("ready")
+    ready.close()
     asyncio.run(_main(sock, bodies, latency, bandwidth))
 
 

@@ -1,0 +1,499 @@
+"""The transform stage driven directly: TransformPool and its Inbox, without any HTTP.
+
+Each test plays the lane's part: producers put Fetched bodies and one DONE each into the inbox,
+a collector thread reads outcomes from the results queue until DONE. Every wait is an Event or a
+join with a timeout, so a hang fails the test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import encode, leftover_workers, photo
+
+import pipeline.pool
+from pipeline.config import Config, Crash, QueuesConfig, Sleep, Thumbnail, TransformConfig
+from pipeline.metrics import Stage
+from pipeline.pool import Inbox, TransformPool
+from pipeline.records import Fetched, Job, Outcome
+from pipeline.stages import DONE, BoundedQueue
+
+GUARD = 10.0  # seconds: far above what any wait here needs; only a hang reaches it
+JUNK = b"\x00\x01 no image in here at all " * 20
+EMFILE = OSError(24, "Too many open files")
+
+
+def job(i: int) -> Job:
+    return Job(file=0, line=i, url=f"http://x/{i}.jpg", shard="00000-000000001")
+
+
+def fetched(i: int, body: bytes) -> Fetched:
+    return Fetched(job(i), body, 200, "image/jpeg", 1.0)
+
+
+def jpeg(i: int, size: tuple[int, int] = (96, 64)) -> bytes:
+    return encode(photo(*size, seed=i), "JPEG")
+
+
+def lines(outcomes: Iterable[Outcome]) -> list[int]:
+    return sorted(o.line for o in outcomes)
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[BaseException]]:
+    """Run ``fn`` in a daemon thread; what it raises is kept in the list."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+class Run:
+    """One TransformPool with its results queue, stop event, stage, and a collector thread."""
+
+    def __init__(
+        self,
+        out: Path,
+        *,
+        workers: int = 1,
+        producers: int = 1,
+        fetched: int = 32,
+        results: BoundedQueue[Outcome] | None = None,
+        stop: threading.Event | None = None,
+        **transform: Any,
+    ) -> None:
+        transform.setdefault("ops", (Thumbnail(32, 32),))
+        self.config = Config(
+            transform=TransformConfig(workers=workers, **transform),
+            queues=QueuesConfig(fetched=fetched),
+        )
+        self.out = out
+        self.results = results if results is not None else BoundedQueue("results", 1000)
+        self.stage = Stage("transform", workers)
+        self.stop = stop if stop is not None else threading.Event()
+        self.pool = TransformPool(
+            self.config, out, self.results, self.stage, self.stop, producers, workers
+        )
+        self.outcomes: list[Outcome] = []
+        self.ended = threading.Event()  # the results queue gave DONE
+        self._collector = threading.Thread(target=self._collect, name="collector", daemon=True)
+
+    def _collect(self) -> None:
+        while (item := self.results.get()) is not DONE:
+            assert isinstance(item, Outcome)
+            self.outcomes.append(item)
+        self.ended.set()
+
+    def start(self) -> None:
+        self.pool.start()
+        self._collector.start()
+
+    def produce(self, items: Iterable[Fetched]) -> None:
+        """One producer's part: its bodies, then its DONE."""
+        try:
+            for item in items:
+                self.pool.inbox.put(item)
+        finally:
+            self.pool.inbox.put(DONE)
+
+    def finish(self, timeout: float = GUARD) -> BaseException | None:
+        """Wait for DONE on the results and for join(); close. Returns what join() raised."""
+        assert self.ended.wait(timeout), "the results queue never got DONE"
+        joiner, errors = in_thread(self.pool.join)
+        joiner.join(timeout)
+        assert not joiner.is_alive(), "TransformPool.join() did not return"
+        self.pool.close()
+        return errors[0] if errors else None
+
+    def abort(self) -> None:
+        """Teardown: whatever a test left running is ended, never waited for."""
+        thread = self.pool._thread
+        if thread.is_alive():
+            self.stop.set()
+            self.pool.kill_workers()
+            self.pool.inbox.finished(("abort",))  # type: ignore[arg-type]  # _finished raises
+            thread.join(GUARD)
+        if thread.is_alive():
+            self.pool.kill_workers()  # a closing pool would wait for it: leave it be
+        else:
+            self.pool.close()
+
+
+@pytest.fixture
+def make_run(tmp_path: Path):
+    runs: list[Run] = []
+
+    def make(**options: Any) -> Run:
+        run = Run(tmp_path / f"out{len(runs)}", **options)
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.abort()
+    assert leftover_workers() == []
+
+
+# --- every body once, within the bounds -------------------------------------------------------
+
+
+def test_every_body_comes_back_once_and_the_bounds_hold(make_run):
+    run = make_run(workers=2, producers=2, fetched=2)
+    bodies = {i: JUNK if i % 4 == 3 else jpeg(i) for i in range(12)}
+    run.start()
+    shares = [[fetched(i, b) for i, b in bodies.items() if i % 2 == p] for p in range(2)]
+    producers = [in_thread(functools.partial(run.produce, share))[0] for share in shares]
+
+    assert run.finish() is None
+    for producer in producers:
+        producer.join(GUARD)
+        assert not producer.is_alive()
+
+    assert lines(run.outcomes) == list(range(12))  # each exactly once
+    for outcome in run.outcomes:
+        if bodies[outcome.line] is JUNK:
+            assert (outcome.status, outcome.error_kind, outcome.path) == (
+                "failed",
+                "not_image",
+                None,
+            )
+        else:
+            assert outcome.status == "ok", outcome
+            assert (run.out / str(outcome.path)).is_file()
+            assert (outcome.width_out, outcome.height_out) == (32, 21)
+    pool = run.pool
+    assert pool.bound == 4 and 1 <= pool.peak <= pool.bound
+    assert pool.inbox.bound == 2 and 1 <= pool.inbox.peak <= 2
+    assert pool.in_flight == 0 and pool.inbox.depth() == 0
+    assert pool.restarts == 0
+    total = run.stage.total()
+    assert (total.items, total.failed) == (12, 3)
+
+
+# --- a worker that dies -------------------------------------------------------------------------
+
+
+def test_a_dead_worker_blames_its_image_only_and_the_others_are_retried(make_run):
+    # the culprit (40x30) kills its worker at once; the others take a little while, so some are
+    # in the pool with it when it dies and some are still in the inbox
+    run = make_run(workers=2, ops=(Crash(40, 30), Sleep(0.02), Thumbnail(32, 32)), crash_retries=1)
+    bodies = {0: jpeg(0, (40, 30)), **{i: jpeg(i) for i in range(1, 10)}}
+    run.produce(fetched(i, b) for i, b in bodies.items())
+    run.start()
+
+    assert run.finish() is None
+
+    assert lines(run.outcomes) == list(range(10))
+    crashed = [o for o in run.outcomes if o.status != "ok"]
+    assert [(o.line, o.error_kind) for o in crashed] == [(0, "worker_crash")]
+    assert crashed[0].error == "the transform process died on this image"
+    assert crashed[0].bytes_in == len(bodies[0])
+    assert all((run.out / str(o.path)).is_file() for o in run.outcomes if o.status == "ok")
+    assert run.pool.restarts > 0
+    assert run.pool.in_flight == 0
+    total = run.stage.total()
+    assert (total.items, total.failed) == (10, 1)
+
+
+# --- submit fails -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failing", ["all", "one"])
+def test_a_submit_that_fails_gives_a_failed_row_and_the_dispatcher_ends(
+    make_run, monkeypatch, failing
+):
+    run = make_run(workers=1)
+    real = run.pool.pool.submit
+
+    def submit(fn, item):
+        if failing == "all" or item.job.line == 2:
+            raise EMFILE
+        return real(fn, item)
+
+    monkeypatch.setattr(run.pool.pool, "submit", submit)
+    run.produce(fetched(i, jpeg(i)) for i in range(5))
+    run.start()
+
+    assert run.finish() is None
+
+    assert lines(run.outcomes) == list(range(5))
+    failed = {o.line: o for o in run.outcomes if o.status == "failed"}
+    assert sorted(failed) == ([0, 1, 2, 3, 4] if failing == "all" else [2])
+    for outcome in failed.values():
+        assert outcome.error_kind == "worker_crash"
+        assert "Too many open files" in str(outcome.error)
+        assert outcome.path is None
+    assert all(o.status == "ok" for o in run.outcomes if o.line not in failed)
+    assert run.pool.in_flight == 0
+    if failing == "all":
+        assert run.pool.pool.processes() == []  # no worker was ever started
+
+
+def test_a_failed_quarantine_submit_strands_no_other_suspect(make_run, monkeypatch):
+    run = make_run(workers=1, max_in_flight=3)
+    tasks: list[Future[Outcome]] = []
+    submitted = threading.Event()
+    quarantined: list[Future[Outcome]] = []
+    quarantine_submitted = threading.Event()
+
+    def submit(fn, item):  # the main pool: futures the test settles itself
+        tasks.append(Future())
+        if len(tasks) == 3:
+            submitted.set()
+        return tasks[-1]
+
+    def quarantine(fn, item):  # the first suspect runs; then no process can be started
+        if quarantined:
+            raise EMFILE
+        quarantined.append(Future())
+        quarantine_submitted.set()
+        return quarantined[0]
+
+    monkeypatch.setattr(run.pool.pool, "submit", submit)
+    monkeypatch.setattr(run.pool.quarantine, "submit", quarantine)
+    run.produce(fetched(i, jpeg(i)) for i in range(3))
+    run.start()
+    assert submitted.wait(GUARD)
+    for task in tasks:  # a worker died: all three are suspects; 0 goes to the quarantine
+        task.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+    assert quarantine_submitted.wait(GUARD)
+    # finished events are taken in order: 1 and 2 queue behind 0 before 0 is settled
+    quarantined[0].set_result(Outcome.of(job(0), "ok", bytes_in=3))
+
+    assert run.finish(timeout=3) is None
+
+    assert lines(run.outcomes) == [0, 1, 2]
+    assert [o.status for o in sorted(run.outcomes, key=lambda o: o.line)] == [
+        "ok",
+        "failed",
+        "failed",
+    ]
+
+
+# --- a task that raises -------------------------------------------------------------------------
+
+
+def test_a_task_that_raises_is_one_transform_error_row(make_run, monkeypatch):
+    # a local function cannot be pickled: every task fails in the pool's feeder thread
+    monkeypatch.setattr(pipeline.pool, "process", lambda item: None)
+    run = make_run(workers=1)
+    run.produce(fetched(i, jpeg(i)) for i in range(3))
+    run.start()
+
+    assert run.finish() is None
+
+    assert lines(run.outcomes) == [0, 1, 2]
+    for outcome in run.outcomes:
+        assert (outcome.status, outcome.error_kind) == ("failed", "transform_error")
+        assert "pickle" in str(outcome.error)
+    assert run.pool.in_flight == 0 and run.pool.restarts == 0
+
+
+# --- stopping -----------------------------------------------------------------------------------
+
+
+class StopOnFirst(BoundedQueue[Outcome]):
+    """A results queue that sets ``stop`` as the first outcome is put: in the dispatcher's thread,
+    so what was in flight then is known exactly."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        super().__init__("results", 1000)
+        self.stop = stop
+
+    def put(self, item: Any) -> None:
+        if item is not DONE:
+            self.stop.set()
+        super().put(item)
+
+
+def test_a_stop_drops_the_bodies_and_lets_the_tasks_in_flight_settle(make_run):
+    stop = threading.Event()
+    run = make_run(
+        workers=1, ops=(Sleep(0.1), Thumbnail(32, 32)), stop=stop, results=StopOnFirst(stop)
+    )
+    run.produce(fetched(i, jpeg(i)) for i in range(8))
+    run.start()
+
+    assert run.finish() is None
+
+    assert run.stop.is_set()
+    got = lines(run.outcomes)
+    # the first, and what was in flight with it (at most bound - 1); bodies are taken in order
+    assert 1 <= len(got) <= run.pool.bound and got == list(range(len(got)))
+    assert all(o.status == "ok" for o in run.outcomes)
+    written = {p.name.split("-")[0] for p in (run.out / "images").rglob("*.jpg")}
+    assert written == {f"{i:09d}" for i in got}  # nothing was done with the dropped bodies
+    assert run.pool.in_flight == 0 and run.pool.inbox.depth() == 0
+
+
+def test_kill_workers_ends_the_sleeping_tasks_and_they_are_not_recorded(make_run, monkeypatch):
+    run = make_run(workers=2, ops=(Sleep(30), Thumbnail(32, 32)))
+    real = run.pool.pool.submit
+    submitted = threading.Event()
+    count = 0
+
+    def submit(fn, item):
+        nonlocal count
+        future = real(fn, item)
+        count += 1
+        if count == 4:
+            submitted.set()
+        return future
+
+    monkeypatch.setattr(run.pool.pool, "submit", submit)
+    run.produce(fetched(i, jpeg(i)) for i in range(6))
+    run.start()
+    assert submitted.wait(GUARD)  # bound = 4: the pool is full, two bodies wait in the inbox
+    assert run.pool.pool.processes()
+
+    started = time.monotonic()
+    run.stop.set()
+    run.pool.kill_workers()
+    assert run.finish(timeout=GUARD) is None  # a 30 s sleep would trip the guard
+
+    assert time.monotonic() - started < GUARD
+    assert run.outcomes == []
+    assert not (run.out / "images").exists()
+    assert run.pool.in_flight == 0 and run.pool.inbox.depth() == 0
+    assert all(not p.is_alive() for p in run.pool.pool.processes())
+
+
+# --- a bug in the dispatcher --------------------------------------------------------------------
+
+
+def test_a_dispatcher_error_is_reraised_and_releases_producer_and_consumer(make_run, monkeypatch):
+    run = make_run(workers=1, fetched=1)  # 2 in flight, 1 in the inbox, then put blocks
+    tasks: list[Future[Outcome]] = []
+    full = threading.Event()
+
+    def submit(fn, item):  # futures the test settles itself: nothing else wakes the inbox
+        tasks.append(Future())
+        if len(tasks) == 2:
+            full.set()
+        return tasks[-1]
+
+    calls = 0
+
+    def broken(*event):
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("a bug in the dispatcher")
+
+    monkeypatch.setattr(run.pool.pool, "submit", submit)
+    monkeypatch.setattr(run.pool, "_finished", broken)
+    run.start()
+    producer, producer_errors = in_thread(
+        lambda: run.produce(fetched(i, jpeg(i)) for i in range(6))
+    )
+    assert full.wait(GUARD)
+    producer.join(0.2)
+    assert producer.is_alive(), "the producer should be blocked on the full inbox"
+    assert run.pool.inbox.depth() == 1
+
+    tasks[0].set_result(Outcome.of(job(0), "ok"))  # the dispatcher takes it, and fails
+
+    producer.join(GUARD)
+    assert not producer.is_alive(), "a producer is still blocked in inbox.put"
+    assert producer_errors == []
+    error = run.finish()
+    assert isinstance(error, RuntimeError) and str(error) == "a bug in the dispatcher"
+    assert calls == 1
+    assert run.outcomes == []  # the results queue got its DONE all the same
+    assert run.stop.is_set()
+    assert run.pool.inbox.depth() == 0
+
+
+# --- the inbox alone ----------------------------------------------------------------------------
+
+
+def body(i: int) -> Fetched:
+    return fetched(i, b"x")
+
+
+def event(i: int) -> Any:
+    return (body(i), 0, False, Future())
+
+
+def test_inbox_put_blocks_when_full_until_take_makes_room():
+    inbox = Inbox(2)
+    inbox.put(body(0))
+    inbox.put(body(1))
+    put, errors = in_thread(lambda: inbox.put(body(2)))
+
+    put.join(0.2)
+    assert put.is_alive(), "put did not block on a full inbox"
+    assert inbox.depth() == 2
+    assert inbox.take(room=True) == (None, body(0))
+    put.join(GUARD)
+    assert not put.is_alive() and errors == []
+    assert inbox.depth() == 2 and inbox.peak == 2
+    assert [inbox.take(room=True)[1] for _ in range(2)] == [body(1), body(2)]
+    assert inbox.depth() == 0
+
+
+def test_inbox_done_and_finished_never_block():
+    inbox = Inbox(1)
+    inbox.put(body(0))
+
+    def flood() -> None:
+        inbox.put(DONE)  # not a body: not bounded
+        for i in range(100):
+            inbox.finished(event(i))
+
+    thread, errors = in_thread(flood)
+    thread.join(GUARD)
+    assert not thread.is_alive() and errors == []
+    assert inbox.depth() == 1
+    # finished tasks come first, in order, then the bodies
+    assert [inbox.take(room=True)[0][0] for _ in range(100)] == [body(i) for i in range(100)]
+    assert inbox.take(room=True) == (None, body(0))
+    assert inbox.take(room=True) == (None, DONE)
+
+
+def test_inbox_take_without_room_waits_for_a_finished_task_only():
+    inbox = Inbox(4)
+    inbox.put(body(0))
+    first = event(1)
+    inbox.finished(first)
+    assert inbox.take(room=False) == (first, None)
+
+    taken: list[Any] = []
+    thread, errors = in_thread(lambda: taken.append(inbox.take(room=False)))
+    thread.join(0.2)
+    assert thread.is_alive() and taken == [], "take(room=False) returned a body"
+    second = event(2)
+    inbox.finished(second)
+    thread.join(GUARD)
+    assert not thread.is_alive() and errors == []
+    assert taken == [(second, None)]
+    assert inbox.depth() == 1 and inbox.take(room=True) == (None, body(0))
+
+
+def test_inbox_close_lets_a_blocked_put_through_and_drops_the_bodies():
+    inbox = Inbox(1)
+    inbox.put(body(0))
+    put, errors = in_thread(lambda: inbox.put(body(1)))
+    put.join(0.1)
+    assert put.is_alive()
+
+    inbox.close()
+
+    put.join(GUARD)
+    assert not put.is_alive() and errors == []
+    assert inbox.depth() == 0
+    inbox.put(body(2))  # returns at once: nobody will take it
+    assert inbox.depth() == 0
