@@ -201,7 +201,7 @@ def test_bench_sweep_measures_each_setting_writes_the_best_and_plots(cache, tmp_
         assert 0 <= row["transform_util"] <= 100
     chosen = data["best"]["setting"]
     assert load_config(config).download.workers == chosen["download_workers"]
-    assert "# Download threads; each has its own HTTP session" in config.read_text()
+    assert "# Download threads per lane (see executor.lanes)" in config.read_text()
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
