@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from .records import Outcome
+from .records import Outcome, Row
 
 _STEPS = 16  # histogram buckets per doubling: a percentile is within ~2% of the true value
 _FLOOR_MS = 0.001
@@ -36,10 +36,10 @@ class Histogram:
         self.counts: Counter[int] = Counter()
         self.total = 0
 
-    def add(self, ms: float) -> None:
+    def add(self, ms: float, count: int = 1) -> None:
         bucket = int(math.log2(ms / _FLOOR_MS) * _STEPS) if ms > _FLOOR_MS else 0
-        self.counts[bucket] += 1
-        self.total += 1
+        self.counts[bucket] += count
+        self.total += count
 
     def merge(self, other: Histogram) -> None:
         self.counts.update(other.counts)
@@ -81,10 +81,12 @@ class Meter:
         bytes_out: int = 0,
         cpu_s: float = 0.0,
         end: float | None = None,
+        items: int = 1,
     ) -> None:
-        """One item done, which took ``seconds`` and finished at ``end`` (default: now)."""
+        """``items`` done (one, or a batch), which took ``seconds`` in all and finished at
+        ``end`` (default: now)."""
         end = time.perf_counter() if end is None else end
-        self.items += 1
+        self.items += items
         self.failed += not ok
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
@@ -92,7 +94,8 @@ class Meter:
         self.cpu_s += cpu_s
         self.first = min(self.first, end - seconds)
         self.last = max(self.last, end)
-        self.latency.add(seconds * 1000)
+        if items:
+            self.latency.add(seconds * 1000 / items, items)
 
     def merge(self, other: Meter) -> None:
         """Add ``other``'s counts to this meter (``first``/``last`` compare on one machine only)."""
@@ -232,7 +235,7 @@ class RunStats:
     def urls(self) -> int:
         return self.ok + self.failed.total() + self.duplicates
 
-    def add(self, outcome: Outcome) -> None:
+    def add(self, outcome: Outcome | Row) -> None:
         self.add_row(
             outcome.status, outcome.error_kind, outcome.url, outcome.bytes_in, outcome.bytes_out
         )

@@ -36,12 +36,12 @@ import datetime
 import logging
 import multiprocessing
 import os
+import selectors
 import signal
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from multiprocessing.connection import wait
 from pathlib import Path
 from types import FrameType
 
@@ -160,6 +160,8 @@ class Coordinator:
         self._jobs_peak = 0
         self._wake_r, self._wake_w = os.pipe()  # a signal handler wakes the main loop
         os.set_blocking(self._wake_w, False)
+        self._selector = selectors.DefaultSelector()  # lanes' result pipes, and the wake pipe
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         workers = config.transform.pool_workers
         self._shares = [workers // self.lanes_wanted + (i < workers % self.lanes_wanted)
                         for i in range(self.lanes_wanted)]  # fmt: skip
@@ -214,6 +216,7 @@ class Coordinator:
                 self._loop()
         finally:
             self._kill_lanes()  # only lanes still running: after a bug
+            self._selector.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
         if self.sink.open_shards and self.interrupted is None:
@@ -227,11 +230,11 @@ class Coordinator:
     def _loop(self) -> None:
         while self.lanes:
             self._deal()
-            ready = wait([h.results for h in self.lanes] + [self._wake_r])
-            if self._wake_r in ready:
-                os.read(self._wake_r, 64)
-            for handle in [h for h in self.lanes if h.results in ready]:
-                self._receive(handle)
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    os.read(self._wake_r, 64)  # a signal: _deal sends the STOPs
+                elif key.data in self.lanes:
+                    self._receive(key.data)
 
     def _deal(self) -> None:
         if self.stopping:
@@ -279,12 +282,17 @@ class Coordinator:
             return
         if isinstance(message, Batch):
             handle.progress = message.progress
-            for outcome in message.outcomes:
-                del handle.outstanding[outcome.key]
-                self._record(outcome)
+            outstanding, sink, stats = handle.outstanding, self.sink, self.stats
+            started = time.perf_counter()
+            for row in message.rows:
+                del outstanding[row.key]
+                sink.write(row)
+                stats.add(row)
+            self.write.meter().record(time.perf_counter() - started, items=len(message.rows))
         else:
             assert isinstance(message, LaneDone)
             self.finished.append(message)
+            self._selector.unregister(handle.results)
             handle.progress = dataclasses.replace(
                 handle.progress,
                 downloaded=message.download.items,
@@ -296,9 +304,11 @@ class Coordinator:
             handle.close()
 
     def _record(self, outcome: Outcome) -> None:
+        """A row the coordinator makes itself (no usable URL, a duplicate, a lost lane's job)."""
         started = time.perf_counter()
-        self.sink.add(outcome)
-        self.stats.add(outcome)
+        row = outcome.encode()
+        self.sink.write(row)
+        self.stats.add(row)
         self.write.meter().record(time.perf_counter() - started)
 
     # --- lanes ---------------------------------------------------------------------------------
@@ -311,6 +321,7 @@ class Coordinator:
         setup = LaneSetup(index, self.lane_config, str(self.out_dir), self._shares[index],
                           os.getpid(), LogSetup.current())  # fmt: skip
         handle = LaneHandle(setup, context)
+        self._selector.register(handle.results, selectors.EVENT_READ, handle)
         self.lanes.append(handle)
         self.every_lane.append(handle)
         for gauge in self.gauges:
@@ -319,6 +330,7 @@ class Coordinator:
 
     def _lost(self, handle: LaneHandle) -> None:
         """A lane died: deal its jobs again (or record them, the second time), replace it."""
+        self._selector.unregister(handle.results)
         self.lanes.remove(handle)
         handle.close()
         code = handle.process.exitcode

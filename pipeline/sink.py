@@ -28,13 +28,11 @@ from typing import IO, Any
 
 from .atomic import write_atomic
 from .errors import PipelineError
-from .records import Outcome, ShardEnd
+from .records import Outcome, Row, ShardEnd
 
 MANIFEST_DIR = "manifest"
 LOCK_FILE = ".lock"
 _BUFFER = 1 << 16
-# one encoder: json.dumps makes one per call; default=str for a parquet column's dates or decimals
-_ROW_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 @dataclass(slots=True)
@@ -55,11 +53,14 @@ class Sink:
 
     def add(self, outcome: Outcome) -> None:
         """Record one line's outcome."""
-        shard = outcome.shard
-        part = self._part(shard)
-        part.file.write(_ROW_ENCODER.encode(outcome.to_row()) + "\n")
+        self.write(outcome.encode())
+
+    def write(self, row: Row) -> None:
+        """Record one line's outcome, already encoded."""
+        part = self._part(row.shard)
+        part.file.write(row.line)
         part.rows += 1
-        self._seal_if_complete(shard, part)
+        self._seal_if_complete(row.shard, part)
 
     def end_shard(self, end: ShardEnd) -> None:
         """The source has read all ``end.count`` lines of ``end.shard``."""

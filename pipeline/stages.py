@@ -8,6 +8,7 @@ killed: threads block on queues and end when their input ends.
 from __future__ import annotations
 
 import queue
+import time
 from typing import Final, Generic, TypeVar
 
 T = TypeVar("T")
@@ -51,10 +52,10 @@ class BoundedQueue(Generic[T]):
     def get(self) -> T | _Done:
         return self._queue.get()
 
-    def get_nowait(self) -> T | _Done | None:
-        """The next item if one is there now, else None."""
+    def get_until(self, deadline: float) -> T | _Done | None:
+        """The next item, waiting until ``deadline`` (time.monotonic()) at most; else None."""
         try:
-            return self._queue.get_nowait()
+            return self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             return None
 
