@@ -1,13 +1,16 @@
-"""Shared test helpers: image factories and a look at this process's children."""
+"""Shared test helpers: image factories, a gated server handler, a look at our children."""
 
 from __future__ import annotations
 
 import io
 import os
 import random
+import threading
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from pipeline.bench.server import QuietHandler
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -111,3 +114,19 @@ def leftover_workers() -> list[str]:
 
 def _is_helper(cmdline: str) -> bool:
     return "forkserver" in cmdline or "resource_tracker" in cmdline
+
+
+def gated_handler() -> type[QuietHandler]:
+    """A handler class that holds every answer until the test opens ``gate``, releasing
+    ``arrived`` once per request waiting: a test knows a run is mid-download, without sleeps."""
+
+    class Gated(QuietHandler):
+        arrived = threading.Semaphore(0)
+        gate = threading.Event()
+
+        def do_GET(self) -> None:
+            type(self).arrived.release()
+            type(self).gate.wait(60)
+            super().do_GET()
+
+    return Gated

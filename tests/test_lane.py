@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import leftover_workers
+from helpers import gated_handler, leftover_workers
 
-from pipeline.bench.server import QuietHandler, StaticServer
+from pipeline.bench.server import StaticServer
 from pipeline.config import (
     Config,
     DownloadConfig,
@@ -82,23 +82,11 @@ def test_lanes_come_from_the_cores_and_never_outnumber_the_workers():
     assert credit(many, 2) > many.download.workers + many.queues.fetched  # never starved
 
 
-class GatedHandler(QuietHandler):
-    """Holds every answer until the test opens the gate; counts the requests waiting."""
-
-    arrived = threading.Semaphore(0)
-    gate = threading.Event()
-
-    def do_GET(self) -> None:
-        type(self).arrived.release()
-        type(self).gate.wait(60)
-        super().do_GET()
-
-
 def test_a_lane_killed_mid_run_loses_nothing_and_duplicates_nothing(tmp_path, image_dir):
-    GatedHandler.gate.clear()
+    gated = gated_handler()
     out = tmp_path / "out"
     config = make_config(out, lanes=2, workers=2, downloads=3)
-    with StaticServer(image_dir, handler=GatedHandler) as server:
+    with StaticServer(image_dir, handler=gated) as server:
         urls = url_list(tmp_path / "urls.txt", server, image_dir, copies=2)
         result: dict[str, Any] = {}
         with open_run([tmp_path / "urls.txt"], config, restart=False) as plan:
@@ -109,12 +97,12 @@ def test_a_lane_killed_mid_run_loses_nothing_and_duplicates_nothing(tmp_path, im
             worker.start()
             try:
                 for _ in range(6):  # both lanes are downloading, each holding a credit of jobs
-                    assert GatedHandler.arrived.acquire(timeout=60)
+                    assert gated.arrived.acquire(timeout=60)
                 victim = coordinator.lanes[0]
                 held = len(victim.outstanding)
                 os.kill(victim.process.pid, signal.SIGKILL)
             finally:
-                GatedHandler.gate.set()
+                gated.gate.set()
                 worker.join(120)
     report = result["report"]
     assert held > 0 and report.lane_restarts == 1

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import gated_handler
 from test_cli import ROOT, assert_one_line_error
 
-from pipeline.bench.server import QuietHandler, StaticServer
+from pipeline.bench.server import StaticServer
 from pipeline.config import (
     Config,
     DownloadConfig,
@@ -280,36 +281,23 @@ def test_duplicate_urls_are_rows_of_their_own_or_pointers_to_the_first(tmp_path,
     assert not (out / ".dedupe.sqlite").exists()
 
 
-class GatedHandler(QuietHandler):
-    """Answers only once the test opens the gate; tells the test a request is waiting."""
-
-    arrived = threading.Event()
-    gate = threading.Event()
-
-    def do_GET(self) -> None:
-        type(self).arrived.set()
-        type(self).gate.wait(60)
-        super().do_GET()
-
-
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path, image_dir):
     root, out = tmp_path / "urls", tmp_path / "out"
     root.mkdir()
-    GatedHandler.arrived.clear()
-    GatedHandler.gate.clear()
-    with StaticServer(image_dir, handler=GatedHandler) as server:
+    gated = gated_handler()
+    with StaticServer(image_dir, handler=gated) as server:
         names = sorted(p.name for p in image_dir.iterdir())[:4]
         (root / "list.txt").write_text(lines_of([server.url(n) for n in names]))
         result: dict[str, Any] = {}
         first = threading.Thread(target=lambda: result.update(report=run([root], make_config(out))))
         first.start()
         try:
-            assert GatedHandler.arrived.wait(60), "the first run never reached the server"
+            assert gated.arrived.acquire(timeout=60), "the first run never reached the server"
             config = write_config(tmp_path / "config.toml")
             second = pipeline_cli("run", str(root), "--out", str(out), "--config", str(config),
                                   "-q", cwd=ROOT)  # fmt: skip
         finally:
-            GatedHandler.gate.set()
+            gated.gate.set()
             first.join()
     assert_one_line_error(second, str(out), "another pipeline run", f"pid {os.getpid()}")
     assert result["report"].ok == 4
