@@ -41,7 +41,7 @@ from .download import Downloader
 from .errors import FetchError
 from .logs import LogSetup, configure
 from .metrics import Meter, Stage
-from .pool import TransformPool
+from .pool import TransformPool, in_flight_bound
 from .records import Job, Outcome, Row
 from .stages import DONE, BoundedQueue, _Done
 from .transform import exit_with
@@ -105,7 +105,7 @@ class LaneDone:
 
 def credit(config: Config, transform_workers: int) -> int:
     """Jobs a lane may hold at once: enough to keep its threads and its pool busy."""
-    in_flight = config.transform.max_in_flight or 2 * transform_workers
+    in_flight = in_flight_bound(config, transform_workers)
     return config.download.workers + config.queues.fetched + in_flight + BATCH
 
 

@@ -42,10 +42,13 @@ from .logs import LogSetup
 from .metrics import Stage
 from .records import Fetched, Outcome
 from .stages import DONE, BoundedQueue, _Done
-from .transform import WorkerSetup, init_worker, process
+from .transform import WorkerSetup, init_worker, process_many
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Images per pool task at most, when that many bodies are waiting: the executor's hand-off
+# (its feeder and manager threads, a pickle and a future) is paid per task, in the lane.
+CHUNK = 4
 
 
 def make_pool(config: Config, out_dir: Path, workers: int) -> ProcessPoolExecutor:
@@ -83,6 +86,11 @@ def _widen_pipe(conn: object) -> None:
         return
     with contextlib.suppress(OSError, ValueError):
         fcntl.fcntl(fileno(), getattr(fcntl, "F_SETPIPE_SZ", _F_SETPIPE_SZ), _PIPE_BYTES)
+
+
+def in_flight_bound(config: Config, workers: int) -> int:
+    """Images a pool of ``workers`` holds at once: two chunks a worker, unless configured."""
+    return config.transform.max_in_flight or 2 * workers * CHUNK
 
 
 class RestartingPool:
@@ -124,7 +132,8 @@ class RestartingPool:
             pool.shutdown(wait=True, cancel_futures=cancel)
 
 
-_Finished = tuple[Fetched, int, bool, "Future[Outcome]"]  # item, attempt, quarantined, future
+# the images of a task, their attempt, whether in quarantine, the task's future
+_Finished = tuple[list[Fetched], int, bool, "Future[list[Outcome]]"]
 
 
 class Inbox:
@@ -160,6 +169,18 @@ class Inbox:
         with self._work:
             self._finished.append(event)
             self._work.notify()
+
+    def take_ready(self, most: int) -> list[Fetched]:
+        """Up to ``most`` more bodies, if they are there now (never waits, stops at a DONE)."""
+        taken: list[Fetched] = []
+        with self._work:
+            while len(taken) < most and self._bodies and self._bodies[0] is not DONE:
+                body = self._bodies.popleft()
+                assert isinstance(body, Fetched)
+                taken.append(body)
+            self._held -= len(taken)
+            self._room.notify(len(taken))
+        return taken
 
     def take(self, room: bool) -> tuple[_Finished | None, Fetched | _Done | None]:
         """A finished task first, else (when there is ``room``) the next body; blocks for one."""
@@ -204,7 +225,7 @@ class TransformPool:
         self.stage = stage
         self.stop = stop
         self.producers = producers
-        self.bound = config.transform.max_in_flight or 2 * workers
+        self.bound = in_flight_bound(config, workers)
         self.name, self.peak = "pool", 0  # a gauge: images held by the pool
         self.in_flight = 0
         self.pool = RestartingPool(functools.partial(make_pool, config, out_dir, workers))
@@ -246,17 +267,18 @@ class TransformPool:
         producers = self.producers
         try:
             while producers or self.in_flight:
-                room = self.in_flight < self.bound or self.stop.is_set()
-                finished, body = self.inbox.take(room)
+                room = self.bound - self.in_flight
+                finished, body = self.inbox.take(room > 0 or self.stop.is_set())
                 if finished is not None:
                     self._finished(*finished)
                 elif body is DONE:
                     producers -= 1
                 elif not self.stop.is_set():  # once stopping, downloaded bodies are dropped
                     assert isinstance(body, Fetched)
-                    self.in_flight += 1
+                    chunk = [body, *self.inbox.take_ready(min(CHUNK, room) - 1)]
+                    self.in_flight += len(chunk)
                     self.peak = max(self.peak, self.in_flight)
-                    self._submit(body, 0, quarantined=False)
+                    self._submit(chunk, 0, quarantined=False)
         except BaseException as exc:
             self._error = exc
             self.stop.set()
@@ -264,55 +286,67 @@ class TransformPool:
         finally:
             self.results.put(DONE)
 
-    def _submit(self, item: Fetched, attempt: int, *, quarantined: bool) -> None:
+    def _submit(self, items: list[Fetched], attempt: int, *, quarantined: bool) -> None:
         pool = self.quarantine if quarantined else self.pool
         try:
-            future = pool.submit(process, item)
-        except Exception as exc:  # no worker could be started (EMFILE, ...): this image fails
+            future = pool.submit(process_many, items)
+        except Exception as exc:  # no worker could be started (EMFILE, ...): these images fail
             log.warning("cannot start a transform process: %s", exc)
             error = TransformError("worker_crash", f"no transform process could be started: {exc}")
-            self.stage.meter().record(0.0, ok=False, bytes_in=len(item.body))
-            self._record(Outcome.failed(item.job, error, download_ms=item.download_ms))
+            for item in items:
+                self._failed(item, error)
             return
         self._suspect_running |= quarantined
-        future.add_done_callback(lambda f: self.inbox.finished((item, attempt, quarantined, f)))
+        future.add_done_callback(lambda f: self.inbox.finished((items, attempt, quarantined, f)))
 
     def _finished(
-        self, item: Fetched, attempt: int, quarantined: bool, future: Future[Outcome]
+        self, items: list[Fetched], attempt: int, quarantined: bool, future: Future[list[Outcome]]
     ) -> None:
         if quarantined:
             self._suspect_running = False
         crashed = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
         stopping = self.stop.is_set()
-        if crashed and not stopping and attempt < self.config.transform.crash_retries:
-            self._suspects.append((item, attempt + 1))  # its slot stays taken till it is settled
-        elif crashed and not stopping:
-            error = TransformError("worker_crash", "the transform process died on this image")
-            self.stage.meter().record(0.0, ok=False, bytes_in=len(item.body))
-            self._record(Outcome.failed(item.job, error, download_ms=item.download_ms,
-                                        bytes_in=len(item.body)))  # fmt: skip
+        if crashed and not stopping:  # each image of the task is a suspect: tried again alone
+            for item in items:
+                if attempt < self.config.transform.crash_retries:
+                    self._suspects.append((item, attempt + 1))  # its slot stays taken
+                else:
+                    error = TransformError(
+                        "worker_crash", "the transform process died on this image"
+                    )
+                    self._failed(item, error)
         elif crashed or future.cancelled():  # killed or cancelled at shutdown: redone later
-            self.in_flight -= 1
+            self.in_flight -= len(items)
         else:
-            self._record(self._outcome(item, future))
+            for outcome in self._outcomes(items, future):
+                self._record(outcome)
         self._next_suspect()
 
-    def _outcome(self, item: Fetched, future: Future[Outcome]) -> Outcome:
+    def _outcomes(self, items: list[Fetched], future: Future[list[Outcome]]) -> list[Outcome]:
         exc = future.exception()
-        if exc is not None:  # not an ItemError (process() turns those into rows): still one row
-            log.warning("%s: the transform raised %s: %s", item.job.key, type(exc).__name__, exc)
+        if exc is not None:  # not an ItemError (process() turns those into rows): still rows
+            log.warning("the transform raised %s: %s", type(exc).__name__, exc)
             error = TransformError("transform_error", f"{type(exc).__name__}: {exc}")
-            self.stage.meter().record(0.0, ok=False, bytes_in=len(item.body))
-            return Outcome.failed(item.job, error, download_ms=item.download_ms)
+            meter = self.stage.meter()
+            for item in items:
+                meter.record(0.0, ok=False, bytes_in=len(item.body))
+            return [Outcome.failed(i.job, error, download_ms=i.download_ms) for i in items]
         done = future.result()
-        self.stage.meter().record(
-            done.transform_ms / 1000,
-            ok=done.status == "ok",
-            bytes_in=done.bytes_in,
-            bytes_out=done.bytes_out,
-            cpu_s=done.cpu_ms / 1000,
-        )
+        meter = self.stage.meter()
+        for outcome in done:
+            meter.record(
+                outcome.transform_ms / 1000,
+                ok=outcome.status == "ok",
+                bytes_in=outcome.bytes_in,
+                bytes_out=outcome.bytes_out,
+                cpu_s=outcome.cpu_ms / 1000,
+            )
         return done
+
+    def _failed(self, item: Fetched, error: TransformError) -> None:
+        self.stage.meter().record(0.0, ok=False, bytes_in=len(item.body))
+        self._record(Outcome.failed(item.job, error, download_ms=item.download_ms,
+                                    bytes_in=len(item.body)))  # fmt: skip
 
     def _record(self, outcome: Outcome) -> None:
         self.in_flight -= 1
@@ -324,4 +358,4 @@ class TransformPool:
             self._suspects.clear()
         while self._suspects and not self._suspect_running:  # a failed submit: the next one
             item, attempt = self._suspects.popleft()
-            self._submit(item, attempt, quarantined=True)
+            self._submit([item], attempt, quarantined=True)

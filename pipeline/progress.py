@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from tqdm import tqdm
 
 from .errors import PipelineError
+from .lane import LaneHandle
 from .metrics import Counts, Gauge
 from .sources import Source, read_records
 
@@ -123,3 +124,32 @@ class UrlCount:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class LaneCounts:
+    """A stage as the lanes last reported it, for the bars: ``items`` and ``failed``."""
+
+    def __init__(self, lanes: list[LaneHandle], items: str, failed: str) -> None:
+        self._lanes, self._items, self._failed = lanes, items, failed
+
+    @property
+    def items(self) -> int:
+        return sum(getattr(h.progress, self._items) for h in self._lanes[:])
+
+    @property
+    def failed(self) -> int:
+        return sum(getattr(h.progress, self._failed) for h in self._lanes[:])
+
+
+class LaneGauge:
+    """A depth summed over the lanes (bodies queued, images in pools, jobs held)."""
+
+    def __init__(self, name: str, bound: int, depth: Callable[[LaneHandle], int]) -> None:
+        self.name, self.bound, self.peak = name, bound, 0
+        self._depth = depth
+        self.lanes: list[LaneHandle] = []
+
+    def depth(self) -> int:
+        value = sum(self._depth(h) for h in self.lanes[:])
+        self.peak = max(self.peak, value)
+        return value

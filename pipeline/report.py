@@ -13,6 +13,7 @@ are.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -182,6 +183,21 @@ def build_report(stats: RunStats, wall_s: float, **extra: Any) -> Report:
         **extra,
     )
     return replace(report, verdict=diagnose(report))
+
+
+def meter_stage(name: str, workers: int, meter: Meter, ended: float) -> StageStat:
+    """Utilization counts from the stage's first item (not while lanes and pools start)."""
+    span = ended - meter.first if meter.items else 0.0
+    active = max(0.0, meter.last - meter.first) if meter.items else 0.0
+    return StageStat.from_meter(name, workers, meter, span_s=span, active_s=active)
+
+
+def cpu_stage(name: str, workers: int, meter: Meter, ended: float) -> StageStat:
+    """A stage of processes: busy while they use CPU, so utilization is the CPU they used."""
+    stat = meter_stage(name, workers, meter, ended)
+    capacity = workers * (ended - meter.first if meter.items else 0.0)
+    used = round(min(100.0, 100 * meter.cpu_s / capacity), 1) if capacity > 0 else 0.0
+    return dataclasses.replace(stat, utilization=used)
 
 
 # --- the bottleneck ------------------------------------------------------------------------------

@@ -51,9 +51,10 @@ from .errors import FetchError, PipelineError, TransformError
 from .lane import BATCH, END, STOP, Batch, LaneDone, LaneHandle, LaneSetup, lane_config
 from .logs import LogSetup
 from .metrics import Meter, RunStats, Sampler, Stage
-from .progress import Bars, UrlCount
+from .pool import in_flight_bound
+from .progress import Bars, LaneCounts, LaneGauge, UrlCount
 from .records import Job, Outcome, ShardEnd
-from .report import QueueStat, Report, StageStat, build_report
+from .report import QueueStat, Report, StageStat, build_report, cpu_stage, meter_stage
 from .resume import Plan, Resume, plan_run
 from .sink import Sink, lock
 from .sources import Source, iter_jobs
@@ -104,35 +105,6 @@ def now_utc() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
 
 
-class _Reported:
-    """A stage as the lanes last reported it, for the bars: ``items`` and ``failed``."""
-
-    def __init__(self, lanes: list[LaneHandle], items: str, failed: str) -> None:
-        self._lanes, self._items, self._failed = lanes, items, failed
-
-    @property
-    def items(self) -> int:
-        return sum(getattr(h.progress, self._items) for h in self._lanes[:])
-
-    @property
-    def failed(self) -> int:
-        return sum(getattr(h.progress, self._failed) for h in self._lanes[:])
-
-
-class _Gauge:
-    """A depth summed over the lanes (bodies queued, images in pools, jobs held)."""
-
-    def __init__(self, name: str, bound: int, depth: Callable[[LaneHandle], int]) -> None:
-        self.name, self.bound, self.peak = name, bound, 0
-        self._depth = depth
-        self.lanes: list[LaneHandle] = []
-
-    def depth(self) -> int:
-        value = sum(self._depth(h) for h in self.lanes[:])
-        self.peak = max(self.peak, value)
-        return value
-
-
 class Coordinator:
     """The lanes of one run, what they hold, and the sink."""
 
@@ -166,18 +138,17 @@ class Coordinator:
         self._shares = [workers // self.lanes_wanted + (i < workers % self.lanes_wanted)
                         for i in range(self.lanes_wanted)]  # fmt: skip
         self.gauges = (
-            _Gauge(
+            LaneGauge(
                 "fetched", self.lanes_wanted * config.queues.fetched, lambda h: h.progress.fetched
             ),
-            _Gauge(
-                "pool", sum(self._in_flight(w) for w in self._shares), lambda h: h.progress.pool
+            LaneGauge(
+                "pool",
+                sum(in_flight_bound(config, w) for w in self._shares),
+                lambda h: h.progress.pool,
             ),
-            _Gauge("jobs", 0, lambda h: len(h.outstanding)),
+            LaneGauge("jobs", 0, lambda h: len(h.outstanding)),
         )
         self.sampler = Sampler(self.gauges)
-
-    def _in_flight(self, workers: int) -> int:
-        return self.config.transform.max_in_flight or 2 * workers
 
     def execute(self, plan: Plan, *, progress: bool) -> Report:
         """Every line of the plan's sources that an earlier run did not finish."""
@@ -368,8 +339,8 @@ class Coordinator:
             return
         with UrlCount(sources, self.config.input.url_column) as count:
             total = lambda: None if count.total is None else count.total - resume.skipped  # noqa: E731
-            download = _Reported(self.every_lane, "downloaded", "download_failed")
-            transform = _Reported(self.every_lane, "transformed", "transform_failed")
+            download = LaneCounts(self.every_lane, "downloaded", "download_failed")
+            transform = LaneCounts(self.every_lane, "transformed", "transform_failed")
             bars = Bars(download, transform, self.write, self.gauges, total=total)
             self.sampler.tick = bars.refresh
             try:
@@ -391,8 +362,8 @@ class Coordinator:
             self.stats,
             wall,
             stages=(
-                _stage("download", threads, download, ended),
-                _cpu_stage("transform", sum(self._shares), transform, ended),
+                meter_stage("download", threads, download, ended),
+                cpu_stage("transform", sum(self._shares), transform, ended),
                 StageStat.of(self.write, ended),
             ),
             queues=self._queues(),
@@ -441,21 +412,6 @@ class Coordinator:
                 handle.process.kill()
         self.sink.close()
         os._exit(128 + signum)
-
-
-def _stage(name: str, workers: int, meter: Meter, ended: float) -> StageStat:
-    """Utilization counts from the stage's first item (not while lanes and pools start)."""
-    span = ended - meter.first if meter.items else 0.0
-    active = max(0.0, meter.last - meter.first) if meter.items else 0.0
-    return StageStat.from_meter(name, workers, meter, span_s=span, active_s=active)
-
-
-def _cpu_stage(name: str, workers: int, meter: Meter, ended: float) -> StageStat:
-    """A stage of processes: busy while they use CPU, so utilization is the CPU they used."""
-    stat = _stage(name, workers, meter, ended)
-    capacity = workers * (ended - meter.first if meter.items else 0.0)
-    used = round(min(100.0, 100 * meter.cpu_s / capacity), 1) if capacity > 0 else 0.0
-    return dataclasses.replace(stat, utilization=used)
 
 
 @contextlib.contextmanager

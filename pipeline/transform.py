@@ -333,6 +333,22 @@ def exit_with(pid: int) -> None:
     threading.Thread(target=wait, name="main-process-watch", daemon=True).start()
 
 
+def process_many(items: list[Fetched]) -> list[Outcome]:
+    """Several images in one pool task: the hand-off to the pool is paid once for them all.
+
+    Whatever one image raises is that image's row; the others go on.
+    """
+    outcomes = []
+    for item in items:
+        try:
+            outcomes.append(process(item))
+        except Exception as exc:  # not an ItemError: a bug, but still only this image's row
+            log.warning("%s: the transform raised %s: %s", item.job.key, type(exc).__name__, exc)
+            error = TransformError("transform_error", f"{type(exc).__name__}: {exc}")
+            outcomes.append(Outcome.failed(item.job, error, download_ms=item.download_ms))
+    return outcomes
+
+
 def process(fetched: Fetched) -> Outcome:
     """Transform one downloaded body and write its output file: runs in a pool process."""
     assert _setup is not None, "init_worker was not run in this process"

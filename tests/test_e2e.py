@@ -22,6 +22,7 @@ from pipeline.config import (
     Thumbnail,
     TransformConfig,
 )
+from pipeline.pool import CHUNK
 from pipeline.runner import run
 from pipeline.sink import read_manifest
 
@@ -92,7 +93,7 @@ def test_queues_never_exceed_their_bounds(tmp_path, server, image_dir):
     source, good = url_list(tmp_path, server, image_dir)
     report = run([source], make_config(tmp_path / "out", fetched=2, results=3))
     peaks = {q.name: (q.peak, q.bound) for q in report.queues}
-    assert peaks["fetched"][1] == 2 and peaks["pool"][1] == 4  # per lane: 2 x 2 workers
+    assert peaks["fetched"][1] == 2 and peaks["pool"][1] == 2 * 2 * CHUNK  # chunks, per worker
     for name, (peak, bound) in peaks.items():
         assert 1 <= peak <= bound, name
     assert report.ok == len(good)
