@@ -22,7 +22,7 @@ from helpers import encode, leftover_workers, photo
 import pipeline.pool
 from pipeline.config import Config, Crash, QueuesConfig, Sleep, Thumbnail, TransformConfig
 from pipeline.metrics import Stage
-from pipeline.pool import Inbox, TransformPool
+from pipeline.pool import CHUNK, Inbox, TransformPool, in_flight_bound
 from pipeline.records import Fetched, Job, Outcome
 from pipeline.stages import DONE, BoundedQueue
 
@@ -152,7 +152,7 @@ def make_run(tmp_path: Path):
 
 
 def test_every_body_comes_back_once_and_the_bounds_hold(make_run):
-    run = make_run(workers=2, producers=2, fetched=2)
+    run = make_run(workers=2, producers=2, fetched=2, max_in_flight=4)
     bodies = {i: JUNK if i % 4 == 3 else jpeg(i) for i in range(12)}
     run.start()
     shares = [[fetched(i, b) for i, b in bodies.items() if i % 2 == p] for p in range(2)]
@@ -184,6 +184,54 @@ def test_every_body_comes_back_once_and_the_bounds_hold(make_run):
     assert (total.items, total.failed) == (12, 3)
 
 
+def test_the_bound_is_two_chunks_a_worker_unless_configured():
+    assert CHUNK > 1
+    for workers in (1, 3):
+        config = Config(transform=TransformConfig(workers=workers))
+        assert in_flight_bound(config, workers) == 2 * workers * CHUNK
+        config = Config(transform=TransformConfig(workers=workers, max_in_flight=5))
+        assert in_flight_bound(config, workers) == 5
+
+
+def record_chunks(
+    monkeypatch: pytest.MonkeyPatch, run: Run, chunks: list[tuple[list[int], int]]
+) -> None:
+    """Wrap the main pool's submit: each task's lines, and the room the dispatcher had for it.
+
+    The wrapper runs in the dispatcher's thread, after in_flight counted the task's images."""
+    real = run.pool.pool.submit
+
+    def submit(fn, items):
+        chunks.append(
+            ([i.job.line for i in items], run.pool.bound - run.pool.in_flight + len(items))
+        )
+        return real(fn, items)
+
+    monkeypatch.setattr(run.pool.pool, "submit", submit)
+
+
+def test_waiting_bodies_go_to_the_pool_in_chunks_within_the_room(make_run, monkeypatch):
+    run = make_run(workers=2, max_in_flight=6)  # 6: a second chunk of 4 would not fit
+    chunks: list[tuple[list[int], int]] = []
+    record_chunks(monkeypatch, run, chunks)
+    run.produce(fetched(i, jpeg(i)) for i in range(20))  # all waiting before the dispatcher starts
+    run.start()
+
+    assert run.finish() is None
+
+    sizes = [len(lines_) for lines_, _ in chunks]
+    assert any(1 < size <= CHUNK for size in sizes), sizes  # chunking happened
+    assert all(1 <= size <= CHUNK for size in sizes), sizes
+    assert all(len(lines_) <= room for lines_, room in chunks), chunks  # never past the bound
+    assert [line for lines_, _ in chunks for line in lines_] == list(range(20))  # once, in order
+    assert lines(run.outcomes) == list(range(20))  # each comes back exactly once
+    assert all(o.status == "ok" and (run.out / str(o.path)).is_file() for o in run.outcomes)
+    assert 1 <= run.pool.peak <= run.pool.bound == 6
+    assert run.pool.in_flight == 0 and run.pool.restarts == 0
+    total = run.stage.total()
+    assert (total.items, total.failed) == (20, 0)
+
+
 # --- a worker that dies -------------------------------------------------------------------------
 
 
@@ -209,59 +257,116 @@ def test_a_dead_worker_blames_its_image_only_and_the_others_are_retried(make_run
     assert (total.items, total.failed) == (10, 1)
 
 
-# --- submit fails -------------------------------------------------------------------------------
+def test_a_crash_inside_a_chunk_blames_only_its_image(make_run, monkeypatch):
+    # two chunks of 4 go to the pool at once; 5 (40x30) kills its worker in the middle of the
+    # second: every image of both tasks is a suspect and is tried again alone in the quarantine
+    run = make_run(workers=2, max_in_flight=8, ops=(Crash(40, 30), Thumbnail(32, 32)))
+    assert run.config.transform.crash_retries == 1
+    chunks: list[tuple[list[int], int]] = []
+    record_chunks(monkeypatch, run, chunks)
+    alone: list[list[int]] = []
+    real_quarantine = run.pool.quarantine.submit
 
+    def quarantine(fn, items):
+        alone.append([i.job.line for i in items])
+        return real_quarantine(fn, items)
 
-@pytest.mark.parametrize("failing", ["all", "one"])
-def test_a_submit_that_fails_gives_a_failed_row_and_the_dispatcher_ends(
-    make_run, monkeypatch, failing
-):
-    run = make_run(workers=1)
-    real = run.pool.pool.submit
-
-    def submit(fn, item):
-        if failing == "all" or item.job.line == 2:
-            raise EMFILE
-        return real(fn, item)
-
-    monkeypatch.setattr(run.pool.pool, "submit", submit)
-    run.produce(fetched(i, jpeg(i)) for i in range(5))
+    monkeypatch.setattr(run.pool.quarantine, "submit", quarantine)
+    bodies = {i: jpeg(i, (40, 30)) if i == 5 else jpeg(i) for i in range(12)}
+    run.produce(fetched(i, b) for i, b in bodies.items())
     run.start()
 
     assert run.finish() is None
 
+    culprit_chunk = next(lines_ for lines_, _ in chunks if 5 in lines_)
+    assert len(culprit_chunk) > 1, chunks  # it really crashed inside a chunk
+    assert all(len(images) == 1 for images in alone), alone  # suspects are tried alone
+    assert {5, *culprit_chunk} <= {line for images in alone for line in images}
+    assert lines(run.outcomes) == list(range(12))
+    crashed = [o for o in run.outcomes if o.status != "ok"]
+    assert [(o.line, o.error_kind) for o in crashed] == [(5, "worker_crash")]
+    assert crashed[0].error == "the transform process died on this image"
+    assert crashed[0].bytes_in == len(bodies[5])
+    ok = [o for o in run.outcomes if o.status == "ok"]
+    assert len(ok) == 11 and all((run.out / str(o.path)).is_file() for o in ok)
+    assert run.pool.restarts > 0
+    assert run.pool.in_flight == 0
+    total = run.stage.total()
+    assert (total.items, total.failed) == (12, 1)
+
+
+# --- submit fails -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failing", ["all", "chunk", "alone"])
+def test_a_submit_that_fails_gives_failed_rows_and_the_dispatcher_ends(
+    make_run, monkeypatch, failing
+):
+    # "chunk": the bodies wait before the start, so 2 goes to the pool with others, and all of
+    # its task fails; "alone": one image a task (max_in_flight=1), so only 2 fails
+    run = make_run(workers=1, **({"max_in_flight": 1} if failing == "alone" else {}))
+    real = run.pool.pool.submit
+    chunks: list[list[int]] = []
+
+    def submit(fn, items):
+        chunks.append([i.job.line for i in items])
+        if failing == "all" or any(i.job.line == 2 for i in items):
+            raise EMFILE
+        return real(fn, items)
+
+    monkeypatch.setattr(run.pool.pool, "submit", submit)
+    bodies = {i: jpeg(i) for i in range(5)}
+    run.produce(fetched(i, b) for i, b in bodies.items())
+    run.start()
+
+    assert run.finish() is None
+
+    assert sorted(line for chunk in chunks for line in chunk) == list(range(5))  # each once
+    culprit = next(chunk for chunk in chunks if 2 in chunk)
+    if failing == "chunk":
+        assert len(culprit) > 1, chunks
+    elif failing == "alone":
+        assert chunks == [[i] for i in range(5)]
     assert lines(run.outcomes) == list(range(5))
     failed = {o.line: o for o in run.outcomes if o.status == "failed"}
-    assert sorted(failed) == ([0, 1, 2, 3, 4] if failing == "all" else [2])
+    assert sorted(failed) == (list(range(5)) if failing == "all" else sorted(culprit))
     for outcome in failed.values():
         assert outcome.error_kind == "worker_crash"
         assert "Too many open files" in str(outcome.error)
         assert outcome.path is None
-    assert all(o.status == "ok" for o in run.outcomes if o.line not in failed)
+        assert outcome.bytes_in == len(bodies[outcome.line])
+    ok = [o for o in run.outcomes if o.line not in failed]
+    assert all(o.status == "ok" and (run.out / str(o.path)).is_file() for o in ok)
     assert run.pool.in_flight == 0
+    total = run.stage.total()
+    assert (total.items, total.failed) == (5, len(failed))
     if failing == "all":
         assert run.pool.pool.processes() == []  # no worker was ever started
 
 
 def test_a_failed_quarantine_submit_strands_no_other_suspect(make_run, monkeypatch):
     run = make_run(workers=1, max_in_flight=3)
-    tasks: list[Future[Outcome]] = []
+    tasks: list[Future[list[Outcome]]] = []
+    images = 0
     submitted = threading.Event()
-    quarantined: list[Future[Outcome]] = []
+    alone: list[list[int]] = []  # the lines of each quarantine submit
+    suspect: Future[list[Outcome]] = Future()
     quarantine_submitted = threading.Event()
 
-    def submit(fn, item):  # the main pool: futures the test settles itself
+    def submit(fn, items):  # the main pool: futures the test settles itself
+        nonlocal images
         tasks.append(Future())
-        if len(tasks) == 3:
+        images += len(items)
+        if images == 3:
             submitted.set()
         return tasks[-1]
 
-    def quarantine(fn, item):  # the first suspect runs; then no process can be started
-        if quarantined:
+    def quarantine(fn, items):  # the first suspect runs; then no process can be started
+        alone.append([i.job.line for i in items])
+        if len(alone) > 1:
             raise EMFILE
-        quarantined.append(Future())
         quarantine_submitted.set()
-        return quarantined[0]
+        return suspect
 
     monkeypatch.setattr(run.pool.pool, "submit", submit)
     monkeypatch.setattr(run.pool.quarantine, "submit", quarantine)
@@ -271,36 +376,43 @@ def test_a_failed_quarantine_submit_strands_no_other_suspect(make_run, monkeypat
     for task in tasks:  # a worker died: all three are suspects; 0 goes to the quarantine
         task.set_exception(BrokenProcessPool("a child process terminated abruptly"))
     assert quarantine_submitted.wait(GUARD)
-    # finished events are taken in order: 1 and 2 queue behind 0 before 0 is settled
-    quarantined[0].set_result(Outcome.of(job(0), "ok", bytes_in=3))
+    # the finished tasks are taken in order: 1 and 2 queue behind 0 before 0 is settled
+    suspect.set_result([Outcome.of(job(0), "ok", bytes_in=3)])
 
     assert run.finish(timeout=3) is None
 
+    assert alone == [[0], [1], [2]]  # one at a time, and 2 was not stranded behind 1
     assert lines(run.outcomes) == [0, 1, 2]
-    assert [o.status for o in sorted(run.outcomes, key=lambda o: o.line)] == [
-        "ok",
-        "failed",
-        "failed",
+    assert [(o.status, o.error_kind) for o in sorted(run.outcomes, key=lambda o: o.line)] == [
+        ("ok", None),
+        ("failed", "worker_crash"),
+        ("failed", "worker_crash"),
     ]
+    assert run.pool.in_flight == 0
 
 
 # --- a task that raises -------------------------------------------------------------------------
 
 
-def test_a_task_that_raises_is_one_transform_error_row(make_run, monkeypatch):
+def test_a_task_that_raises_is_one_transform_error_row_per_image(make_run, monkeypatch):
     # a local function cannot be pickled: every task fails in the pool's feeder thread
-    monkeypatch.setattr(pipeline.pool, "process", lambda item: None)
+    monkeypatch.setattr(pipeline.pool, "process_many", lambda items: None)
     run = make_run(workers=1)
-    run.produce(fetched(i, jpeg(i)) for i in range(3))
+    chunks: list[tuple[list[int], int]] = []
+    record_chunks(monkeypatch, run, chunks)
+    run.produce(fetched(i, jpeg(i)) for i in range(3))  # waiting before the start: one task
     run.start()
 
     assert run.finish() is None
 
-    assert lines(run.outcomes) == [0, 1, 2]
+    assert [lines_ for lines_, _ in chunks] == [[0, 1, 2]]
+    assert lines(run.outcomes) == [0, 1, 2]  # one task's error, a row for each of its images
     for outcome in run.outcomes:
         assert (outcome.status, outcome.error_kind) == ("failed", "transform_error")
         assert "pickle" in str(outcome.error)
     assert run.pool.in_flight == 0 and run.pool.restarts == 0
+    total = run.stage.total()
+    assert (total.items, total.failed) == (3, 3)
 
 
 # --- stopping -----------------------------------------------------------------------------------
@@ -325,15 +437,17 @@ def test_a_stop_drops_the_bodies_and_lets_the_tasks_in_flight_settle(make_run):
     run = make_run(
         workers=1, ops=(Sleep(0.1), Thumbnail(32, 32)), stop=stop, results=StopOnFirst(stop)
     )
-    run.produce(fetched(i, jpeg(i)) for i in range(8))
+    run.produce(fetched(i, jpeg(i)) for i in range(12))
     run.start()
 
     assert run.finish() is None
 
     assert run.stop.is_set()
     got = lines(run.outcomes)
-    # the first, and what was in flight with it (at most bound - 1); bodies are taken in order
-    assert 1 <= len(got) <= run.pool.bound and got == list(range(len(got)))
+    # the bodies wait before the start: the pool is filled to its bound (bodies are taken in
+    # order), the stop comes with the first outcome, then the rest are dropped
+    assert run.pool.bound == in_flight_bound(run.config, 1) < 12
+    assert got == list(range(run.pool.bound))
     assert all(o.status == "ok" for o in run.outcomes)
     written = {p.name.split("-")[0] for p in (run.out / "images").rglob("*.jpg")}
     assert written == {f"{i:09d}" for i in got}  # nothing was done with the dropped bodies
@@ -341,23 +455,24 @@ def test_a_stop_drops_the_bodies_and_lets_the_tasks_in_flight_settle(make_run):
 
 
 def test_kill_workers_ends_the_sleeping_tasks_and_they_are_not_recorded(make_run, monkeypatch):
-    run = make_run(workers=2, ops=(Sleep(30), Thumbnail(32, 32)))
+    run = make_run(workers=2, max_in_flight=8, ops=(Sleep(30), Thumbnail(32, 32)))
     real = run.pool.pool.submit
     submitted = threading.Event()
-    count = 0
+    chunks: list[int] = []
 
-    def submit(fn, item):
-        nonlocal count
-        future = real(fn, item)
-        count += 1
-        if count == 4:
+    def submit(fn, items):
+        future = real(fn, items)
+        chunks.append(len(items))
+        if sum(chunks) == 8:
             submitted.set()
         return future
 
     monkeypatch.setattr(run.pool.pool, "submit", submit)
-    run.produce(fetched(i, jpeg(i)) for i in range(6))
+    run.produce(fetched(i, jpeg(i)) for i in range(10))
     run.start()
-    assert submitted.wait(GUARD)  # bound = 4: the pool is full, two bodies wait in the inbox
+    assert submitted.wait(GUARD)  # the pool holds its bound of 8 images, two bodies wait
+    assert chunks == [CHUNK, CHUNK]  # they waited before the start: both workers have a task
+    assert run.pool.in_flight == 8 and run.pool.inbox.depth() == 2
     assert run.pool.pool.processes()
 
     started = time.monotonic()
@@ -376,13 +491,17 @@ def test_kill_workers_ends_the_sleeping_tasks_and_they_are_not_recorded(make_run
 
 
 def test_a_dispatcher_error_is_reraised_and_releases_producer_and_consumer(make_run, monkeypatch):
-    run = make_run(workers=1, fetched=1)  # 2 in flight, 1 in the inbox, then put blocks
-    tasks: list[Future[Outcome]] = []
+    # 2 images in flight (in one task or two), 1 body in the inbox, then put blocks
+    run = make_run(workers=1, fetched=1, max_in_flight=2)
+    tasks: list[Future[list[Outcome]]] = []
+    images = 0
     full = threading.Event()
 
-    def submit(fn, item):  # futures the test settles itself: nothing else wakes the inbox
+    def submit(fn, items):  # futures the test settles itself: nothing else wakes the inbox
+        nonlocal images
         tasks.append(Future())
-        if len(tasks) == 2:
+        images += len(items)
+        if images == 2:
             full.set()
         return tasks[-1]
 
@@ -404,7 +523,7 @@ def test_a_dispatcher_error_is_reraised_and_releases_producer_and_consumer(make_
     assert producer.is_alive(), "the producer should be blocked on the full inbox"
     assert run.pool.inbox.depth() == 1
 
-    tasks[0].set_result(Outcome.of(job(0), "ok"))  # the dispatcher takes it, and fails
+    tasks[0].set_result([Outcome.of(job(0), "ok")])  # the dispatcher takes it, and fails
 
     producer.join(GUARD)
     assert not producer.is_alive(), "a producer is still blocked in inbox.put"
@@ -497,3 +616,24 @@ def test_inbox_close_lets_a_blocked_put_through_and_drops_the_bodies():
     assert inbox.depth() == 0
     inbox.put(body(2))  # returns at once: nobody will take it
     assert inbox.depth() == 0
+
+
+def test_inbox_take_ready_takes_what_is_there_up_to_most_and_stops_at_a_done():
+    inbox = Inbox(3)
+    for i in range(3):
+        inbox.put(body(i))
+    put, errors = in_thread(lambda: inbox.put(body(3)))  # full: it waits for room
+
+    assert inbox.take_ready(2) == [body(0), body(1)]  # the room it makes lets the put through
+    put.join(GUARD)
+    assert not put.is_alive() and errors == []
+    assert inbox.depth() == 2
+    inbox.put(DONE)
+    inbox.put(body(4))
+    assert inbox.take_ready(0) == []
+    assert inbox.take_ready(5) == [body(2), body(3)]  # stops at the DONE
+    assert inbox.take_ready(5) == []  # a DONE first: nothing, and no wait
+    assert inbox.depth() == 1
+    assert inbox.take(room=True) == (None, DONE)
+    assert inbox.take_ready(5) == [body(4)]
+    assert inbox.take_ready(5) == [] and inbox.depth() == 0 and inbox.peak == 3
