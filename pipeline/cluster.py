@@ -1,22 +1,24 @@
 """Scale out: the same pipeline on a Dask distributed cluster, one shard per task.
 
     driver (pipeline run --dask ...)                          Dask workers (non-daemon processes)
-    URL files -> shards of input.shard_size URLs  --submit-->  run_shard: the local staged pipeline
-      (streamed; a sealed shard is skipped whole)   <= K         (download threads -> queue ->
-      <- ShardResult: the shard's report and meters             the worker's process pool), writes
-    merged report (report.json)                                  images and the shard's manifest
+    URL files -> shards of input.shard_size URLs  --submit-->  run_shard: the local pipeline, a
+      (streamed; a sealed shard is skipped whole)   <= K         coordinator and its lanes (each:
+      <- ShardResult: the shard's report and meters             download threads -> its pool),
+    merged report (report.json)                                  writes images and the manifest
 
 The driver holds at most ``executor.shards_in_flight`` shards at a time (Dask bounds nothing
-itself) and one shard's URLs while it reads the next. Each task runs ``Run.process`` on its shard
-and writes that shard's images and manifest part itself, atomically, into ``output.dir``, which
-every worker must see at the same path (a shared filesystem). The manifest part is sealed (renamed
-to ``.jsonl``) when complete, so a rerun skips the shard whole, and a shard retried after its
-worker was lost first keeps the final rows the lost attempt flushed, exactly as a local resume.
+itself) and one shard's URLs while it reads the next. Each task runs ``Coordinator.process`` on
+its shard and writes that shard's images and manifest part itself, atomically, into
+``output.dir``, which every worker must see at the same path (a shared filesystem). The
+manifest part is sealed (renamed to ``.jsonl``) when complete, so a rerun skips the shard whole,
+and a shard retried after its worker was lost first keeps the final rows the lost attempt
+flushed, exactly as a local resume.
 
-A worker keeps one transform pool for all the shards it runs (made on its first shard), so
-pool start-up is paid once per worker. Dask's worker processes are daemons by default, and a
-daemon process may not start children: workers must run with ``distributed.worker.daemon`` off
-(``DASK_DISTRIBUTED__WORKER__DAEMON=False dask worker ...``); a LocalCluster is started that way.
+Each shard starts its lanes (as many as the worker's cores call for) and their pools, so a
+node uses all its cores; that costs ~0.5 s a shard. Dask's worker processes are daemons by
+default, and a daemon process may not start children: workers must run with
+``distributed.worker.daemon`` off (``DASK_DISTRIBUTED__WORKER__DAEMON=False dask worker ...``);
+a LocalCluster is started that way.
 """
 
 from __future__ import annotations
