@@ -46,6 +46,9 @@ class StageStat:
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    # the share of its workers' time spent on items (wall time, in the worker): for a stage
+    # whose utilization is CPU, this says whether workers had work while others took the CPU
+    occupied: float | None = None
 
     @property
     def rate(self) -> float:
@@ -197,12 +200,13 @@ def cpu_stage(name: str, workers: int, meter: Meter, ended: float) -> StageStat:
     stat = meter_stage(name, workers, meter, ended)
     capacity = workers * (ended - meter.first if meter.items else 0.0)
     used = round(min(100.0, 100 * meter.cpu_s / capacity), 1) if capacity > 0 else 0.0
-    return dataclasses.replace(stat, utilization=used)
+    return dataclasses.replace(stat, utilization=used, occupied=stat.utilization)
 
 
 # --- the bottleneck ------------------------------------------------------------------------------
 
 _SATURATED = 80.0  # % utilization from which a stage is the limit
+_OCCUPIED = 90.0  # % of the workers' time on items from which they are the limit, CPU or not
 _ONE_CORE = 0.85  # CPU seconds per second from which one process (its GIL) is the limit
 _FULL = 0.6  # mean occupancy of the fetched queue (of its bound) that says transforms lag
 _MIN_ITEMS = 10
@@ -236,6 +240,7 @@ def diagnose(report: Report) -> Verdict:
     cores = available_cores()
     if transform.items and (
         transform.utilization >= _SATURATED
+        or (transform.occupied or 0.0) >= _OCCUPIED  # always at work, on cores others share
         or (backed_up and transform.utilization >= download.utilization)
     ):
         if transform.workers < cores:

@@ -13,6 +13,7 @@ import sys
 import termios
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from pipeline.config import (
     Config,
     DownloadConfig,
     OutputConfig,
+    QueuesConfig,
     Resize,
     Thumbnail,
     TransformConfig,
@@ -83,7 +85,8 @@ def test_slow_transforms_are_named_the_bottleneck(tmp_path, mixed):
     with StaticServer(mixed) as server:
         url_file(tmp_path / "urls.txt", server, mixed)
         heavy = (Resize(1200, 1200, "stretch"), Blur(12.0))  # CPU, not sleep: utilization is CPU
-        report = run([tmp_path / "urls.txt"], config(tmp_path / "out", 4, 2, *heavy))
+        slow = replace(config(tmp_path / "out", 4, 2, *heavy), queues=QueuesConfig(fetched=2))
+        report = run([tmp_path / "urls.txt"], slow)  # bodies wait for the workers: backed up
     assert report.verdict is not None and report.verdict.stage == "transform", report.verdict
     assert report.stage("transform").utilization > report.stage("download").utilization
 
