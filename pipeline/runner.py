@@ -34,9 +34,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
-import multiprocessing
 import os
-import selectors
 import signal
 import threading
 import time
@@ -45,14 +43,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from .config import Config, lane_count
+from .config import Config
 from .dedupe import Dedupe
 from .errors import FetchError, PipelineError, TransformError
-from .lane import BATCH, END, STOP, Batch, LaneDone, LaneHandle, LaneSetup, lane_config
-from .logs import LogSetup
+from .lane import BATCH, END, STOP, Batch, LaneDone, LaneHandle
+from .lanes import Lanes
 from .metrics import Meter, RunStats, Sampler, Stage
-from .pool import in_flight_bound
-from .progress import Bars, LaneCounts, LaneGauge, UrlCount
+from .progress import Bars, LaneCounts, UrlCount
 from .records import Job, Outcome, ShardEnd
 from .report import QueueStat, Report, StageStat, build_report, cpu_stage, meter_stage
 from .resume import Plan, Resume, plan_run
@@ -111,44 +108,21 @@ class Coordinator:
     def __init__(self, config: Config, out_dir: Path) -> None:
         self.config = config
         self.out_dir = out_dir
-        self.lanes_wanted = lane_count(config)
-        self.lane_config = lane_config(config, self.lanes_wanted)
         self.stopping = False
         self.interrupted: int | None = None  # the signal that stopped the run
-        self.lanes: list[LaneHandle] = []  # running now
-        self.every_lane: list[LaneHandle] = []  # ... and those that ended: the bars' counts
-        self.finished: list[LaneDone] = []
+        self.lanes = Lanes(config, out_dir)
         self.sink = Sink(out_dir)
         self.write = Stage("write", 1)
         self.stats = RunStats()
         self.meters: dict[str, Meter] = {}  # each stage's, merged over the lanes, once it ends
         self.workers: dict[str, int] = {}
         self._deaths: Counter[str] = Counter()  # lane deaths per job key
-        self._restarts_left = 2 * self.lanes_wanted + 2
-        self.lane_restarts = 0
+        self._restarts_left = 2 * self.lanes.wanted + 2
         self._redo: deque[Job] = deque()
         self._items: Iterator[Job | ShardEnd] = iter(())
         self._exhausted = False
         self._jobs_peak = 0
-        self._wake_r, self._wake_w = os.pipe()  # a signal handler wakes the main loop
-        os.set_blocking(self._wake_w, False)
-        self._selector = selectors.DefaultSelector()  # lanes' result pipes, and the wake pipe
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        workers = config.transform.pool_workers
-        self._shares = [workers // self.lanes_wanted + (i < workers % self.lanes_wanted)
-                        for i in range(self.lanes_wanted)]  # fmt: skip
-        self.gauges = (
-            LaneGauge(
-                "fetched", self.lanes_wanted * config.queues.fetched, lambda h: h.progress.fetched
-            ),
-            LaneGauge(
-                "pool",
-                sum(in_flight_bound(config, w) for w in self._shares),
-                lambda h: h.progress.pool,
-            ),
-            LaneGauge("jobs", 0, lambda h: len(h.outstanding)),
-        )
-        self.sampler = Sampler(self.gauges)
+        self.sampler = Sampler(self.lanes.gauges)
 
     def execute(self, plan: Plan, *, progress: bool) -> Report:
         """Every line of the plan's sources that an earlier run did not finish."""
@@ -182,14 +156,11 @@ class Coordinator:
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
             with self.sink, self._monitor(sources, resume, progress):
-                for index in range(self.lanes_wanted):
-                    self._start_lane(index)
+                for index in range(self.lanes.wanted):
+                    self.lanes.start(index)
                 self._loop()
         finally:
-            self._kill_lanes()  # only lanes still running: after a bug
-            self._selector.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self.lanes.close()  # kills only lanes still running: after a bug
         if self.sink.open_shards and self.interrupted is None:
             log.warning("shards left incomplete: %s", self.sink.open_shards)
         ended, cpu = time.perf_counter(), time.process_time() - cpu_started
@@ -199,20 +170,17 @@ class Coordinator:
     # --- the main loop: deal, wait, record --------------------------------------------------
 
     def _loop(self) -> None:
-        while self.lanes:
-            self._deal()
-            for key, _ in self._selector.select():
-                if key.data is None:
-                    os.read(self._wake_r, 64)  # a signal: _deal sends the STOPs
-                elif key.data in self.lanes:
-                    self._receive(key.data)
+        while self.lanes.running:
+            self._deal()  # once stopping, it sends the STOPs
+            for handle in list(self.lanes.wait()):
+                self._receive(handle)
 
     def _deal(self) -> None:
         if self.stopping:
-            for handle in self.lanes:
+            for handle in self.lanes.running:
                 handle.tell(STOP)
             return
-        for handle in sorted(self.lanes, key=lambda h: -h.room):
+        for handle in sorted(self.lanes.running, key=lambda h: -h.room):
             while handle.told is None and handle.room >= min(BATCH, handle.credit // 2):
                 batch = self._take(min(handle.room, BATCH))
                 if batch:
@@ -221,7 +189,7 @@ class Coordinator:
                 if self._exhausted and not self._redo:
                     break
         if self._exhausted and not self._redo:
-            for handle in self.lanes:
+            for handle in self.lanes.running:
                 handle.tell(END)
 
     def _take(self, count: int) -> list[Job]:
@@ -262,17 +230,7 @@ class Coordinator:
             self.write.meter().record(time.perf_counter() - started, items=len(message.rows))
         else:
             assert isinstance(message, LaneDone)
-            self.finished.append(message)
-            self._selector.unregister(handle.results)
-            handle.progress = dataclasses.replace(
-                handle.progress,
-                downloaded=message.download.items,
-                download_failed=message.download.failed,
-                transformed=message.transform.items,
-                transform_failed=message.transform.failed,
-            )
-            self.lanes.remove(handle)
-            handle.close()
+            self.lanes.ended(handle, message)
 
     def _record(self, outcome: Outcome) -> None:
         """A row the coordinator makes itself (no usable URL, a duplicate, a lost lane's job)."""
@@ -282,30 +240,9 @@ class Coordinator:
         self.stats.add(row)
         self.write.meter().record(time.perf_counter() - started)
 
-    # --- lanes ---------------------------------------------------------------------------------
-
-    def _start_lane(self, index: int) -> None:
-        method = self.config.transform.start_method
-        context = multiprocessing.get_context(method)
-        if method == "forkserver":  # lanes fork from a server that has imported their code
-            context.set_forkserver_preload(["pipeline.lane"])
-        setup = LaneSetup(index, self.lane_config, str(self.out_dir), self._shares[index],
-                          os.getpid(), LogSetup.current())  # fmt: skip
-        handle = LaneHandle(setup, context)
-        self._selector.register(handle.results, selectors.EVENT_READ, handle)
-        self.lanes.append(handle)
-        self.every_lane.append(handle)
-        for gauge in self.gauges:
-            gauge.lanes = self.lanes
-        self.gauges[2].bound = sum(h.credit for h in self.lanes)
-
     def _lost(self, handle: LaneHandle) -> None:
         """A lane died: deal its jobs again (or record them, the second time), replace it."""
-        self._selector.unregister(handle.results)
-        self.lanes.remove(handle)
-        handle.close()
-        code = handle.process.exitcode
-        cause = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        cause = self.lanes.lost(handle)
         log.warning("lane %d died (%s) holding %d jobs", handle.index, cause,
                     len(handle.outstanding))  # fmt: skip
         if self.stopping:
@@ -320,15 +257,8 @@ class Coordinator:
         if self._restarts_left <= 0:
             raise PipelineError(f"lane processes keep dying (the last: {cause}); see the log")
         self._restarts_left -= 1
-        self.lane_restarts += 1
-        self._start_lane(handle.index)
-
-    def _kill_lanes(self) -> None:
-        for handle in self.lanes:
-            with contextlib.suppress(OSError, ValueError):
-                handle.process.kill()
-            handle.close()
-        self.lanes.clear()
+        self.lanes.restarts += 1
+        self.lanes.start(handle.index)
 
     @contextlib.contextmanager
     def _monitor(self, sources: Sequence[Source], resume: Resume, progress: bool) -> Iterator[None]:
@@ -339,9 +269,9 @@ class Coordinator:
             return
         with UrlCount(sources, self.config.input.url_column) as count:
             total = lambda: None if count.total is None else count.total - resume.skipped  # noqa: E731
-            download = LaneCounts(self.every_lane, "downloaded", "download_failed")
-            transform = LaneCounts(self.every_lane, "transformed", "transform_failed")
-            bars = Bars(download, transform, self.write, self.gauges, total=total)
+            download = LaneCounts(self.lanes.every, "downloaded", "download_failed")
+            transform = LaneCounts(self.lanes.every, "transformed", "transform_failed")
+            bars = Bars(download, transform, self.write, self.lanes.gauges, total=total)
             self.sampler.tick = bars.refresh
             try:
                 with self.sampler:
@@ -351,46 +281,47 @@ class Coordinator:
 
     def _report(self, started: float, ended: float, cpu_s: float, skipped: int) -> Report:
         download, transform = Meter(), Meter()
-        for done in self.finished:
+        finished, shares = self.lanes.finished, self.lanes.shares
+        for done in finished:
             download.merge(done.download)
             transform.merge(done.transform)
         wall = ended - started
-        threads = self.config.download.workers * self.lanes_wanted
+        threads = self.config.download.workers * self.lanes.wanted
         self.meters = {"download": download, "transform": transform, "write": self.write.total()}
-        self.workers = {"download": threads, "transform": sum(self._shares), "write": 1}
+        self.workers = {"download": threads, "transform": sum(shares), "write": 1}
         return build_report(
             self.stats,
             wall,
             stages=(
                 meter_stage("download", threads, download, ended),
-                cpu_stage("transform", sum(self._shares), transform, ended),
+                cpu_stage("transform", sum(shares), transform, ended),
                 StageStat.of(self.write, ended),
             ),
             queues=self._queues(),
             parent_cpu_s=round(cpu_s, 3),
             pool_cpu_s=round(transform.cpu_s, 3),
-            lanes=len(self.finished),
-            lane_cpu_s=round(sum(d.cpu_s for d in self.finished), 3),
-            lane_cpu_max_s=round(max((d.cpu_s for d in self.finished), default=0.0), 3),
+            lanes=len(finished),
+            lane_cpu_s=round(sum(d.cpu_s for d in finished), 3),
+            lane_cpu_max_s=round(max((d.cpu_s for d in finished), default=0.0), 3),
             skipped=skipped,
             interrupted=signal.Signals(self.interrupted).name if self.interrupted else None,
-            pool_restarts=sum(d.pool_restarts for d in self.finished),
-            lane_restarts=self.lane_restarts,
+            pool_restarts=sum(d.pool_restarts for d in finished),
+            lane_restarts=self.lanes.restarts,
         )
 
     def _queues(self) -> tuple[QueueStat, ...]:
         """Each gauge per lane: its bound, its mean over the run, its peak in any lane."""
-        lanes = max(1, self.lanes_wanted)
+        lanes = max(1, self.lanes.wanted)
         occupancy = self.sampler.occupancy
         peaks = {
-            "fetched": max((d.fetched_peak for d in self.finished), default=0),
-            "pool": max((d.pool_peak for d in self.finished), default=0),
+            "fetched": max((d.fetched_peak for d in self.lanes.finished), default=0),
+            "pool": max((d.pool_peak for d in self.lanes.finished), default=0),
             "jobs": self._jobs_peak,
         }
         return tuple(
             QueueStat(g.name, g.bound // lanes, peaks[g.name],
                       round(occupancy[g.name].mean / lanes, 2))
-            for g in self.gauges
+            for g in self.lanes.gauges
         )  # fmt: skip
 
     # --- lifecycle: called from the signal handler, in the main thread ------------------------
@@ -399,17 +330,14 @@ class Coordinator:
         """Stop gracefully: deal no more; the main loop sends STOP to every lane."""
         self.interrupted = signum
         self.stopping = True
-        with contextlib.suppress(OSError):  # the loop is waiting: wake it
-            os.write(self._wake_w, b"!")
+        self.lanes.wake()  # the main loop is waiting on the lanes
         log.warning(
             "%s: finishing the images in flight (again to abort)", signal.Signals(signum).name
         )
 
     def abort(self, signum: int) -> None:
         """Stop now: kill the lanes (their workers follow), flush the manifest, exit."""
-        for handle in self.lanes:
-            with contextlib.suppress(OSError, ValueError):
-                handle.process.kill()
+        self.lanes.kill()
         self.sink.close()
         os._exit(128 + signum)
 

@@ -98,7 +98,7 @@ def test_a_lane_killed_mid_run_loses_nothing_and_duplicates_nothing(tmp_path, im
             try:
                 for _ in range(6):  # both lanes are downloading, each holding a credit of jobs
                     assert gated.arrived.acquire(timeout=60)
-                victim = coordinator.lanes[0]
+                victim = coordinator.lanes.running[0]
                 held = len(victim.outstanding)
                 os.kill(victim.process.pid, signal.SIGKILL)
             finally:
