@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .dedupe import Dedupe
+from .dedupe import plan_jobs
 from .errors import PipelineError
 from .metrics import TOP_HOSTS, Meter
 from .records import Job, ShardEnd
@@ -44,7 +44,7 @@ from .report import QueueStat, Report, StageStat, count_rows, diagnose
 from .resume import Plan, Resume
 from .runner import Coordinator, now_utc, open_run
 from .sink import MANIFEST_DIR, part_path, read_rows, shard_path
-from .sources import Source, iter_jobs
+from .sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +236,8 @@ def _drive(
         if on_shard is not None:
             on_shard(result)
 
-    cfg = config.input
-    items = iter_jobs(plan.sources, cfg.shard_size, cfg.url_column, plan.known)
     try:
-        with Dedupe(out_dir) if cfg.dedupe else contextlib.nullcontext() as dedupe:
-            if dedupe is not None:
-                items = dedupe.mark(items)
+        with plan_jobs(plan, config.input) as items:
             for shard in shards(items):
                 end = shard[-1]
                 if end.shard in plan.sealed:  # done by an earlier run, its lines unchanged

@@ -9,6 +9,7 @@ from the whole input, lines done by earlier runs included: nothing to keep in st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import sqlite3
@@ -16,8 +17,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
+from .config import InputConfig
 from .errors import PipelineError
 from .records import Job, ShardEnd
+from .resume import Plan
+from .sources import iter_jobs
 
 DB_FILE = ".dedupe.sqlite"
 _CACHE_KB = 16 * 1024  # SQLite's page cache: the memory this costs, whatever the input's size
@@ -49,13 +53,12 @@ class Dedupe:
             if isinstance(item, Job) and item.problem is None:
                 digest = hashlib.blake2b(item.url.encode("utf-8", "surrogatepass"), digest_size=16)
                 url = digest.digest()
-                if self._db.execute(insert, (url, item.key)).rowcount == 0:
+                if self._db.execute(insert, (url, item.key)).rowcount == 0:  # seen before
                     (first,) = self._db.execute(
                         "SELECT key FROM seen WHERE url = ?", (url,)
                     ).fetchone()
-                    if first != item.key:
-                        self.duplicates += 1
-                        item = dataclasses.replace(item, duplicate_of=first)
+                    self.duplicates += 1
+                    item = dataclasses.replace(item, duplicate_of=first)
                 self._pending += 1
                 if self._pending >= _COMMIT_EVERY:
                     self._db.execute("COMMIT")
@@ -74,3 +77,15 @@ class Dedupe:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def plan_jobs(plan: Plan, config: InputConfig) -> Iterator[Iterator[Job | ShardEnd]]:
+    """The job stream of ``plan``: every line of its sources, cut into the plan's shards, with
+    duplicates marked when ``input.dedupe`` asks (the table lives as long as the stream)."""
+    items = iter_jobs(plan.sources, config.shard_size, config.url_column, plan.known)
+    if not config.dedupe:
+        yield items
+        return
+    with Dedupe(plan.out_dir) as dedupe:
+        yield dedupe.mark(items)

@@ -13,7 +13,6 @@ are.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -200,7 +199,7 @@ def cpu_stage(name: str, workers: int, meter: Meter, ended: float) -> StageStat:
     stat = meter_stage(name, workers, meter, ended)
     capacity = workers * (ended - meter.first if meter.items else 0.0)
     used = round(min(100.0, 100 * meter.cpu_s / capacity), 1) if capacity > 0 else 0.0
-    return dataclasses.replace(stat, utilization=used, occupied=stat.utilization)
+    return replace(stat, utilization=used, occupied=stat.utilization)
 
 
 # --- the bottleneck ------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import FrameType
 
 from .config import Config
-from .dedupe import Dedupe
+from .dedupe import plan_jobs
 from .errors import FetchError, PipelineError, TransformError
 from .lane import BATCH, END, STOP, Batch, LaneDone, LaneHandle
 from .lanes import Lanes
@@ -54,7 +54,7 @@ from .records import Job, Outcome, ShardEnd
 from .report import QueueStat, Report, StageStat, build_report, cpu_stage, meter_stage
 from .resume import Plan, Resume, plan_run
 from .sink import Sink, lock
-from .sources import Source, iter_jobs
+from .sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,8 @@ class Coordinator:
 
     def execute(self, plan: Plan, *, progress: bool) -> Report:
         """Every line of the plan's sources that an earlier run did not finish."""
-        cfg = self.config.input
         resume = Resume(plan)
-        items = iter_jobs(plan.sources, cfg.shard_size, cfg.url_column, plan.known)
-        with Dedupe(plan.out_dir) if cfg.dedupe else contextlib.nullcontext() as dedupe:
-            if dedupe is not None:
-                items = dedupe.mark(items)
+        with plan_jobs(plan, self.config.input) as items:
             report = self.process(
                 resume.pending(items), resume, progress=progress, sources=plan.sources
             )

@@ -1,4 +1,4 @@
-"""The generic machinery between stages: bounded queues, end-of-stream sentinels, a shared source.
+"""The generic machinery between stages: bounded queues and end-of-stream sentinels.
 
 Shutdown follows one rule: every producer of a queue posts one ``DONE`` when it stops (in a
 ``finally``, so also when it fails), and the consumer counts them down. Nothing polls, nothing is
