@@ -23,7 +23,7 @@ from .bench.demo import SAMPLES, run_demo
 from .bench.faults import FaultServer
 from .bench.server import StaticServer
 from .config import Config, lane_count, load_config, with_overrides
-from .errors import PipelineError
+from .errors import PipelineError, limit_hint
 from .logs import configure
 from .progress import terminal
 from .report import (
@@ -55,6 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `pipeline report out | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141
+    except OSError as err:  # the machine's, not ours: a path we cannot use, a limit reached
+        log.debug("OS error", exc_info=True)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"pipeline: error: {where}{err.strerror or err}{limit_hint(err)}", file=sys.stderr)
+        return 2
     except Exception as err:  # a bug: one line for the user, the traceback with -v
         log.debug("internal error", exc_info=True)
         print(

@@ -201,12 +201,16 @@ class InputConfig:
 class OutputConfig:
     dir: str = "out"
     folder_size: int = 1000
+    flush_rows: int = 100
+    flush_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         _require(bool(self.dir), "dir", "a non-empty path", self.dir)
         _require(
             10 <= self.folder_size <= 10_000, "folder_size", "in [10, 10000]", self.folder_size
         )
+        _require(1 <= self.flush_rows <= 100_000, "flush_rows", "in [1, 100000]", self.flush_rows)
+        _require(0 < self.flush_seconds <= 60, "flush_seconds", "in (0, 60]", self.flush_seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +419,10 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError("", f"cannot read config file: {exc.strerror}", str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"invalid TOML: {exc}", str(path)) from None
+    except UnicodeDecodeError as exc:  # binary bytes: TOML is UTF-8 text
+        raise ConfigError(
+            "", f"not UTF-8 text (byte {exc.start}): not a TOML file", str(path)
+        ) from None
     try:
         return parse_config(data)
     except ConfigError as exc:

@@ -3,10 +3,13 @@
     PipelineError            a problem with the run itself: the CLI prints it as one line, exits 2
      +-- ConfigError         a bad config key or value (names the key)
      +-- SourceError         an unreadable URL file or folder (names the file)
+     +-- OutputError         the output folder cannot be written: a full disk, a symlink in the
+                             way, no permission (names the path); the run stops cleanly
     ItemError                one URL failed: becomes a manifest row, never stops the run
      +-- FetchError          while downloading (raised in a download thread)
      +-- TransformError      while decoding, transforming or encoding (raised in a pool worker)
-     +-- WriteError          while writing the output file (raised in a pool worker)
+     +-- WriteError          (no longer raised: a failed write is an OutputError, which stops
+                             the run; the kind stays for manifests written before)
 
 Every exception from requests, urllib3, Pillow or the OS is translated into one of these where it
 crosses into our code; anything else that escapes is a bug and stops the run.
@@ -14,6 +17,8 @@ crosses into our code; anything else that escapes is a bug and stops the run.
 
 from __future__ import annotations
 
+import errno
+import resource
 from typing import Final
 
 #: The error kinds a manifest row may carry, and what each means. Fixed: users rely on them.
@@ -74,6 +79,10 @@ class SourceError(PipelineError):
     """A URL source (file or folder) cannot be read."""
 
 
+class OutputError(PipelineError):
+    """Something under the output folder cannot be written; the run stops, keeping what it has."""
+
+
 class ItemError(Exception):
     """One URL failed; ``kind`` is one of ERROR_KINDS. Picklable, so it can cross the pool."""
 
@@ -99,3 +108,13 @@ class TransformError(ItemError):
 
 class WriteError(ItemError):
     """The output file could not be written."""
+
+
+def limit_hint(exc: OSError) -> str:
+    """What to do about an OSError caused by a resource limit, or "": for one-line errors."""
+    if exc.errno == errno.EMFILE:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return f" (open files are limited to {soft} here: raise ulimit -n)"
+    if exc.errno in (errno.EAGAIN, errno.ENOMEM):
+        return " (no more processes or memory: lower transform.workers or executor.lanes)"
+    return ""

@@ -38,7 +38,7 @@ from typing import Any
 
 from .config import Config
 from .download import Downloader
-from .errors import FetchError
+from .errors import FetchError, PipelineError, limit_hint
 from .logs import LogSetup, configure
 from .metrics import Meter, Stage
 from .pool import TransformPool, in_flight_bound
@@ -92,6 +92,14 @@ class Batch:
 
 
 @dataclass(frozen=True, slots=True)
+class LaneFailed:
+    """The run must stop, for a cause no URL is to blame for (the disk is full, no process can
+    be started, a config value the network library refuses): one line for the user."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class LaneDone:
     """A lane's last message: its figures for the report."""
 
@@ -117,7 +125,14 @@ def lane_main(setup: LaneSetup, jobs: Connection, results: Connection) -> None:
             setup.log_setup.level, setup.log_setup.file, file_level=setup.log_setup.file_level
         )
     exit_with(setup.coordinator_pid)
-    Lane(setup).run(jobs, results)
+    try:
+        Lane(setup).run(jobs, results)
+    except Exception as exc:  # cannot start a thread or a pipe, or a bug: one line, not a trace
+        log.debug("lane %d failed", setup.index, exc_info=True)
+        hint = limit_hint(exc) if isinstance(exc, OSError) else ""
+        with contextlib.suppress(OSError):
+            results.send(LaneFailed(f"lane {setup.index}: {type(exc).__name__}: {exc}{hint}"))
+        raise SystemExit(1) from None
 
 
 class Lane:
@@ -129,15 +144,20 @@ class Lane:
         self.workers = config.download.workers
         self.stop = threading.Event()
         self.jobs: queue.SimpleQueue[Job | _Done] = queue.SimpleQueue()
-        self.results: BoundedQueue[Outcome] = BoundedQueue("results", config.queues.results)
+        self.results: BoundedQueue[Outcome | LaneFailed] = BoundedQueue(
+            "results", config.queues.results
+        )
         self.download = Stage("download", self.workers)
         self.transform = Stage("transform", setup.transform_workers)
         self.downloader = Downloader(config.download)
         self.pool = TransformPool(
             config, Path(setup.out_dir), self.results, self.transform, self.stop,
-            producers=self.workers, workers=setup.transform_workers,
+            producers=self.workers, workers=setup.transform_workers, fail=self.fail,
         )  # fmt: skip
         self._grace: threading.Timer | None = None
+        self._stopping = threading.Lock()  # the first of a STOP and a failure stops the lane
+        self._failing = threading.Lock()
+        self._failed = False
 
     def run(self, jobs: Connection, results: Connection) -> None:
         cpu = time.process_time()
@@ -182,7 +202,7 @@ class Lane:
                 continue
             if message is None and ended:
                 return
-            if message != END and not self.stop.is_set():  # STOP, or the coordinator is gone
+            if message != END:  # STOP, or the coordinator is gone
                 self._interrupt()
             if not ended:
                 ended = True
@@ -193,11 +213,23 @@ class Lane:
 
     def _interrupt(self) -> None:
         """Take no more jobs, cut the downloads, give the pool its grace, then kill it."""
+        if not self._stopping.acquire(blocking=False):
+            return  # stopping already
         self.stop.set()
         self.downloader.cancel()
         self._grace = threading.Timer(self.config.transform.shutdown_grace, self.pool.kill_workers)
         self._grace.name = "shutdown-grace"
         self._grace.start()
+
+    def fail(self, message: str) -> None:
+        """Stop the run: what is done is sent, the rest is left to the next run."""
+        with self._failing:
+            first, self._failed = not self._failed, True
+        if first:  # the coordinator tells the user; later failures are the same one, mostly
+            self._interrupt()
+            self.results.put(LaneFailed(message))  # the sender passes it on
+        else:
+            log.debug("%s", message)
 
     # --- download threads ------------------------------------------------------------------------
 
@@ -218,6 +250,9 @@ class Lane:
         started = time.perf_counter()
         try:
             fetched = self.downloader.fetch(job)
+        except PipelineError as exc:  # the config's fault, not the URL's: no row for it
+            self.fail(str(exc))
+            return
         except Exception as exc:
             if self.stop.is_set():  # cut short by an interrupt: not a real failure
                 return
@@ -237,11 +272,15 @@ class Lane:
         ended = False
         while not ended:
             batch: list[Row] = []
-            item: Outcome | _Done | None = self.results.get()  # block for the first row
+            failed: LaneFailed | None = None
+            item: Outcome | LaneFailed | _Done | None = self.results.get()  # block for the first
             deadline = time.monotonic() + LINGER
             while True:
                 if item is DONE:
                     ended = True
+                    break
+                if isinstance(item, LaneFailed):
+                    failed = item
                     break
                 assert isinstance(item, Outcome)
                 batch.append(item.encode())  # the manifest line is made here, not there
@@ -252,6 +291,8 @@ class Lane:
                     break
             if batch:
                 results.send(Batch(batch, self._progress()))
+            if failed is not None:
+                results.send(failed)
 
     def _progress(self) -> Progress:
         return Progress(

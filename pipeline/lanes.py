@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .config import Config, lane_count
+from .errors import PipelineError, limit_hint
 from .lane import LaneDone, LaneHandle, LaneSetup, lane_config
 from .logs import LogSetup
 from .pool import in_flight_bound
@@ -60,7 +61,10 @@ class Lanes:
             context.set_forkserver_preload(["pipeline.lane"])
         setup = LaneSetup(index, self.lane_config, str(self.out_dir), self.shares[index],
                           os.getpid(), LogSetup.current())  # fmt: skip
-        handle = LaneHandle(setup, context)
+        try:
+            handle = LaneHandle(setup, context)
+        except OSError as exc:  # no pipes, no process: EMFILE, EAGAIN, the interpreter is gone
+            raise PipelineError(f"cannot start a lane process: {exc}{limit_hint(exc)}") from None
         self._selector.register(handle.results, selectors.EVENT_READ, handle)
         self.running.append(handle)
         self.every.append(handle)
@@ -68,9 +72,10 @@ class Lanes:
             gauge.lanes = self.running
         self.gauges[2].bound = sum(h.credit for h in self.running)
 
-    def wait(self) -> Iterator[LaneHandle]:
-        """Block until a lane has a message (or a signal woke us); the lanes that have one."""
-        for key, _ in self._selector.select():
+    def wait(self, timeout: float | None = None) -> Iterator[LaneHandle]:
+        """Block until a lane has a message (or a signal woke us, or ``timeout`` seconds passed);
+        the lanes that have one."""
+        for key, _ in self._selector.select(timeout):
             if key.data is None:
                 os.read(self._wake_r, 64)  # a signal: the caller looks at its stop flag
             elif key.data in self.running:

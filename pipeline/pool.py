@@ -17,7 +17,9 @@ when a slot is free, whether an image whose worker died is tried again (in the q
 one at a time, so that a second crash names its culprit) or recorded as ``worker_crash``, and
 what becomes of each result. A worker that dies breaks a ProcessPoolExecutor for good; the
 RestartingPool starts a fresh one on the next submit. Once the lane is stopping, bodies are
-dropped and killed tasks are not recorded: the next run does them again.
+dropped and killed tasks are not recorded: the next run does them again. What no image is to
+blame for (no process can be started, the output folder cannot be written) is not a row either:
+``fail`` is told, in one line, and the lane stops the run.
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .config import Config
-from .errors import TransformError
+from .errors import PipelineError, TransformError, limit_hint
 from .logs import LogSetup
 from .metrics import Stage
 from .records import Fetched, Outcome
-from .stages import DONE, BoundedQueue, _Done
+from .stages import DONE, _Done
 from .transform import WorkerSetup, init_worker, process_many
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,12 @@ class RestartingPool:
 _Finished = tuple[list[Fetched], int, bool, "Future[list[Outcome]]"]
 
 
+class Results(Protocol):
+    """Where the pool puts its rows, then DONE (a lane's queue, which takes other items too)."""
+
+    def put(self, item: Outcome | _Done, /) -> None: ...
+
+
 class Inbox:
     """Where the dispatcher waits: downloaded bodies (bounded) and finished tasks (unbounded:
     a callback must never block). One lock, two conditions: the dispatcher blocks on both kinds
@@ -213,13 +221,15 @@ class TransformPool:
         self,
         config: Config,
         out_dir: Path,
-        results: BoundedQueue[Outcome],
+        results: Results,
         stage: Stage,
         stop: threading.Event,
         producers: int,
         workers: int,
+        fail: Callable[[str], None],
     ) -> None:
         self.config = config
+        self.fail = fail  # the lane's: stop the run with this one-line error
         self.inbox = Inbox(config.queues.fetched)
         self.results = results
         self.stage = stage
@@ -290,11 +300,9 @@ class TransformPool:
         pool = self.quarantine if quarantined else self.pool
         try:
             future = pool.submit(process_many, items)
-        except Exception as exc:  # no worker could be started (EMFILE, ...): these images fail
-            log.warning("cannot start a transform process: %s", exc)
-            error = TransformError("worker_crash", f"no transform process could be started: {exc}")
-            for item in items:
-                self._failed(item, error)
+        except Exception as exc:  # no worker could be started (EMFILE, ...): not these images'
+            hint = limit_hint(exc) if isinstance(exc, OSError) else ""
+            self._lose(items, f"cannot start a transform process: {exc}{hint}")
             return
         self._suspect_running |= quarantined
         future.add_done_callback(lambda f: self.inbox.finished((items, attempt, quarantined, f)))
@@ -317,6 +325,8 @@ class TransformPool:
                     self._failed(item, error)
         elif crashed or future.cancelled():  # killed or cancelled at shutdown: redone later
             self.in_flight -= len(items)
+        elif isinstance(future.exception(), PipelineError):  # e.g. the disk is full
+            self._lose(items, str(future.exception()))
         else:
             for outcome in self._outcomes(items, future):
                 self._record(outcome)
@@ -343,6 +353,12 @@ class TransformPool:
             )
         return done
 
+    def _lose(self, items: list[Fetched], message: str) -> None:
+        """Record nothing for ``items`` (the next run does them) and stop the run."""
+        self.in_flight -= len(items)
+        self.stop.set()  # no more submits: each would fail the same way
+        self.fail(message)
+
     def _failed(self, item: Fetched, error: TransformError) -> None:
         self.stage.meter().record(0.0, ok=False, bytes_in=len(item.body))
         self._record(Outcome.failed(item.job, error, download_ms=item.download_ms,
@@ -353,9 +369,9 @@ class TransformPool:
         self.results.put(outcome)
 
     def _next_suspect(self) -> None:
+        while self._suspects and not self._suspect_running and not self.stop.is_set():
+            item, attempt = self._suspects.popleft()
+            self._submit([item], attempt, quarantined=True)
         if self.stop.is_set():  # not tried again now: the next run does them
             self.in_flight -= len(self._suspects)
             self._suspects.clear()
-        while self._suspects and not self._suspect_running:  # a failed submit: the next one
-            item, attempt = self._suspects.popleft()
-            self._submit([item], attempt, quarantined=True)

@@ -167,8 +167,8 @@ class Report:
         """Into ``reports/<started>.json``, this run's own, and ``report.json``, the latest."""
         data = (json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8")
         stamp = self.started.replace("-", "").replace(":", "").replace("+0000", "Z") or "unknown"
-        write_atomic(out_dir / HISTORY_DIR / f"{stamp}.json", data)
-        write_atomic(out_dir / REPORT_FILE, data)
+        write_atomic(out_dir / HISTORY_DIR / f"{stamp}.json", data, root=out_dir)
+        write_atomic(out_dir / REPORT_FILE, data, root=out_dir)
 
 
 def build_report(stats: RunStats, wall_s: float, **extra: Any) -> Report:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -161,7 +162,9 @@ def _write_state(
         for name, id_ in sorted(ids.items(), key=lambda item: item[1])
     ]
     state = {"settings": settings, "root": str(root), "files": files}
-    write_atomic(out_dir / RUN_FILE, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
+    write_atomic(
+        out_dir / RUN_FILE, (json.dumps(state, indent=1) + "\n").encode("utf-8"), root=out_dir
+    )
 
 
 def _number(
@@ -345,11 +348,20 @@ class Resume:
             if row["key"] not in keys and is_final(row.get("error_kind"), row.get("http_status")):
                 kept.append(text)
                 keys.add(row["key"])
-        write_atomic(path, "".join(kept).encode("utf-8"))
+        write_atomic(path, "".join(kept).encode("utf-8"), root=self.folder.parent)
         file, _ = _parse_name(shard)
-        for temp in (self.images / f"{file:05d}").glob("*/.*.tmp"):
-            temp.unlink(missing_ok=True)  # left by a worker killed mid-write
+        _remove_temps(self.images / f"{file:05d}")
         return frozenset(keys)
+
+
+def _remove_temps(folder: Path) -> None:
+    """Delete the temporary files that workers killed mid-write left, in no linked folder."""
+    if folder.is_symlink():
+        return
+    for parent, _, names in os.walk(folder):  # does not follow links to folders
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                (Path(parent) / name).unlink(missing_ok=True)
 
 
 def _parse_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -45,8 +45,8 @@ from types import FrameType
 
 from .config import Config
 from .dedupe import plan_jobs
-from .errors import FetchError, PipelineError, TransformError
-from .lane import BATCH, END, STOP, Batch, LaneDone, LaneHandle
+from .errors import FetchError, OutputError, PipelineError, TransformError
+from .lane import BATCH, END, STOP, Batch, LaneDone, LaneFailed, LaneHandle
 from .lanes import Lanes
 from .metrics import Meter, RunStats, Sampler, Stage
 from .progress import Bars, LaneCounts, UrlCount
@@ -82,7 +82,16 @@ def run(
         pipeline = Coordinator(config, plan.out_dir)
         with _signals(pipeline) if handle_signals else contextlib.nullcontext():
             report = pipeline.execute(plan, progress=progress)
-        report.save(plan.out_dir)
+        try:
+            report.save(plan.out_dir)
+        except OutputError:
+            if pipeline.failure is None:
+                raise
+        if pipeline.failure is not None:  # what was done is recorded; a rerun does the rest
+            written = pipeline.sink.written
+            raise OutputError(
+                f"{pipeline.failure} (stopped: {written} rows recorded; rerun to do the rest)"
+            )
     return report
 
 
@@ -110,8 +119,10 @@ class Coordinator:
         self.out_dir = out_dir
         self.stopping = False
         self.interrupted: int | None = None  # the signal that stopped the run
+        self.failure: str | None = None  # what stopped the run, when no URL is to blame
         self.lanes = Lanes(config, out_dir)
-        self.sink = Sink(out_dir)
+        self.sink = Sink(out_dir, config.output)
+        self._writable = True  # False once a manifest write failed: rows after it are dropped
         self.write = Stage("write", 1)
         self.stats = RunStats()
         self.meters: dict[str, Meter] = {}  # each stage's, merged over the lanes, once it ends
@@ -157,7 +168,7 @@ class Coordinator:
                 self._loop()
         finally:
             self.lanes.close()  # kills only lanes still running: after a bug
-        if self.sink.open_shards and self.interrupted is None:
+        if self.sink.open_shards and self.interrupted is None and self.failure is None:
             log.warning("shards left incomplete: %s", self.sink.open_shards)
         ended, cpu = time.perf_counter(), time.process_time() - cpu_started
         report = self._report(started, ended, cpu, skipped=resume.skipped)
@@ -168,8 +179,10 @@ class Coordinator:
     def _loop(self) -> None:
         while self.lanes.running:
             self._deal()  # once stopping, it sends the STOPs
-            for handle in list(self.lanes.wait()):
+            for handle in list(self.lanes.wait(self.sink.flush_due())):
                 self._receive(handle)
+            if self.sink.flush_due() == 0:
+                self._guard(self.sink.flush)
 
     def _deal(self) -> None:
         if self.stopping:
@@ -200,7 +213,7 @@ class Coordinator:
                 self._exhausted = True
                 break
             if isinstance(item, ShardEnd):
-                self.sink.end_shard(item)
+                self._guard(self.sink.end_shard, item)
             elif item.problem is not None:
                 self._record(Outcome.failed(item, FetchError("invalid_url", item.problem)))
             elif item.duplicate_of is not None:  # its URL is fetched for an earlier line
@@ -221,9 +234,12 @@ class Coordinator:
             started = time.perf_counter()
             for row in message.rows:
                 del outstanding[row.key]
-                sink.write(row)
-                stats.add(row)
+                if self._writable:
+                    self._guard(sink.write, row)
+                    stats.add(row)
             self.write.meter().record(time.perf_counter() - started, items=len(message.rows))
+        elif isinstance(message, LaneFailed):
+            self._fail(message.message)
         else:
             assert isinstance(message, LaneDone)
             self.lanes.ended(handle, message)
@@ -232,15 +248,36 @@ class Coordinator:
         """A row the coordinator makes itself (no usable URL, a duplicate, a lost lane's job)."""
         started = time.perf_counter()
         row = outcome.encode()
-        self.sink.write(row)
-        self.stats.add(row)
+        if self._writable:
+            self._guard(self.sink.write, row)
+            self.stats.add(row)
         self.write.meter().record(time.perf_counter() - started)
+
+    def _guard(self, write: Callable[..., None], *args: object) -> None:
+        """A manifest write; when it fails (a full disk), nothing more is written: stop."""
+        try:
+            write(*args)
+        except OutputError as exc:
+            self._writable = False
+            self._fail(str(exc))
+
+    def _fail(self, message: str) -> None:
+        """Stop the run as an interrupt would, for a cause no URL is to blame for."""
+        if self.failure is None:
+            self.failure = message
+            log.debug("stopping: %s", message)  # the CLI prints it, once
+        self.stopping = True
 
     def _lost(self, handle: LaneHandle) -> None:
         """A lane died: deal its jobs again (or record them, the second time), replace it."""
         cause = self.lanes.lost(handle)
-        log.warning("lane %d died (%s) holding %d jobs", handle.index, cause,
-                    len(handle.outstanding))  # fmt: skip
+        log.log(
+            logging.DEBUG if self.failure else logging.WARNING,  # it said why, if it could
+            "lane %d died (%s) holding %d jobs",
+            handle.index,
+            cause,
+            len(handle.outstanding),
+        )
         if self.stopping:
             return  # its jobs are not recorded: the next run does them
         for job in handle.outstanding.values():
@@ -334,7 +371,8 @@ class Coordinator:
     def abort(self, signum: int) -> None:
         """Stop now: kill the lanes (their workers follow), flush the manifest, exit."""
         self.lanes.kill()
-        self.sink.close()
+        with contextlib.suppress(OutputError):
+            self.sink.close()
         os._exit(128 + signum)
 
 

@@ -1,11 +1,15 @@
 """The manifest: one JSON line per input line, one file per shard; and the output folder's lock.
 
-Rows of shard S are appended to ``manifest/<S>.jsonl.part`` as they arrive (in completion order,
-written in batches by the file buffer). When the source has said how many lines the shard holds
-(``ShardEnd``) and that many rows are in, the shard's seal (``<S>.seal.json``: the file id, the
-lines it covers and their fingerprint) is written, then the part is closed and renamed to
-``manifest/<S>.jsonl``: a sealed shard's manifest is always whole, and always has its seal. Only
-the thread that owns the Sink calls it, so it needs no lock.
+Rows of shard S are appended to ``manifest/<S>.jsonl.part`` as they arrive, in completion order.
+They are written (one ``write`` per open shard) every ``output.flush_rows`` rows and at least every
+``output.flush_seconds``: a kill -9 loses at most that many finished rows, so repeated kills still
+make progress. A write that fails (a full disk) is cut back to the last whole row, and raises an
+OutputError: no half line is ever left for a rerun to read. When the source has said how many
+lines the shard holds (``ShardEnd``) and that many rows are in, the shard's seal
+(``<S>.seal.json``: the file id, the lines it covers and their fingerprint) is written, then the
+part is renamed to ``manifest/<S>.jsonl``: a sealed shard's manifest is always whole, and always
+has its seal. Nothing here follows a symbolic link (atomic.py). Only the thread that owns the
+Sink calls it, so it needs no lock.
 
 One run at a time may write into an output folder: ``lock`` holds ``.lock`` with ``flock`` for the
 whole run, and a second run is refused with the first one's pid and start time.
@@ -21,45 +25,62 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
-from .atomic import write_atomic
-from .errors import PipelineError
+from .atomic import open_append, open_dir, output_error, write_all, write_atomic
+from .config import OutputConfig
+from .errors import OutputError, PipelineError
 from .records import Outcome, Row, ShardEnd
 
 MANIFEST_DIR = "manifest"
 LOCK_FILE = ".lock"
-_BUFFER = 1 << 16
 
 
 @dataclass(slots=True)
 class _Part:
-    file: IO[str]
+    fd: int
+    size: int  # bytes written: the file ends with a whole row there
     rows: int = 0
+    pending: list[str] = field(default_factory=list)  # rows not written yet
     end: ShardEnd | None = None
 
 
 class Sink:
     """Appends manifest rows per shard and seals each shard's file once it is complete."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, config: OutputConfig | None = None) -> None:
+        config = config or OutputConfig()
+        self.out_dir = out_dir
         self.folder = out_dir / MANIFEST_DIR
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.flush_rows = config.flush_rows
+        self.flush_seconds = config.flush_seconds
         self._parts: dict[str, _Part] = {}
+        self._pending = 0  # rows not written yet, every part together
+        self._since: float | None = None  # when the oldest of them came
         self.sealed = 0
+        self.written = 0  # rows written to the manifest by this Sink
+        try:
+            os.close(open_dir(out_dir, Path(MANIFEST_DIR)))
+        except OSError as exc:
+            raise output_error(self.folder, exc) from None
 
     def add(self, outcome: Outcome) -> None:
         """Record one line's outcome."""
         self.write(outcome.encode())
 
     def write(self, row: Row) -> None:
-        """Record one line's outcome, already encoded."""
+        """Record one line's outcome, already encoded. Raises OutputError."""
         part = self._part(row.shard)
-        part.file.write(row.line)
+        part.pending.append(row.line)
         part.rows += 1
+        self._pending += 1
+        if self._since is None:
+            self._since = time.monotonic()
+        if self._pending >= self.flush_rows:
+            self.flush()
         self._seal_if_complete(row.shard, part)
 
     def end_shard(self, end: ShardEnd) -> None:
@@ -68,22 +89,63 @@ class Sink:
         part.end = end
         self._seal_if_complete(end.shard, part)
 
+    def flush_due(self) -> float | None:
+        """Seconds until rows waiting must be written (0: now), None when none are waiting."""
+        if self._since is None:
+            return None
+        return max(0.0, self._since + self.flush_seconds - time.monotonic())
+
+    def flush(self) -> None:
+        """Write every waiting row. Raises OutputError, leaving each part at a whole row."""
+        for shard, part in self._parts.items():
+            self._write(shard, part)
+        self._pending, self._since = 0, None
+
+    def _write(self, shard: str, part: _Part) -> None:
+        if not part.pending:
+            return
+        rows, part.pending = part.pending, []
+        try:
+            self._append(part, "".join(rows).encode("utf-8"), len(rows))
+        except OSError:  # a full disk: keep as many whole rows as still fit, one at a time
+            try:
+                for row in rows:
+                    self._append(part, row.encode("utf-8"), 1)
+            except OSError as exc:
+                raise output_error(part_path(self.folder, shard), exc) from None
+
+    def _append(self, part: _Part, data: bytes, rows: int) -> None:
+        try:
+            write_all(part.fd, data)
+        except OSError:
+            with contextlib.suppress(OSError):  # no half row for a rerun to read
+                os.ftruncate(part.fd, part.size)
+            raise
+        part.size += len(data)
+        self.written += rows
+
     def _part(self, shard: str) -> _Part:
         part = self._parts.get(shard)
         if part is None:  # a resumed shard's part holds its final rows already: append to them
             path = part_path(self.folder, shard)
-            kept = _count_lines(path) if path.exists() else 0
-            file = path.open("a", encoding="utf-8", buffering=_BUFFER)
-            part = self._parts[shard] = _Part(file, rows=kept)
+            fd = open_append(path, root=self.out_dir)
+            size = os.fstat(fd).st_size
+            kept = _count_lines(path) if size else 0
+            part = self._parts[shard] = _Part(fd, size, rows=kept)
         return part
 
     def _seal_if_complete(self, shard: str, part: _Part) -> None:
         if part.end is None or part.rows < part.end.count:
             return
-        part.file.close()
-        write_atomic(seal_path(self.folder, shard), _seal_json(part.end))
-        os.replace(part_path(self.folder, shard), shard_path(self.folder, shard))
+        self._pending -= len(part.pending)
+        self._write(shard, part)
+        os.close(part.fd)
         del self._parts[shard]
+        write_atomic(seal_path(self.folder, shard), _seal_json(part.end), root=self.out_dir)
+        try:
+            os.replace(part_path(self.folder, shard), shard_path(self.folder, shard))
+        except OSError as exc:
+            raise output_error(shard_path(self.folder, shard), exc) from None
         self.sealed += 1
 
     @property
@@ -92,10 +154,14 @@ class Sink:
         return sorted(self._parts)
 
     def close(self) -> None:
-        """Flush and close every open part; an incomplete shard keeps its ``.part`` name."""
-        for part in self._parts.values():
-            part.file.close()
-        self._parts.clear()
+        """Write what waits and close every open part; an incomplete shard keeps its ``.part``
+        name. Raises OutputError (after closing them all) when a write fails."""
+        try:
+            self.flush()
+        finally:
+            for part in self._parts.values():
+                os.close(part.fd)
+            self._parts.clear()
 
     def __enter__(self) -> Sink:
         return self
@@ -103,7 +169,11 @@ class Sink:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        with contextlib.suppress(OutputError):  # the first error is the one to report
+            self.close()
 
 
 def _seal_json(end: ShardEnd) -> bytes:

@@ -46,7 +46,7 @@ from .config import (
     Thumbnail,
     TransformConfig,
 )
-from .errors import ItemError, TransformError, WriteError
+from .errors import ItemError, PipelineError, TransformError
 from .logs import LogSetup, configure_worker
 from .records import Fetched, Outcome
 
@@ -336,12 +336,15 @@ def exit_with(pid: int) -> None:
 def process_many(items: list[Fetched]) -> list[Outcome]:
     """Several images in one pool task: the hand-off to the pool is paid once for them all.
 
-    Whatever one image raises is that image's row; the others go on.
+    Whatever one image raises is that image's row, and the others go on; but an OutputError
+    (the disk is full) is raised: it is not the image's fault.
     """
     outcomes = []
     for item in items:
         try:
             outcomes.append(process(item))
+        except PipelineError:  # the output folder, not the image: the lane stops the run
+            raise
         except Exception as exc:  # not an ItemError: a bug, but still only this image's row
             log.warning("%s: the transform raised %s: %s", item.job.key, type(exc).__name__, exc)
             error = TransformError("transform_error", f"{type(exc).__name__}: {exc}")
@@ -358,10 +361,8 @@ def process(fetched: Fetched) -> Outcome:
     try:
         encoded = transform_bytes(fetched.body, _setup.config)
         path = job.output_path(EXTENSIONS[_setup.config.format], _setup.folder_size)
-        try:
-            write_atomic(Path(_setup.out_dir) / path, encoded.data)
-        except OSError as exc:
-            raise WriteError("write_error", f"{path}: {exc.strerror or exc}") from None
+        out_dir = Path(_setup.out_dir)
+        write_atomic(out_dir / path, encoded.data, root=out_dir)  # OutputError: stops the run
     except ItemError as err:
         log.debug("%s: %s: %s", job.key, err.kind, err.message)
         elapsed = round((time.perf_counter() - started) * 1000, 2)

@@ -12,7 +12,6 @@ import textwrap
 
 import pytest
 
-from pipeline.atomic import write_atomic
 from pipeline.config import Config, InputConfig
 from pipeline.errors import FetchError, PipelineError, SourceError
 from pipeline.records import Job, Outcome, ShardEnd, make_key
@@ -273,28 +272,3 @@ def test_a_line_removed_from_a_shard_left_open_is_refused(tmp_path):
     path.write_text("".join(f"http://x/{i}\n" for i in range(1, 5)))  # line 5 is gone
     with pytest.raises(SourceError, match="line 5 was removed"):
         plan_run([inputs], config, out, restart=False)
-
-
-# --- atomic writes -------------------------------------------------------------------------------
-
-
-def test_write_atomic_makes_folders_replaces_and_leaves_no_temp(tmp_path):
-    target = tmp_path / "a" / "b" / "file.bin"
-    write_atomic(target, b"one")
-    write_atomic(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert os.listdir(target.parent) == ["file.bin"]
-
-
-def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    target = tmp_path / "file.bin"
-    write_atomic(target, b"old")
-
-    def broken_replace(src: object, dst: object) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="No space"):
-        write_atomic(target, b"new")
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]

@@ -23,7 +23,7 @@ from pipeline.config import (
     Thumbnail,
     TransformConfig,
 )
-from pipeline.errors import TransformError
+from pipeline.errors import OutputError, TransformError
 from pipeline.records import Fetched, Job
 from pipeline.transform import (
     WorkerSetup,
@@ -31,6 +31,7 @@ from pipeline.transform import (
     draft_size,
     init_worker,
     process,
+    process_many,
     transform_bytes,
 )
 
@@ -232,13 +233,15 @@ def test_the_worker_returns_failures_as_rows(worker: Path):
     assert not list((worker / "images").rglob("*")) if (worker / "images").exists() else True
 
 
-def test_an_unwritable_output_is_a_write_error(tmp_path):
+def test_an_unwritable_output_stops_the_run_instead_of_failing_the_image(tmp_path):
     previous = signal.getsignal(signal.SIGINT)
     blocker = tmp_path / "file"
     blocker.write_text("")
     try:
         init_worker(WorkerSetup(TransformConfig(), str(blocker), 1000, main_pid=1))
-        outcome = process(fetched(JPEG))
+        with pytest.raises(OutputError, match=rf"^{blocker}: Not a directory$"):
+            process(fetched(JPEG))
+        with pytest.raises(OutputError):  # several images a task: raised, not a row
+            process_many([fetched(JPEG)])
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert outcome.error_kind == "write_error"

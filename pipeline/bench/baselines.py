@@ -72,7 +72,8 @@ def _transform(fetched: Fetched | None) -> bool:
     except ItemError:
         return False
     ext = EXTENSIONS[_config.transform.format]
-    write_atomic(_out / fetched.job.output_path(ext, _config.output.folder_size), encoded.data)
+    path = _out / fetched.job.output_path(ext, _config.output.folder_size)
+    write_atomic(path, encoded.data, root=_out)
     return True
 
 

@@ -418,7 +418,7 @@ def write_config(path: Path, setting: Setting) -> None:
     """Write ``setting`` into the config file at ``path``, keeping its comments and layout."""
     doc = tomlkit.parse(path.read_text("utf-8"))
     apply(doc, setting)
-    write_atomic(path, tomlkit.dumps(doc).encode("utf-8"))
+    write_atomic(path, tomlkit.dumps(doc).encode("utf-8"), root=path.parent)
 
 
 # --- output ----------------------------------------------------------------------------------

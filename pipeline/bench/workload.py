@@ -106,11 +106,12 @@ class Workload:
 
     def make(self) -> list[Path]:
         """Draw the images not cached yet; returns every file."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         for i, path in enumerate(self.files):
-            if not path.exists():
+            if not path.exists():  # atomic: benchmarks run side by side share the cache
                 out = io.BytesIO()
                 photo(7000 + i, (self.min_px, self.max_px)).save(out, "JPEG", quality=self.quality)
-                write_atomic(path, out.getvalue())  # benchmarks run side by side share the cache
+                write_atomic(path, out.getvalue(), root=self.folder)
         return self.files
 
     def mean_bytes(self) -> float:
