@@ -9,6 +9,7 @@ out-of-range value is a ConfigError naming the dotted key, e.g.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import multiprocessing
 import os
 import re
@@ -38,6 +39,11 @@ def available_cores() -> int:
 # A lane's download threads and hand-off cost ~1.8 ms of CPU an image, its workers' transforms
 # ~5.2 ms (pipeline bench's workload): one lane per 3 cores keeps each lane under ~3/4 of its core
 CORES_PER_LANE = 3
+
+
+# an HTTP header value (RFC 9110 field-value, ASCII only): no CR, LF, NUL or other control
+# characters, which would end the header early or be refused by the HTTP library for every URL
+_HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
 
 def _require(ok: bool, key: str, rule: str, got: object) -> None:
@@ -217,9 +223,9 @@ class OutputConfig:
 class DownloadConfig:
     workers: int = 16
     connect_timeout: float = 5.0
-    read_timeout: float = 20.0
+    read_timeout: float = 10.0
     deadline: float = 60.0
-    retries: int = 3
+    retries: int = 2
     backoff: float = 0.5
     backoff_max: float = 8.0
     backoff_jitter: float = 0.25
@@ -230,6 +236,11 @@ class DownloadConfig:
     per_host: int = 0
     chunk_size: int = 1_048_576
     user_agent: str = "pipeline/0.1"
+    # link-local (cloud metadata at 169.254.169.254), and "this network": never an image host
+    deny_networks: tuple[str, ...] = ("169.254.0.0/16", "fe80::/10", "0.0.0.0/8")
+    allow_private: bool = True
+    straggler_after: float = 5.0
+    max_stragglers: int = 128
 
     def __post_init__(self) -> None:
         _require(1 <= self.workers <= 1024, "workers", "in [1, 1024]", self.workers)
@@ -239,6 +250,11 @@ class DownloadConfig:
         _require(0 < self.read_timeout <= 3600, "read_timeout", "in (0, 3600]", self.read_timeout)
         _require(0 < self.deadline <= 86400, "deadline", "in (0, 86400]", self.deadline)
         _require(0 <= self.retries <= 20, "retries", "in [0, 20]", self.retries)
+        after = self.straggler_after
+        _require(0 < after <= 3600, "straggler_after", "in (0, 3600]", after)
+        _require(
+            0 <= self.max_stragglers <= 4096, "max_stragglers", "in [0, 4096]", self.max_stragglers
+        )
         _require(0 <= self.backoff <= 60, "backoff", "in [0, 60]", self.backoff)
         _require(0 <= self.backoff_max <= 600, "backoff_max", "in [0, 600]", self.backoff_max)
         _require(
@@ -266,6 +282,17 @@ class DownloadConfig:
             self.chunk_size,
         )
         _require(bool(self.user_agent), "user_agent", "a non-empty string", self.user_agent)
+        for network in self.deny_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                _require(False, "deny_networks", "CIDR networks such as 10.0.0.0/8", network)
+        _require(
+            bool(_HEADER_VALUE.fullmatch(self.user_agent)),
+            "user_agent",
+            "printable ASCII, without line breaks or control characters (an HTTP header value)",
+            self.user_agent,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +342,14 @@ class TransformConfig:
         ok_gap = self.reducing_gap == 0 or self.reducing_gap >= 1
         _require(ok_gap, "reducing_gap", "0 (off) or >= 1.0", self.reducing_gap)
         _require(self.max_pixels >= 1, "max_pixels", ">= 1", self.max_pixels)
+        for index, op in enumerate(self.ops):  # outputs are bounded as inputs are
+            if isinstance(op, Resize) and op.width * op.height > self.max_pixels:
+                raise ConfigError(
+                    f"ops[{index}]",
+                    f"resizes to {op.width} x {op.height} = {op.width * op.height} pixels, more "
+                    f"than max_pixels ({self.max_pixels}): each image would take "
+                    f"{op.width * op.height * 4 / 2**20:,.0f} MB of memory",
+                )
         _require(0 <= self.crash_retries <= 5, "crash_retries", "in [0, 5]", self.crash_retries)
         limit = self.max_tasks_per_child
         _require(0 <= limit <= 10**9, "max_tasks_per_child", "in [0, 1000000000] (0 = none)", limit)

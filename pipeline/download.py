@@ -22,7 +22,7 @@ import urllib3.exceptions
 
 from .config import DownloadConfig
 from .deadline import DeadlineExceeded, Watchdog
-from .errors import FetchError
+from .errors import ConfigError, FetchError
 from .records import Fetched, Job
 from .transport import new_session
 
@@ -52,6 +52,8 @@ class Downloader:
         with self._host_slot(job.url), self._watchdog.deadline(self.config.deadline) as ticket:
             try:
                 response, body = self._get(job.url)
+            except requests.exceptions.InvalidHeader as exc:  # ours: the URL is not to blame
+                raise ConfigError("download.user_agent", f"is refused: {exc}") from None
             except (FetchError, DeadlineExceeded, *_TRANSPORT_ERRORS) as exc:
                 if ticket.fired or isinstance(exc, DeadlineExceeded):
                     raise self._past_deadline() from None
@@ -217,11 +219,7 @@ def translate(exc: BaseException) -> FetchError:
 
 # raised by requests, by urllib3 when a raw read escapes requests' wrapping, and by sockets
 _TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
-_BAD_URL = (
-    requests.exceptions.InvalidURL,
-    requests.exceptions.MissingSchema,
-    requests.exceptions.InvalidHeader,
-)
+_BAD_URL = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)
 _TIMEOUTS = (
     requests.exceptions.Timeout,
     urllib3.exceptions.TimeoutError,

@@ -41,6 +41,7 @@ ERROR_KINDS: Final[dict[str, str]] = {
     "write_error": "the output file could not be written",
     "worker_crash": "the transform process died while handling this image",
     "network": "another network error",
+    "blocked_address": "the host's address is denied (download.deny_networks, allow_private)",
 }
 
 TRANSIENT_KINDS: Final[frozenset[str]] = frozenset(

@@ -6,7 +6,7 @@
                                                     [jobs queue: bounded by the coordinator's
                                                      credit for this lane]
                                                                        |
-                                             download threads x download.workers (a Session each)
+                                   download threads x download.workers, elastic (a Session each)
                                                | Fetched                \\ failed Outcome
                                                v                         \\
                                      TransformPool (pool.py): dispatcher   \\
@@ -30,7 +30,6 @@ import queue
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 from .config import Config
 from .download import Downloader
+from .elastic import Crew, Stragglers
 from .errors import FetchError, PipelineError, limit_hint
 from .logs import LogSetup, configure
 from .metrics import Meter, Stage
@@ -109,12 +109,15 @@ class LaneDone:
     pool_restarts: int
     fetched_peak: int
     pool_peak: int
+    stragglers: Stragglers
 
 
 def credit(config: Config, transform_workers: int) -> int:
-    """Jobs a lane may hold at once: enough to keep its threads and its pool busy."""
+    """Jobs a lane may hold at once: enough to keep its threads (stragglers too) and its pool
+    busy."""
     in_flight = in_flight_bound(config, transform_workers)
-    return config.download.workers + config.queues.fetched + in_flight + BATCH
+    threads = config.download.workers + config.download.max_stragglers
+    return threads + config.queues.fetched + in_flight + BATCH
 
 
 def lane_main(setup: LaneSetup, jobs: Connection, results: Connection) -> None:
@@ -152,8 +155,14 @@ class Lane:
         self.downloader = Downloader(config.download)
         self.pool = TransformPool(
             config, Path(setup.out_dir), self.results, self.transform, self.stop,
-            producers=self.workers, workers=setup.transform_workers, fail=self.fail,
+            producers=1, workers=setup.transform_workers, fail=self.fail,
         )  # fmt: skip
+        self.crew = Crew(
+            self.jobs, self._download, lambda: self.pool.inbox.put(DONE),
+            workers=self.workers, max_stragglers=config.download.max_stragglers,
+            straggler_after=config.download.straggler_after,
+        )  # fmt: skip
+        self._meters = threading.local()  # each download thread's Meter
         self._grace: threading.Timer | None = None
         self._stopping = threading.Lock()  # the first of a STOP and a failure stops the lane
         self._failing = threading.Lock()
@@ -163,13 +172,12 @@ class Lane:
         cpu = time.process_time()
         receiver = threading.Thread(target=self._receive, args=(jobs,), name="receiver")
         try:
-            with self.downloader, ThreadPoolExecutor(self.workers, "download") as downloads:
+            with self.downloader:
                 receiver.start()
                 self.pool.start()
-                loops = [downloads.submit(self._download_loop) for _ in range(self.workers)]
+                self.crew.start()
                 self._send(results)
-                for loop in loops:
-                    loop.result()
+                self.crew.join()
                 self.pool.join()
         finally:
             if self._grace is not None:
@@ -183,6 +191,7 @@ class Lane:
                 self.pool.restarts,
                 self.pool.inbox.peak,
                 self.pool.peak,
+                self.crew.stats,
             )
         )
         receiver.join()  # the coordinator closes the jobs pipe once it has LaneDone
@@ -206,8 +215,7 @@ class Lane:
                 self._interrupt()
             if not ended:
                 ended = True
-                for _ in range(self.workers):
-                    self.jobs.put(DONE)
+                self.jobs.put(DONE)  # each download thread passes it on as it leaves
             if message is None:
                 return
 
@@ -233,20 +241,13 @@ class Lane:
 
     # --- download threads ------------------------------------------------------------------------
 
-    def _download_loop(self) -> None:
-        meter = self.download.meter()
-        try:
-            while (job := self.jobs.get()) is not DONE:
-                assert isinstance(job, Job)
-                if not self.stop.is_set():
-                    self._download(job, meter)
-        except BaseException:
-            self.stop.set()
-            raise
-        finally:
-            self.pool.inbox.put(DONE)
-
-    def _download(self, job: Job, meter: Meter) -> None:
+    def _download(self, job: Job) -> None:
+        """One job, in one of the crew's threads (elastic.py): a body for the pool, or a row."""
+        if self.stop.is_set():
+            return
+        meter: Meter | None = getattr(self._meters, "meter", None)
+        if meter is None:
+            meter = self._meters.meter = self.download.meter()
         started = time.perf_counter()
         try:
             fetched = self.downloader.fetch(job)

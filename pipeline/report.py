@@ -132,6 +132,9 @@ class Report:
     started: str = ""  # when the run started, UTC, ISO 8601
     sources: tuple[str, ...] = ()  # the input files the run was given, relative to the root
     resume: str | None = None  # on a rerun: what earlier runs had done, and what was left
+    # downloads that waited past download.straggler_after: count, after_s, median_s, longest_s,
+    # peak (at once), capped (not replaced: max_stragglers were waiting), hosts [[host, n], ...]
+    stragglers: dict[str, Any] | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -301,11 +304,31 @@ def format_report(report: Report) -> str:
     if report.verdict is not None:
         lines.append(f"bottleneck  {report.verdict.advice}")
     lines += _failures(report.failed, report.failing_hosts)
+    lines += _stragglers(report.stragglers)
     if report.pool_restarts:
         lines.append(f"restarts    the transform pool was restarted {report.pool_restarts} times")
     if report.lane_restarts:
         lines.append(f"restarts    a lane died and was replaced {report.lane_restarts} times")
     return "\n".join(lines)
+
+
+def _stragglers(slow: dict[str, Any] | None) -> list[str]:
+    """How many downloads waited long, how long, and where: a slow server is visible here."""
+    if not slow or not slow.get("count"):
+        return []
+    hosts = ", ".join(f"{host} {count}" for host, count in slow.get("hosts", ()))
+    lines = [
+        f"stragglers  {slow['count']} downloads took over {slow['after_s']:g} s "
+        f"(median {slow['median_s']:.1f} s, longest {slow['longest_s']:.1f} s, "
+        f"{slow['peak']} at once); they held no worker's place",
+        f"            slowest hosts: {hosts}",
+    ]
+    if slow.get("capped"):
+        lines.append(
+            f"            {slow['capped']} held a worker's place: download.max_stragglers were "
+            "waiting already (raise it to keep fast URLs moving)"
+        )
+    return lines
 
 
 def _failures(failed: dict[str, int], hosts: tuple[tuple[str, int], ...]) -> list[str]:

@@ -45,6 +45,7 @@ from types import FrameType
 
 from .config import Config
 from .dedupe import plan_jobs
+from .elastic import Stragglers
 from .errors import FetchError, OutputError, PipelineError, TransformError
 from .lane import BATCH, END, STOP, Batch, LaneDone, LaneFailed, LaneHandle
 from .lanes import Lanes
@@ -313,11 +314,12 @@ class Coordinator:
                 bars.close()
 
     def _report(self, started: float, ended: float, cpu_s: float, skipped: int) -> Report:
-        download, transform = Meter(), Meter()
+        download, transform, stragglers = Meter(), Meter(), Stragglers()
         finished, shares = self.lanes.finished, self.lanes.shares
         for done in finished:
             download.merge(done.download)
             transform.merge(done.transform)
+            stragglers.merge(done.stragglers)
         wall = ended - started
         threads = self.config.download.workers * self.lanes.wanted
         self.meters = {"download": download, "transform": transform, "write": self.write.total()}
@@ -340,6 +342,7 @@ class Coordinator:
             interrupted=signal.Signals(self.interrupted).name if self.interrupted else None,
             pool_restarts=sum(d.pool_restarts for d in finished),
             lane_restarts=self.lanes.restarts,
+            stragglers=stragglers.summary(self.config.download.straggler_after),
         )
 
     def _queues(self) -> tuple[QueueStat, ...]:

@@ -68,11 +68,29 @@ def transform_bytes(body: bytes, config: TransformConfig) -> Encoded:
     """Decode ``body``, apply ``config.ops``, encode to ``config.format``; raises TransformError."""
     image, size_in = decode(body, config)
     for op in config.ops:
+        _check_output(op, image.size, config.max_pixels)
         try:
             image = apply_op(image, op, config)
         except (OSError, ValueError) as exc:
             raise TransformError("transform_error", f"{_op_name(op)} failed: {exc}") from exc
     return Encoded(encode(image, config), size_in, image.size)
+
+
+def _check_output(op: Op, size: tuple[int, int], max_pixels: int) -> None:
+    """An op that would make more than ``max_pixels`` pixels is refused before it runs: an
+    image that grows past the limit costs the memory a bomb would."""
+    w, h = size
+    if isinstance(op, Resize):
+        w, h = (op.width, op.height) if op.mode != "fit" else _shrunk_size(op, size)
+    elif isinstance(op, Rotate) and op.degrees % 90:
+        turn = math.radians(op.degrees)
+        cos, sin = abs(math.cos(turn)), abs(math.sin(turn))
+        w, h = math.ceil(w * cos + h * sin), math.ceil(w * sin + h * cos)
+    if w * h > max_pixels:
+        raise TransformError(
+            "decompression_bomb",
+            f"{_op_name(op)} would make {w}x{h} pixels > transform.max_pixels {max_pixels}",
+        )
 
 
 def decode(body: bytes, config: TransformConfig) -> tuple[Image.Image, tuple[int, int]]:

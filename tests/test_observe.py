@@ -150,10 +150,10 @@ def test_log_lines_name_their_process_and_thread(tmp_path, mixed):
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "logs" / "run.log").read_text()
     # a download thread of a lane process, and a transform worker process
-    assert re.search(r"DEBUG lane-\d+/download_\d+ pipeline\.lane: .* http_4xx", log), log
+    assert re.search(r"DEBUG lane-\d+/download-\d+ pipeline\.lane: .* http_4xx", log), log
     worker = r"DEBUG transform-[\d:]+/MainThread pipeline\.transform: .* not_image"
     assert re.search(worker, log), log
-    assert "lane-0/download_" in result.stderr  # and the terminal gets them too
+    assert "lane-0/download-" in result.stderr  # and the terminal gets them too
 
 
 def run_in_pty(*args: str, cwd: Path, timeout: float = 120) -> tuple[int, str]:
