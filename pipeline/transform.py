@@ -243,6 +243,7 @@ def _crash(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
 
 
 def _sleep(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
+    log.debug("_sleep: %g s", op.seconds)  # a test knows a transform is under way
     time.sleep(op.seconds)
     return image
 

@@ -84,6 +84,20 @@ def error_for(toml: str, tmp_path: Path) -> str:
         ('[[transform.ops]]\nop = "resize"\nwidth = 9\nheight = 9\nmode = "crop"\n',
          "transform.ops[0](resize).mode", "crop"),
         ('[[transform.ops]]\nop = "blur"\nradius = -1\n', "transform.ops[0](blur).radius", "-1"),
+        ('[download]\nuser_agent = "a\\r\\nX: 1"\n', "download.user_agent", "'a\\r\\nX: 1'"),
+        ('[download]\nuser_agent = " ua"\n', "download.user_agent", "' ua'"),
+        ('[download]\nuser_agent = "ua\\u00e9"\n', "download.user_agent", "printable ASCII"),
+        ('[download]\ndeny_networks = ["10.0.0.0/33"]\n', "download.deny_networks", "10.0.0.0/33"),
+        ('[download]\ndeny_networks = ["intranet"]\n', "download.deny_networks", "intranet"),
+        ('[download]\nallow_private = "no"\n', "download.allow_private", "'no'"),
+        ("[download]\nstraggler_after = 0\n", "download.straggler_after", "0"),
+        ("[download]\nmax_stragglers = -1\n", "download.max_stragglers", "-1"),
+        ("[output]\nflush_rows = 0\n", "output.flush_rows", "0"),
+        ("[output]\nflush_seconds = 0\n", "output.flush_seconds", "0"),
+        ('[[transform.ops]]\nop = "resize"\nwidth = 65535\nheight = 65535\n',
+         "transform.ops[0] resizes to 65535 x 65535", "more than max_pixels (89478485)"),
+        ('[transform]\nmax_pixels = 99\n[[transform.ops]]\nop = "resize"\nwidth = 10\n'
+         'height = 10\n', "transform.ops[0]", "100 pixels, more than max_pixels (99)"),
     ],
 )  # fmt: skip
 def test_a_bad_value_names_its_key(tmp_path, toml, key, shown):

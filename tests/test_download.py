@@ -11,8 +11,9 @@ import urllib3.exceptions
 
 from pipeline.config import DownloadConfig
 from pipeline.download import Downloader, check_url, translate
-from pipeline.errors import FetchError
+from pipeline.errors import ConfigError, FetchError
 from pipeline.records import Job
+from pipeline.transport import AddressGuard
 
 URL = "http://images.test/a.jpg"
 
@@ -146,3 +147,33 @@ def test_close_closes_every_session():
             session.close = lambda s=session: closed.append(s)  # type: ignore[method-assign]
             d._local.session = None  # as if another thread asked
     assert len(closed) == 2 and d._sessions == []
+
+
+def test_a_header_the_http_library_refuses_is_the_configs_fault_not_a_row():
+    # validation at load refuses such a value; were one to pass, no URL would be blamed for it
+    config = DownloadConfig(retries=0)
+    object.__setattr__(config, "user_agent", "ua\r\nX-Evil: 1")
+    with Downloader(config) as downloader, pytest.raises(ConfigError, match="user_agent"):
+        downloader.fetch(Job(0, 0, URL, "s"))
+
+
+@pytest.mark.parametrize(
+    ("address", "deny", "allow_private", "blocked"),
+    [  # loopback addresses only, denied by config, as the guard sees them after a connect
+        ("127.0.0.2", ("127.0.0.2/32",), True, "127.0.0.2 is in download.deny_networks"),
+        ("::ffff:127.0.0.2", ("127.0.0.2/32",), True, "127.0.0.2 is in"),  # IPv4-mapped
+        ("::1%lo", ("::1/128",), True, "::1 is in download.deny_networks ::1/128"),  # a zone
+        ("127.0.0.1", ("127.0.0.2/32",), True, None),
+        ("127.0.0.1", DownloadConfig().deny_networks, True, None),  # loopback stays allowed
+        ("127.0.0.1", (), False, "127.0.0.1 is a private, loopback or reserved address"),
+        ("::1", (), False, "private, loopback or reserved"),
+    ],
+)
+def test_the_address_guard(address, deny, allow_private, blocked):
+    guard = AddressGuard(deny, allow_private)
+    if blocked is None:
+        guard.check(address)
+        return
+    with pytest.raises(FetchError, match=blocked) as caught:
+        guard.check(address)
+    assert caught.value.kind == "blocked_address"

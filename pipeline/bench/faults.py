@@ -12,8 +12,11 @@ Files of the served folder come back as usual; paths under ``/_fault/`` misbehav
     /_fault/stall/<s>                  nothing at all for <s> seconds, then a small image
     /_fault/slow-headers/<s>           the response headers, one byte every <s> seconds
     /_fault/drip/<s>                   headers at once, then the body one byte every <s> seconds
+    /_fault/slow-body/<s>/<file>       <file>, its body spread over <s> seconds (slow, but whole)
     /_fault/redirect-loop/<n>          302 to /_fault/redirect-loop/<n+1>, forever
     /_fault/redirect-scheme            302 to an ftp:// URL
+    /_fault/redirect-bad               302 to a malformed URL (``http://[::1``)
+    /_fault/redirect-to/<url>          302 to <url> (percent-encoded)
     /_fault/huge                       Content-Length of 10 GB (sends only what is read)
     /_fault/endless                    a chunked body that never ends
     /_fault/gzip-bomb                  256 MiB of zeros gzip-compressed to ~250 KB, as image/jpeg
@@ -29,6 +32,7 @@ import gzip
 import random
 import socket
 import struct
+import urllib.parse
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -145,10 +149,34 @@ class FaultHandler(QuietHandler):
         self.end_headers()
 
     def redirect_scheme(self, arg: str) -> None:
+        self._redirect("ftp://127.0.0.1/image.jpg")
+
+    def redirect_bad(self, arg: str) -> None:
+        self._redirect("http://[::1")
+
+    def redirect_to(self, arg: str) -> None:
+        self._redirect(urllib.parse.unquote(arg))
+
+    def _redirect(self, location: str) -> None:
         self.send_response(302)
-        self.send_header("Location", "ftp://127.0.0.1/image.jpg")
+        self.send_header("Location", location)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    def slow_body(self, arg: str) -> None:
+        seconds, _, name = arg.partition("/")
+        body = self._file(name)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        steps = 20
+        for i in range(steps):
+            self.wfile.write(body[i * len(body) // steps : (i + 1) * len(body) // steps])
+            self.wfile.flush()
+            if i < steps - 1 and not self._pause(float(seconds) / (steps - 1)):
+                break
+        self.close_connection = True
 
     def huge(self, arg: str) -> None:
         self.send_response(200)
@@ -196,6 +224,9 @@ ROUTES: dict[str, Callable[[FaultHandler, str], None]] = {
     "drip": FaultHandler.drip,
     "redirect-loop": FaultHandler.redirect_loop,
     "redirect-scheme": FaultHandler.redirect_scheme,
+    "redirect-bad": FaultHandler.redirect_bad,
+    "redirect-to": FaultHandler.redirect_to,
+    "slow-body": FaultHandler.slow_body,
     "huge": FaultHandler.huge,
     "endless": FaultHandler.endless,
     "gzip-bomb": FaultHandler.gzip_bomb,

@@ -8,6 +8,7 @@ so nothing outlives the ``with`` block.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import socket
 import threading
@@ -105,10 +106,14 @@ class StaticServer:
         handler: type[QuietHandler] = QuietHandler,
         *,
         latency: float = 0.0,
+        host: str = HOST,
     ) -> None:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"{host} is not a loopback address: test servers serve loopback only")
         self.root = root
+        self.host = host
         self._httpd = LoopbackHTTPServer(
-            (HOST, port), partial(handler, directory=str(root)), latency
+            (host, port), partial(handler, directory=str(root)), latency
         )
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http-server")
 
@@ -117,7 +122,7 @@ class StaticServer:
         return int(self._httpd.server_address[1])
 
     def url(self, path: str = "") -> str:
-        return f"http://{HOST}:{self.port}/{path}"
+        return f"http://{self.host}:{self.port}/{path}"
 
     def start(self) -> StaticServer:
         self._thread.start()
