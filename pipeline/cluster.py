@@ -37,7 +37,7 @@ from typing import Any
 
 from .config import Config
 from .dedupe import plan_jobs
-from .errors import PipelineError
+from .errors import OutputError, PipelineError
 from .metrics import TOP_HOSTS, Meter
 from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
@@ -78,6 +78,8 @@ def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> Shar
         raise PipelineError(DAEMON_HELP)
     run = Coordinator(config, folder)
     report = run.process(resume.pending(iter(items)), resume)
+    if run.failure is not None:  # a full disk, ...: the task fails; the driver says it in one line
+        raise OutputError(run.failure)
     sealed = shard_path(folder / MANIFEST_DIR, shard)
     if sealed.exists():  # count the whole shard: rows a lost attempt wrote belong to this run too
         stats = count_rows(read_rows(sealed))

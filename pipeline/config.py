@@ -239,7 +239,7 @@ class DownloadConfig:
     # link-local (cloud metadata at 169.254.169.254), and "this network": never an image host
     deny_networks: tuple[str, ...] = ("169.254.0.0/16", "fe80::/10", "0.0.0.0/8")
     allow_private: bool = True
-    straggler_after: float = 5.0
+    straggler_after: float = 2.0
     max_stragglers: int = 128
 
     def __post_init__(self) -> None:

@@ -318,15 +318,13 @@ def _stragglers(slow: dict[str, Any] | None) -> list[str]:
         return []
     hosts = ", ".join(f"{host} {count}" for host, count in slow.get("hosts", ()))
     lines = [
-        f"stragglers  {slow['count']} downloads took over {slow['after_s']:g} s "
-        f"(median {slow['median_s']:.1f} s, longest {slow['longest_s']:.1f} s, "
-        f"{slow['peak']} at once); they held no worker's place",
+        f"stragglers  {slow['count']} downloads over {slow['after_s']:g} s: median "
+        f"{slow['median_s']:.1f} s, longest {slow['longest_s']:.1f} s, {slow['peak']} at once",
         f"            slowest hosts: {hosts}",
     ]
     if slow.get("capped"):
         lines.append(
-            f"            {slow['capped']} held a worker's place: download.max_stragglers were "
-            "waiting already (raise it to keep fast URLs moving)"
+            f"            {slow['capped']} kept a worker: download.max_stragglers were waiting"
         )
     return lines
 

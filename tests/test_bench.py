@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import select
@@ -9,12 +10,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import requests
 from test_cli import ROOT, pipeline
 
+from pipeline.bench.faults import FaultServer
+from pipeline.bench.hostile import FAULTS, urls
 from pipeline.bench.sweep import (
     Overlap,
     Row,
@@ -82,6 +86,7 @@ def test_workload_servers_share_a_port_on_the_cores_set_apart(workload):
 
 OWNER = """
 import sys
+from collections import Counter
 from pathlib import Path
 from pipeline.bench.workload import WorkloadServer
 if __name__ == "__main__":
@@ -255,3 +260,24 @@ def test_bench_write_config_needs_a_config_file(tmp_path):
     assert result.stderr.strip() == (
         "pipeline: error: --write-config needs a config file (--config, or ./config.toml)"
     )
+
+
+def test_the_hostile_benchmark_spreads_every_fault_evenly(image_dir):
+    server = FaultServer(image_dir)  # never started: only its URLs are used
+    try:
+        lines = urls(server, ["a.jpg", "b.jpg"], 100, 0.3)
+    finally:
+        server.close()
+    assert len(lines) == len(set(lines)) == 100
+    faulty = [line for line in lines if "/_fault/" in line]
+    assert len(faulty) == 30
+    kinds = Counter(
+        line.split("/_fault/")[1]
+        .split("?")[0]
+        .replace("a.jpg", "{image}")
+        .replace("b.jpg", "{image}")
+        for line in faulty
+    )
+    assert kinds == dict.fromkeys(FAULTS, 3)  # each of the ten, as often as the others
+    positions = [i for i, line in enumerate(lines) if "/_fault/" in line]
+    assert max(b - a for a, b in itertools.pairwise(positions)) <= 4  # spread, not bunched
