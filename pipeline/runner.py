@@ -163,14 +163,16 @@ class Coordinator:
         started_at = now_utc()
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
-            with self.sink, self._monitor(sources, resume, progress):
+            with self._monitor(sources, resume, progress):
                 for index in range(self.lanes.wanted):
                     self.lanes.start(index)
                 self._loop()
         finally:
             self.lanes.close()  # kills only lanes still running: after a bug
-        if self.sink.open_shards and self.interrupted is None and self.failure is None:
-            log.warning("shards left incomplete: %s", self.sink.open_shards)
+            left = self.sink.open_shards
+            self._guard(self.sink.close)  # its last write may fail too (a full disk)
+        if left and self.interrupted is None and self.failure is None:
+            log.warning("shards left incomplete: %s", left)
         ended, cpu = time.perf_counter(), time.process_time() - cpu_started
         report = self._report(started, ended, cpu, skipped=resume.skipped)
         return dataclasses.replace(report, started=started_at)

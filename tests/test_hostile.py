@@ -238,6 +238,7 @@ seconds = 5
     assert took < 1.0 + 1.0, f"{took:.2f} s from SIGINT to exit"
     wait_for(lambda: not [pid for pid in children if running(pid)], what="no process left")
     assert run.rows() == {}  # nothing was done: nothing is recorded, the rerun does it all
+    run.unchanged_outside()
 
 
 # --- 5: the config's faults are the config's: refused at load, never final rows -----------------
@@ -250,6 +251,7 @@ def test_a_user_agent_with_a_line_break_is_refused_at_load(tmp_path, faults, ima
     line = one_line(stderr)
     assert line.startswith("pipeline: error: config.toml: download.user_agent must be printable")
     assert not run.out.exists()
+    run.unchanged_outside()
 
 
 # --- 6: outputs are bounded like inputs ---------------------------------------------------------
@@ -285,6 +287,7 @@ def test_binary_bytes_as_config_is_one_line(tmp_path, faults, images):
     code, _, stderr = run()
     assert code == 2
     assert one_line(stderr).startswith("pipeline: error: config.toml: not UTF-8 text")
+    assert not run.out.exists()
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ resume's filtering of a rerun's jobs, and atomic writes."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import subprocess
@@ -12,8 +13,9 @@ import textwrap
 
 import pytest
 
-from pipeline.config import Config, InputConfig
-from pipeline.errors import FetchError, PipelineError, SourceError
+import pipeline.sink
+from pipeline.config import Config, InputConfig, OutputConfig
+from pipeline.errors import FetchError, OutputError, PipelineError, SourceError
 from pipeline.records import Job, Outcome, ShardEnd, make_key
 from pipeline.resume import Plan, Resume, plan_run
 from pipeline.sink import (
@@ -56,6 +58,51 @@ def end(file: int, count: int, first: int = 1) -> ShardEnd:
 
 def keys(path: os.PathLike[str]) -> list[str]:
     return [row["key"] for row in read_rows(path)]
+
+
+# --- writing: how often, and a write that fails -----------------------------------------------
+
+
+def test_rows_are_written_every_flush_rows_and_when_due(tmp_path):
+    with Sink(tmp_path, OutputConfig(flush_rows=3, flush_seconds=0.5)) as sink:
+        part = part_path(tmp_path / "manifest", make_key(0, 1))
+        assert sink.flush_due() is None  # nothing waits
+        sink.add(ok(0, 1))
+        sink.add(ok(0, 2))
+        assert part.read_bytes() == b""  # two rows wait in memory ...
+        assert 0 < sink.flush_due() <= 0.5  # ... and are due within flush_seconds
+        sink.add(ok(0, 3))
+        assert keys(part) == [make_key(0, 1), make_key(0, 2), make_key(0, 3)]  # the third: all
+        assert sink.flush_due() is None
+        sink.add(ok(0, 4))
+        sink.flush()  # what the coordinator does once flush_due() is 0
+        assert len(keys(part)) == 4 and sink.written == 4
+
+
+def test_a_failed_write_keeps_whole_rows_only_and_names_the_file(tmp_path, monkeypatch):
+    capacity = {"bytes": 0}
+    real = pipeline.sink.write_all
+
+    def disk(fd: int, data: bytes) -> None:  # a disk that holds `capacity` bytes of this file
+        room = capacity["bytes"] - os.fstat(fd).st_size
+        if len(data) > room:
+            os.write(fd, data[:room])  # what fits goes in, then ENOSPC, as the OS does
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(pipeline.sink, "write_all", disk)
+    sink = Sink(tmp_path, OutputConfig(flush_rows=10))
+    part = part_path(tmp_path / "manifest", make_key(0, 1))
+    rows = [ok(0, line).encode() for line in range(1, 11)]
+    capacity["bytes"] = sum(len(row.line.encode()) for row in rows[:3]) + 5  # 3 rows and a bit
+    with pytest.raises(OutputError, match=rf"^{part}: No space left on device$"):
+        for row in rows:
+            sink.write(row)
+    assert keys(part) == [make_key(0, line) for line in (1, 2, 3)]  # as many whole rows as fit
+    assert part.read_bytes().endswith(b"\n")  # and no half of the fourth
+    assert sink.written == 3
+    sink.close()  # the failed rows are dropped, not retried: they are the rerun's
+    assert len(keys(part)) == 3
 
 
 # --- sealing -------------------------------------------------------------------------------------
