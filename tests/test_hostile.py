@@ -95,7 +95,7 @@ class Run:
 
     def unchanged_outside(self) -> None:
         now = self._outside()
-        for name in ("stderr.txt",):
+        for name in ("stderr.txt", "run.log"):  # what the test asked the run to write
             now.pop(str(self.folder / name), None)
             self.outside.pop(str(self.folder / name), None)
         assert now == self.outside, "a file outside --out was written"
