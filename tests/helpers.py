@@ -6,6 +6,8 @@ import io
 import os
 import random
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -130,3 +132,11 @@ def gated_handler() -> type[QuietHandler]:
             super().do_GET()
 
     return Gated
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "the run") -> None:
+    """Poll an observable condition (files on disk, live processes, log lines) until it holds."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.02)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import descendants, gated_handler
+from helpers import descendants, gated_handler, wait_for
 
 from pipeline.bench.faults import FaultServer
 from pipeline.bench.server import QuietHandler, StaticServer
@@ -107,14 +107,6 @@ def one_line(stderr: str) -> str:
     errors = [line for line in stderr.splitlines() if line.startswith("pipeline: error: ")]
     assert len(errors) == 1, stderr
     return errors[0]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
-    """Poll an observable condition (files on disk, log lines) until it holds."""
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def running(pid: int) -> bool:

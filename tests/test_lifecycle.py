@@ -12,11 +12,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import descendants, leftover_workers
+from helpers import descendants, leftover_workers, wait_for
 from PIL import Image
 
 from pipeline.bench.faults import FaultServer
@@ -43,14 +42,6 @@ op = "thumbnail"
 width = 64
 height = 64
 """
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "the run") -> None:
-    """Poll an observable condition (files on disk, live processes) until it holds."""
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.02)
 
 
 def images_written(out: Path) -> int:
