@@ -265,7 +265,8 @@ def _config(args: argparse.Namespace) -> Config:
 def _print_report(report: Report, config: Config, args: argparse.Namespace) -> None:
     if args.quiet < 2:
         print(format_report(report))
-        print(f"output      {config.output.dir} (manifest/, images/, report.json, reports/)")
+        images = "shards/" if config.output.format == "webdataset" else "images/"
+        print(f"output      {config.output.dir} (manifest/, {images}, report.json, reports/)")
 
 
 def _parser() -> argparse.ArgumentParser:

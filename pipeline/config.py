@@ -25,6 +25,7 @@ RESAMPLE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos
 OUTPUT_FORMATS = ("jpeg", "png", "webp")
 RESIZE_MODES = ("fit", "fill", "stretch")
 _MEDIA_TYPE = re.compile(r"[a-z0-9.+-]+/(?:\*|[a-z0-9.+-]+)")
+OUTPUT_LAYOUTS = ("files", "webdataset")
 _COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 
 
@@ -206,12 +207,20 @@ class InputConfig:
 @dataclass(frozen=True, slots=True)
 class OutputConfig:
     dir: str = "out"
+    format: str = "files"
+    shard_size: int = 10_000
+    parquet: bool = False
     folder_size: int = 1000
     flush_rows: int = 100
     flush_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         _require(bool(self.dir), "dir", "a non-empty path", self.dir)
+        layouts = ", ".join(OUTPUT_LAYOUTS)
+        _require(self.format in OUTPUT_LAYOUTS, "format", f"one of {layouts}", self.format)
+        _require(
+            1 <= self.shard_size <= 1_000_000, "shard_size", "in [1, 1000000]", self.shard_size
+        )
         _require(
             10 <= self.folder_size <= 10_000, "folder_size", "in [10, 10000]", self.folder_size
         )

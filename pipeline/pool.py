@@ -60,8 +60,9 @@ def make_pool(config: Config, out_dir: Path, workers: int) -> ProcessPoolExecuto
     if method == "forkserver":  # workers fork from a server that has already imported Pillow
         context.set_forkserver_preload(["pipeline.transform"])
     setup = WorkerSetup(
-        config.transform, str(out_dir), config.output.folder_size, os.getpid(), LogSetup.current()
-    )
+        config.transform, str(out_dir), config.output.folder_size, os.getpid(),
+        LogSetup.current(), config.output.format,
+    )  # fmt: skip
     pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=context,

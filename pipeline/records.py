@@ -24,6 +24,9 @@ from .errors import ItemError
 
 Status = Literal["ok", "failed", "duplicate"]
 
+# webdataset layout: workers write each output here, the sink packs a shard's into its tars
+STAGING_DIR = ".staging"
+
 
 def make_key(file: int, line: int) -> str:
     return f"{file:05d}-{line:09d}"
@@ -50,16 +53,15 @@ class Job:
         return (Job, (self.file, self.line, self.url, self.shard, self.source, self.columns,
                       self.problem, self.duplicate_of))  # fmt: skip
 
-    def output_path(self, extension: str, folder_size: int) -> str:
+    def output_path(self, extension: str, folder_size: int, folder: str = "images") -> str:
         """The output file, relative to the output folder: named by a hash, never by the URL.
 
         ``images/<file id>/<block>/<line>-<hash>.<ext>``: at most ``folder_size`` files a folder.
         """
         digest = hashlib.blake2b(self.url.encode("utf-8", "surrogatepass"), digest_size=8)
         block = self.line // folder_size
-        return (
-            f"images/{self.file:05d}/{block:05d}/{self.line:09d}-{digest.hexdigest()}.{extension}"
-        )
+        name = f"{self.line:09d}-{digest.hexdigest()}.{extension}"
+        return f"{folder}/{self.file:05d}/{block:05d}/{name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,7 @@ class Outcome:
     width_out: int | None = None
     height_out: int | None = None
     path: str | None = None
+    sha256: str | None = None  # of the output's bytes, computed where they were made
     download_ms: float = 0.0
     transform_ms: float = 0.0
     cpu_ms: float = 0.0  # CPU time the transform process spent on it

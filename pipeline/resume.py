@@ -49,13 +49,16 @@ _NOTES = 4  # files named in a resume summary
 def fingerprint(config: Config) -> dict[str, Any]:
     """The settings that decide keys and output bytes: a resume must use the same ones."""
     transform = config.transform
-    return {
+    settings = {
         "input": dataclasses.asdict(config.input),
         "folder_size": config.output.folder_size,
         "output": [transform.format, transform.quality, transform.background, transform.resample,
                    transform.reducing_gap, transform.max_pixels],
         "ops": [[type(op).__name__, *dataclasses.astuple(op)] for op in transform.ops],
     }  # fmt: skip
+    if config.output.format != "files":  # (absent for files: folders made before stay valid)
+        settings["layout"] = [config.output.format, config.output.shard_size]
+    return settings
 
 
 @dataclass(slots=True)

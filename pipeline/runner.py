@@ -47,6 +47,7 @@ from .config import Config
 from .dedupe import plan_jobs
 from .elastic import Stragglers
 from .errors import FetchError, OutputError, PipelineError, TransformError
+from .formats import require_parquet
 from .lane import BATCH, END, STOP, Batch, LaneDone, LaneFailed, LaneHandle
 from .lanes import Lanes
 from .metrics import Meter, RunStats, Sampler, Stage
@@ -99,6 +100,8 @@ def run(
 @contextlib.contextmanager
 def open_run(sources: Sequence[Path], config: Config, *, restart: bool) -> Iterator[Plan]:
     """The output folder made, locked for this run, and checked against ``sources``: the plan."""
+    if config.output.parquet:
+        require_parquet()  # before any work, not at the first shard's seal
     out_dir = Path(config.output.dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from typing import Any
 from .atomic import open_append, open_dir, output_error, write_all, write_atomic
 from .config import OutputConfig
 from .errors import OutputError, PipelineError
+from .formats import pack_shard, remove_staged, write_parquet
 from .records import Outcome, Row, ShardEnd
 
 MANIFEST_DIR = "manifest"
@@ -53,6 +54,7 @@ class Sink:
 
     def __init__(self, out_dir: Path, config: OutputConfig | None = None) -> None:
         config = config or OutputConfig()
+        self.config = config
         self.out_dir = out_dir
         self.folder = out_dir / MANIFEST_DIR
         self.flush_rows = config.flush_rows
@@ -141,12 +143,26 @@ class Sink:
         self._write(shard, part)
         os.close(part.fd)
         del self._parts[shard]
+        staged = self._formats(shard)
         write_atomic(seal_path(self.folder, shard), _seal_json(part.end), root=self.out_dir)
         try:
             os.replace(part_path(self.folder, shard), shard_path(self.folder, shard))
         except OSError as exc:
             raise output_error(shard_path(self.folder, shard), exc) from None
+        remove_staged(staged)
         self.sealed += 1
+
+    def _formats(self, shard: str) -> list[Path]:
+        """The shard's tars and parquet manifest, made before its seal; the staged outputs."""
+        config = self.config
+        if config.format == "files" and not config.parquet:
+            return []
+        rows = list(_rows_with_text(part_path(self.folder, shard)))
+        if config.parquet:
+            write_parquet(self.out_dir, self.folder / f"{shard}.parquet", rows)
+        if config.format != "webdataset":
+            return []
+        return pack_shard(self.out_dir, rows, config.folder_size, config.shard_size)
 
     @property
     def open_shards(self) -> list[str]:
@@ -198,6 +214,12 @@ def read_seal(path: Path) -> ShardEnd | None:
         return ShardEnd(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def _rows_with_text(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            yield line, json.loads(line)
 
 
 def _count_lines(path: Path) -> int:

@@ -14,6 +14,7 @@ CPU of decoding it whole.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -48,7 +49,7 @@ from .config import (
 )
 from .errors import ItemError, PipelineError, TransformError
 from .logs import LogSetup, configure_worker
-from .records import Fetched, Outcome
+from .records import STAGING_DIR, Fetched, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,7 @@ class WorkerSetup:
     folder_size: int
     main_pid: int  # the process that owns the run; a worker must not outlive it
     log_setup: LogSetup | None = None  # None: leave this process's logging as it is
+    layout: str = "files"  # output.format
 
 
 _setup: WorkerSetup | None = None
@@ -379,9 +381,13 @@ def process(fetched: Fetched) -> Outcome:
     common: dict[str, Any] = {"http_status": fetched.http_status, "bytes_in": len(fetched.body)}
     try:
         encoded = transform_bytes(fetched.body, _setup.config)
-        path = job.output_path(EXTENSIONS[_setup.config.format], _setup.folder_size)
+        ext = EXTENSIONS[_setup.config.format]
+        if _setup.layout == "webdataset":  # staged; the row names the sample's member
+            stored, path = job.output_path(ext, _setup.folder_size, STAGING_DIR), f"{job.key}.{ext}"
+        else:
+            stored = path = job.output_path(ext, _setup.folder_size)
         out_dir = Path(_setup.out_dir)
-        write_atomic(out_dir / path, encoded.data, root=out_dir)  # OutputError: stops the run
+        write_atomic(out_dir / stored, encoded.data, root=out_dir)  # OutputError: stops the run
     except ItemError as err:
         log.debug("%s: %s: %s", job.key, err.kind, err.message)
         elapsed = round((time.perf_counter() - started) * 1000, 2)
@@ -398,6 +404,7 @@ def process(fetched: Fetched) -> Outcome:
         width_out=encoded.size_out[0],
         height_out=encoded.size_out[1],
         path=path,
+        sha256=hashlib.sha256(encoded.data).hexdigest(),
         download_ms=fetched.download_ms,
         transform_ms=round((time.perf_counter() - started) * 1000, 2),
         cpu_ms=round((time.process_time() - cpu_started) * 1000, 2),
