@@ -414,7 +414,14 @@ def _add_run_options(cmd: argparse.ArgumentParser, default_out: Path | None = No
 
 
 def _add_verbosity(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    cmd.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more of pipeline's own log output"
+    )
+    cmd.add_argument(
+        "--debug-libs",
+        action="store_true",
+        help="-v/-vv also for the libraries' loggers (urllib3, PIL, ...)",
+    )
     cmd.add_argument(
         "-q",
         "--quiet",
@@ -484,4 +491,4 @@ def _setup_logging(args: argparse.Namespace) -> None:
             log_file.open("a").close()
         except OSError as exc:
             raise PipelineError(f"{log_file}: cannot write the log file: {exc.strerror}") from None
-    configure(chosen, None if log_file is None else str(log_file))
+    configure(chosen, None if log_file is None else str(log_file), debug_libraries=args.debug_libs)

@@ -39,7 +39,7 @@ from .config import Config
 from .download import Downloader
 from .elastic import Crew, Stragglers
 from .errors import FetchError, PipelineError, limit_hint
-from .logs import LogSetup, configure
+from .logs import LogSetup, configure_child
 from .metrics import Meter, Stage
 from .pool import TransformPool, in_flight_bound
 from .records import Job, Outcome, Row
@@ -124,9 +124,7 @@ def lane_main(setup: LaneSetup, jobs: Connection, results: Connection) -> None:
     """The body of a lane process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     if setup.log_setup is not None:
-        configure(
-            setup.log_setup.level, setup.log_setup.file, file_level=setup.log_setup.file_level
-        )
+        configure_child(setup.log_setup)
     exit_with(setup.coordinator_pid)
     try:
         Lane(setup).run(jobs, results)

@@ -1,22 +1,40 @@
-"""Logging for the main process and the transform workers.
+"""Logging: one format everywhere, every line written by the process that draws the bars.
 
-One format everywhere, naming the process and the thread a line comes from::
+    lane / transform worker:  logger -> QueueHandler --datagram--+
+                                                                 v
+    coordinator:              logger --------------------> QueueListener thread -> handlers:
+                                                             terminal (above the bars), --log-file
 
-    12:00:01.234 WARNING MainProcess/download_3 pipeline.download: ...
+Each line names the process and the thread it comes from::
+
+    12:00:01.234 WARNING lane-0/download-3 pipeline.lane: ...
     12:00:01.240 DEBUG transform-2/MainThread pipeline.transform: ...
 
-On the terminal, lines go through ``tqdm.write`` so that they never tear the progress bars; with
-``--log-file`` they also go to a file. The pool initializer calls ``configure_worker`` with the
-main process's settings (``LogSetup.current()``), so workers log the same way; a worker appends to
-the log file itself (short appends to one file from several processes do not interleave).
+Only the coordinator writes: on the terminal through ``tqdm.write``, so lines never tear the
+progress bars, and into the ``--log-file``. Lanes and pool workers hand their records to a
+``logging.handlers.QueueHandler``; its queue is a Unix datagram socket (``RecordPipe``) that one
+``QueueListener`` in the coordinator reads. Not a ``multiprocessing.Queue``: that queue's writers
+share a lock, and a worker killed holding it (the grace period's end, the OOM killer) would hang
+every other writer; a datagram is sent whole or not at all, and nothing is shared but the
+address. Should the coordinator fall behind, a child drops a record rather than wait.
+
+``-v`` and ``-vv`` raise the project's own loggers (``pipeline.*``); the libraries' stay at
+WARNING unless ``--debug-libs`` asks for them too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import logging.handlers
 import multiprocessing
+import os
+import pickle
+import secrets
+import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -25,6 +43,9 @@ FORMAT = (
     "%(asctime)s.%(msecs)03d %(levelname)s %(processName)s/%(threadName)s %(name)s: %(message)s"
 )
 DATE_FORMAT = "%H:%M:%S"
+PROJECT = "pipeline"  # the loggers -v raises
+_LARGEST = 1 << 16  # bytes of a record at most (a long traceback is cut)
+_END = b"end"
 
 
 class AboveBars(io.TextIOBase):
@@ -40,29 +61,91 @@ class AboveBars(io.TextIOBase):
 
 @dataclass(frozen=True, slots=True)
 class LogSetup:
-    """Enough to configure logging in another process the way it is configured here."""
+    """How a child process logs: at which levels, and to which coordinator's address."""
 
-    level: int
-    file: str | None = None
-    file_level: int = logging.INFO
+    level: int  # the project's loggers
+    library_level: int = logging.WARNING  # every other logger
+    address: bytes | None = None  # the coordinator's RecordPipe; None: log in this process
 
     @classmethod
     def current(cls) -> LogSetup:
-        root = logging.getLogger()
-        files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
-        if not files:
-            return cls(root.getEffectiveLevel())
-        terminal = [h.level for h in root.handlers if not isinstance(h, logging.FileHandler)]
-        return cls(min(terminal, default=logging.WARNING), files[0].baseFilename, files[0].level)
+        """This process's levels, and the address of the relay it runs, if any."""
+        project = logging.getLogger(PROJECT).getEffectiveLevel()
+        return cls(project, logging.getLogger().level, _relay_address)
 
 
-def configure(level: int, file: str | None = None, *, file_level: int | None = None) -> None:
-    """Set up the root logger: ``level`` on the terminal, and at least INFO into ``file``."""
+class RecordPipe:
+    """The queue of QueueHandler and QueueListener across processes: a datagram socket.
+
+    The coordinator's end is bound to an abstract address (no file); a child's end only sends.
+    """
+
+    def __init__(self, address: bytes | None = None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if address is None:  # the reading end
+            address = b"\0pipeline-log-%d-%s" % (os.getpid(), secrets.token_hex(6).encode())
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            self.sock.bind(address)
+        else:
+            self.sock.setblocking(False)
+        self.address = address
+
+    def put_nowait(self, record: logging.LogRecord | None) -> None:
+        """Send one record (QueueHandler's call), or the end (QueueListener's stop)."""
+        data = _END if record is None else pickle.dumps(record.__dict__)[:_LARGEST]
+        with contextlib.suppress(OSError):  # full, or the coordinator is gone: drop it
+            self.sock.sendto(data, self.address)
+
+    def get(self, block: bool = True) -> logging.LogRecord | None:
+        data = self.sock.recv(_LARGEST + 1024)
+        if data == _END:
+            return None
+        try:
+            return logging.makeLogRecord(pickle.loads(data))
+        except Exception:  # cut short (a record over _LARGEST): say so instead
+            return logging.makeLogRecord({"msg": "(a log record too long to pass on)"})
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_relay_address: bytes | None = None
+
+
+@contextlib.contextmanager
+def relay() -> Iterator[None]:
+    """While it is open, child processes started here send their records to this process,
+    which writes them with its own handlers (terminal above the bars, log file)."""
+    global _relay_address
+    if _relay_address is not None:  # nested (a Dask shard in a local run): the outer one serves
+        yield
+        return
+    pipe = RecordPipe()
+    handlers = logging.getLogger().handlers
+    listener = logging.handlers.QueueListener(pipe, *handlers, respect_handler_level=True)
+    listener.start()
+    _relay_address = pipe.address
+    try:
+        yield
+    finally:
+        _relay_address = None
+        listener.stop()  # sends the end, then writes every record before it
+        pipe.close()
+
+
+def configure(
+    level: int,
+    file: str | None = None,
+    *,
+    file_level: int | None = None,
+    debug_libraries: bool = False,
+) -> None:
+    """Set up the coordinator's logging: ``level`` on the terminal (above the bars), and at least
+    INFO into ``file``. ``level`` applies to the project's loggers; the libraries' stay at
+    WARNING unless ``debug_libraries``."""
     formatter = logging.Formatter(FORMAT, DATE_FORMAT)
     root = logging.getLogger()
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
-        handler.close()
+    _reset(root)
     terminal = logging.StreamHandler(AboveBars())
     terminal.setLevel(level)
     handlers: list[logging.Handler] = [terminal]
@@ -73,12 +156,38 @@ def configure(level: int, file: str | None = None, *, file_level: int | None = N
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
-    root.setLevel(min(h.level for h in handlers))
+    lowest = min(h.level for h in handlers)
+    logging.getLogger(PROJECT).setLevel(lowest)
+    root.setLevel(lowest if debug_libraries else max(lowest, logging.WARNING))
     logging.captureWarnings(True)  # Pillow's and urllib3's warnings become log lines too
 
 
+def configure_child(setup: LogSetup, name: str | None = None) -> None:
+    """In a lane or a pool worker: records go to the coordinator's relay, at its levels."""
+    global _relay_address
+    if name is not None:
+        multiprocessing.current_process().name = name
+    _relay_address = setup.address  # what this process's own children are told (LogSetup)
+    root = logging.getLogger()
+    _reset(root)
+    if setup.address is not None:
+        root.addHandler(logging.handlers.QueueHandler(RecordPipe(setup.address)))
+    else:  # no relay (a Dask worker's own process): the terminal, as the coordinator would
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+        root.addHandler(handler)
+    logging.getLogger(PROJECT).setLevel(setup.level)
+    root.setLevel(setup.library_level)
+    logging.captureWarnings(True)
+
+
 def configure_worker(setup: LogSetup) -> None:
-    """In a pool process: log like the main process, under a name such as ``transform-2``."""
+    """In a pool process: log through the relay, under a name such as ``transform-2``."""
     process = multiprocessing.current_process()
-    process.name = "transform-" + process.name.rpartition("-")[2]
-    configure(setup.level, setup.file, file_level=setup.file_level)
+    configure_child(setup, "transform-" + process.name.rpartition("-")[2])
+
+
+def _reset(root: logging.Logger) -> None:
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+        handler.close()

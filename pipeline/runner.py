@@ -50,6 +50,7 @@ from .errors import FetchError, OutputError, PipelineError, TransformError
 from .formats import require_parquet
 from .lane import BATCH, END, STOP, Batch, LaneDone, LaneFailed, LaneHandle
 from .lanes import Lanes
+from .logs import relay
 from .metrics import Meter, RunStats, Sampler, Stage
 from .progress import Bars, LaneCounts, UrlCount
 from .records import Job, Outcome, ShardEnd
@@ -166,7 +167,7 @@ class Coordinator:
         started_at = now_utc()
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
-            with self._monitor(sources, resume, progress):
+            with relay(), self._monitor(sources, resume, progress):
                 for index in range(self.lanes.wanted):
                     self.lanes.start(index)
                 self._loop()
