@@ -14,6 +14,7 @@ are.
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from .sink import MANIFEST_DIR, read_manifest
 
 REPORT_FILE = "report.json"
 HISTORY_DIR = "reports"
+WIDTH = 79  # the report fits an 80-column terminal, with room for its cursor
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +311,16 @@ def format_report(report: Report) -> str:
         lines.append(f"restarts    the transform pool was restarted {report.pool_restarts} times")
     if report.lane_restarts:
         lines.append(f"restarts    a lane died and was replaced {report.lane_restarts} times")
-    return "\n".join(lines)
+    return "\n".join(fit(line) for line in lines)
+
+
+def fit(line: str, width: int = WIDTH) -> str:
+    """A line of the report in ``width`` columns: longer ones wrap under their label."""
+    if len(line) <= width:
+        return line
+    return textwrap.fill(
+        line, width, subsequent_indent=" " * 12, break_long_words=False, break_on_hyphens=False
+    )
 
 
 def _stragglers(slow: dict[str, Any] | None) -> list[str]:
@@ -340,15 +351,16 @@ def _failures(failed: dict[str, int], hosts: tuple[tuple[str, int], ...]) -> lis
 def _stage_table(report: Report) -> list[str]:
     if not report.stages:
         return []
+    # 78 columns: MB out is in the throughput line (and report.json), not here
     rows = [
-        f"{'stage':<11}{'workers':>7}{'items':>8}{'failed':>7}{'MB in':>8}{'MB out':>8}"
-        f"{'items/s':>9}{'busy':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+        f"{'stage':<11}{'workers':>7}{'items':>8}{'failed':>7}{'MB in':>7}"
+        f"{'items/s':>8}{'busy':>6}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}"
     ]
     for s in report.stages:
         rows.append(
-            f"{s.name:<11}{s.workers:>7}{s.items:>8}{s.failed:>7}{s.bytes_in / 1e6:>8.1f}"
-            f"{s.bytes_out / 1e6:>8.1f}{s.rate:>9.1f}{s.utilization:>5.0f}%"
-            f"{s.p50_ms:>9.1f}{s.p95_ms:>9.1f}{s.p99_ms:>9.1f}"
+            f"{s.name:<11}{s.workers:>7}{s.items:>8}{s.failed:>7}{s.bytes_in / 1e6:>7.1f}"
+            f"{s.rate:>8.1f}{s.utilization:>5.0f}%"
+            f"{s.p50_ms:>8.1f}{s.p95_ms:>8.1f}{s.p99_ms:>8.1f}"
         )
     return rows
 

@@ -129,3 +129,27 @@ def test_the_manifest_is_counted_whole_and_bad_folders_are_refused(tmp_path):
     with pytest.raises(PipelineError, match="not an output folder"):
         load_report(tmp_path / "elsewhere")
     assert json.loads(json.dumps(report(1, 1).to_json()))["images_per_s"] == 100.0
+
+
+def test_the_report_fits_80_columns_with_every_line_it_can_have():
+    big = StageStat("transform", 512, 9_999_999, 999_999, 10**12, 10**12, 99999.9, 100.0,
+                    100.0, 99999.9, 99999.9, 99999.9)  # fmt: skip
+    full = replace(
+        report(95.0, 99.0, fetched_mean=30.0, workers=2),
+        stages=(big, stage("download", 50.0, 1024), stage("write", 1.0, 1)),
+        resume="1000000 URLs done by earlier runs (100 shards sealed); to do: 3 in "
+        "a-file-with-a-rather-long-name.csv from line 1000001, another-long-name.jsonl (new)",
+        interrupted="SIGTERM",
+        failing_hosts=(("a-very-long-host-name.images.example-cdn.test", 10),),
+        failed={"decompression_bomb": 10},
+        stragglers={"count": 1000, "after_s": 2.0, "median_s": 10.2, "longest_s": 60.0,
+                    "peak": 128, "capped": 77,
+                    "hosts": [["slow-host-number-one.test", 500], ["two.test", 3]]},
+        lanes=5, lane_cpu_s=1234.5, pool_restarts=3, lane_restarts=2,
+    )  # fmt: skip
+    full = replace(full, verdict=diagnose(full))
+    text = format_report(full)
+    assert full.verdict is not None and len(full.verdict.advice) > 79  # it had to wrap
+    assert "stragglers  1000 downloads over 2 s" in text
+    for line in text.splitlines():
+        assert len(line) <= 79, line
