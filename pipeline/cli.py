@@ -23,7 +23,7 @@ from .bench.demo import SAMPLES, run_demo
 from .bench.faults import FaultServer
 from .bench.server import StaticServer
 from .config import Config, lane_count, load_config, with_overrides
-from .errors import PipelineError, limit_hint
+from .errors import PipelineError, limit_hint, require
 from .logs import configure
 from .progress import terminal
 from .report import (
@@ -116,6 +116,8 @@ def _bench(args: argparse.Namespace) -> int:
         path = DEFAULT_CONFIG
     if args.write_config and path is None:
         raise PipelineError("--write-config needs a config file (--config, or ./config.toml)")
+    if args.plot:
+        require("matplotlib", "plot", "--plot")  # before the sweep, not after it
     options = bench.BenchOptions(
         config_path=path,
         images=args.images,

@@ -37,7 +37,7 @@ from typing import Any
 
 from .config import Config
 from .dedupe import plan_jobs
-from .errors import OutputError, PipelineError
+from .errors import OutputError, PipelineError, require
 from .metrics import TOP_HOSTS, Meter
 from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
@@ -48,7 +48,7 @@ from .sources import Source
 
 log = logging.getLogger(__name__)
 
-INSTALL = "the dask executor needs dask[distributed]: pip install -e '.[dask]'"
+INSTALL = 'the dask executor needs dask[distributed]: pip install -e ".[dask]"'
 DAEMON_HELP = (
     "this Dask worker is a daemon process, which may not start the transform pool: start "
     "workers with DASK_DISTRIBUTED__WORKER__DAEMON=False (config distributed.worker.daemon)"
@@ -116,7 +116,7 @@ def connect(config: Config) -> Iterator[Any]:
     try:
         import dask
         from distributed import Client, LocalCluster
-    except ImportError:
+    except ImportError:  # require() said so already, in run_on_dask
         raise PipelineError(INSTALL) from None
     executor = config.executor
     if executor.address != "local":
@@ -161,6 +161,8 @@ def run_on_dask(
     ``client`` is an existing Dask client (else one is made from ``executor``); ``on_shard`` is
     called in this thread as each shard's result comes back; ``progress`` draws a bar of URLs.
     """
+    if client is None:
+        require("distributed", "dask", "the dask executor")  # before the input is read
     with open_run(sources, config, restart=restart) as plan:
         with (
             contextlib.nullcontext(client) if client is not None else connect(config) as dask,

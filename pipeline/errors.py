@@ -18,6 +18,7 @@ crosses into our code; anything else that escapes is a bug and stops the run.
 from __future__ import annotations
 
 import errno
+import importlib
 import resource
 from typing import Final
 
@@ -119,3 +120,16 @@ def limit_hint(exc: OSError) -> str:
     if exc.errno in (errno.EAGAIN, errno.ENOMEM):
         return " (no more processes or memory: lower transform.workers or executor.lanes)"
     return ""
+
+
+def require(module: str, extra: str, feature: str) -> None:
+    """Before any work: an optional feature whose library is missing is one line, with the
+    command that installs it for this project (an extra of this checkout, never a same-named
+    distribution from elsewhere)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise PipelineError(
+            f"{feature} needs {module.partition('.')[0]}, which is not installed: "
+            f'pip install -e ".[{extra}]" (in a checkout of pipeline)'
+        ) from None

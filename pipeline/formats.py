@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import open_dir, output_error, write_atomic
-from .errors import OutputError, PipelineError
+from .errors import OutputError, require
 from .records import STAGING_DIR, Job
 
 SHARDS_DIR = "shards"
 _FORMAT = tarfile.PAX_FORMAT
-PARQUET_HINT = 'output.parquet needs pyarrow: pip install -e ".[parquet]" (from a checkout)'
 
 
 def tar_name(shard: str, index: int) -> str:
@@ -129,10 +128,7 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
 
 def require_parquet() -> None:
     """Before any work: output.parquet without pyarrow is one line, with the install command."""
-    try:
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        raise PipelineError(PARQUET_HINT) from None
+    require("pyarrow.parquet", "parquet", "output.parquet")
 
 
 def read_shards(out_dir: Path) -> Iterator[Path]:

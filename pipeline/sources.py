@@ -31,7 +31,9 @@ from .errors import PipelineError, SourceError
 from .records import Job, ShardEnd, make_key
 
 FORMATS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
-PARQUET_INSTALL = 'reading .parquet files needs pyarrow: pip install -e ".[parquet]"'
+PARQUET_INSTALL = (
+    'reading .parquet files needs pyarrow: pip install -e ".[parquet]" (in a checkout of pipeline)'
+)
 _PARQUET_BATCH = 4096
 
 

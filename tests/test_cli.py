@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,29 @@ def test_demo_processes_every_sample_image(tmp_path):
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["ok"] == len(samples)
     assert saved["failed"] == {"http_4xx": 1, "not_image": 1}  # the two deliberate failures
+
+
+@pytest.mark.parametrize(
+    ("missing", "args", "config", "says"),
+    [
+        ("matplotlib", ("bench", "--plot", "x.png", "--images", "4"), "", '".[plot]"'),
+        ("distributed", ("run", "urls.txt", "--dask", "local"), "", '".[dask]"'),
+        ("pyarrow", ("run", "urls.txt"), "[output]\nparquet = true\n", '".[parquet]"'),
+    ],
+)
+def test_an_optional_feature_without_its_library_fails_before_any_work(
+    tmp_path, missing, args, config, says
+):
+    shadow = tmp_path / "shadow" / missing  # an import of it fails, as if it were not installed
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(f"raise ImportError('no {missing} here')\n")
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    (tmp_path / "config.toml").write_text(config)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "shadow")},
+    )  # fmt: skip
+    assert_one_line_error(result, f"pip install -e {says}", "in a checkout of pipeline")
+    assert not (tmp_path / "out").exists()  # nothing was read, fetched or written
+    assert not (tmp_path / "x.png").exists() and "images/s" not in result.stdout

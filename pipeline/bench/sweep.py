@@ -469,7 +469,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise PipelineError(
-            "--plot needs matplotlib: pip install 'pipeline[plot]' (or pip install matplotlib)"
+            '--plot needs matplotlib: pip install -e ".[plot]" (in a checkout of pipeline)'
         ) from None
     figure, axes = plt.subplots(figsize=(7, 4.5))
     by_transform: dict[tuple[int, int | None, int | None], list[Row]] = {}
