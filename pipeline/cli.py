@@ -25,10 +25,12 @@ from .bench.server import StaticServer
 from .config import Config, lane_count, load_config, with_overrides
 from .errors import PipelineError, limit_hint, require
 from .logs import configure
+from .preview import dry_run, write_default_config
 from .progress import terminal
 from .report import (
     Report,
     count_manifest,
+    fit,
     format_folder,
     format_history,
     format_report,
@@ -73,6 +75,9 @@ def _run(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.dask is not None:
         config = with_overrides(config, "executor", kind="dask", address=args.dask)
+    if args.dry_run:
+        print("\n".join(fit(line) for line in dry_run(args.sources, config, restart=args.restart)))
+        return 0
     if config.executor.kind == "dask":
         from .cluster import run_on_dask  # only then: it imports dask
 
@@ -88,6 +93,12 @@ def _run(args: argparse.Namespace) -> int:
         )
     _print_report(report, config, args)
     return _exit_status(report)
+
+
+def _init(args: argparse.Namespace) -> int:
+    target = write_default_config(args.folder, force=args.force)
+    print(f"wrote {target}: every setting, commented, with its default")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -296,7 +307,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help='run each shard as a task of a Dask cluster: a scheduler (tcp://host:8786) or "local"',
     )
+    run_cmd.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read the inputs and the config, say what would run (and what a resume skips); "
+        "fetch and write nothing",
+    )
     run_cmd.set_defaults(command=_run)
+
+    init = commands.add_parser("init", help="write the commented default config.toml")
+    init.add_argument("folder", nargs="?", type=Path, default=Path("."), metavar="DIR")
+    init.add_argument("--force", action="store_true", help="replace a config.toml there")
+    _add_verbosity(init)
+    init.set_defaults(command=_init)
 
     demo = commands.add_parser("demo", help="serve the sample images on loopback and run on them")
     demo.add_argument(

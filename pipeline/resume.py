@@ -91,11 +91,14 @@ class Plan:
         return f"{text}; to do: {listed}"
 
 
-def plan_run(paths: Sequence[Path], config: Config, out_dir: Path, *, restart: bool) -> Plan:
-    """Check ``paths`` against what earlier runs did in ``out_dir``; record the inputs."""
-    if restart:
+def plan_run(
+    paths: Sequence[Path], config: Config, out_dir: Path, *, restart: bool, record: bool = True
+) -> Plan:
+    """Check ``paths`` against what earlier runs did in ``out_dir``; record the inputs (unless
+    not ``record``: a dry run, which writes and removes nothing)."""
+    if restart and record:
         forget(out_dir)
-    state = _read_state(out_dir)
+    state = None if restart else _read_state(out_dir)
     settings = fingerprint(config)
     if state is not None and state.get("settings") != settings:
         raise PipelineError(
@@ -112,7 +115,8 @@ def plan_run(paths: Sequence[Path], config: Config, out_dir: Path, *, restart: b
     if state is not None:
         _load_known(plan)
         _verify(plan, config, new)
-    _write_state(out_dir, settings, root, ids, sources)
+    if record:
+        _write_state(out_dir, settings, root, ids, sources)
     return plan
 
 

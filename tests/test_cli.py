@@ -139,3 +139,49 @@ def test_an_optional_feature_without_its_library_fails_before_any_work(
     assert_one_line_error(result, f"pip install -e {says}", "in a checkout of pipeline")
     assert not (tmp_path / "out").exists()  # nothing was read, fetched or written
     assert not (tmp_path / "x.png").exists() and "images/s" not in result.stdout
+
+
+def test_init_writes_the_commented_defaults_and_keeps_an_existing_file(tmp_path):
+    result = pipeline("init", str(tmp_path / "new"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = (tmp_path / "new" / "config.toml").read_text()
+    assert written == (ROOT / "config.toml").read_text()
+    (tmp_path / "new" / "config.toml").write_text("# mine\n")
+    assert_one_line_error(pipeline("init", "new", cwd=tmp_path), "exists already; --force")
+    assert (tmp_path / "new" / "config.toml").read_text() == "# mine\n"
+    assert pipeline("init", "new", "--force", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "new" / "config.toml").read_text() == written
+
+
+def test_a_dry_run_says_what_would_run_and_touches_nothing(tmp_path, server):
+    urls = tmp_path / "urls"
+    urls.mkdir()
+    (urls / "a.txt").write_text("".join(f"{server.url(f'img-{i:03d}.jpg')}\n" for i in range(5)))
+    (urls / "b.csv").write_text(f"url,caption\n{server.url('img-005.jpg')},five\n")
+    (tmp_path / "config.toml").write_text("[input]\nshard_size = 2\n")
+    dry = pipeline("run", "urls", "--out", "out", "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert not (tmp_path / "out").exists()  # not even the folder
+    assert "a.txt (txt): 5 lines, 3 shards" in dry.stdout
+    assert "b.csv (csv): 1 line, 1 shard" in dry.stdout
+    assert "6 URLs in 2 files, 4 shards" in dry.stdout
+    assert "a first run into out" in dry.stdout
+
+    assert pipeline("run", "urls", "--out", "out", "-q", cwd=tmp_path).returncode == 0
+    with (urls / "a.txt").open("a") as f:
+        f.write(server.url("img-006.jpg") + "\n")
+    before = sorted(str(p) for p in (tmp_path / "out").rglob("*"))
+    dry = pipeline("run", "urls", "--out", "out", "--dry-run", cwd=tmp_path)
+    assert "resume      6 URLs done by earlier runs (4 shards sealed); to do: 1 in a.txt" in (
+        dry.stdout
+    )
+    assert sorted(str(p) for p in (tmp_path / "out").rglob("*")) == before
+    real = pipeline("run", "urls", "--out", "out", "-q", cwd=tmp_path)
+    assert "resumed     6 URLs done by earlier runs (4 shards sealed); to do: 1 in a.txt" in (
+        real.stdout
+    )
+
+    (urls / "a.txt").write_text("http://127.0.0.1:9/changed.jpg\n")  # an edited line: refused
+    assert_one_line_error(
+        pipeline("run", "urls", "--out", "out", "--dry-run", cwd=tmp_path), "line 1 changed"
+    )

@@ -6,6 +6,7 @@ image was expected), so the report shows what failure records look like.
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 
 from ..config import Config
@@ -15,7 +16,8 @@ from ..runner import run
 from .server import StaticServer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
-SAMPLES = Path(__file__).resolve().parents[2] / "data" / "images"
+# shipped in the package (data/ in a checkout, pipeline/samples/ once installed)
+SAMPLES = Path(str(importlib.resources.files("pipeline.samples") / "images"))
 
 
 def sample_images(folder: Path) -> list[Path]:

@@ -1,0 +1,322 @@
+"""Scale out: the same pipeline on a Dask distributed cluster, one shard per task.
+
+    driver (pipeline run --dask ...)                          Dask workers (non-daemon processes)
+    URL files -> shards of input.shard_size URLs  --submit-->  run_shard: the local pipeline, a
+      (streamed; a sealed shard is skipped whole)   <= K         coordinator and its lanes (each:
+      <- ShardResult: the shard's report and meters             download threads -> its pool),
+    merged report (report.json)                                  writes images and the manifest
+
+The driver holds at most ``executor.shards_in_flight`` shards at a time (Dask bounds nothing
+itself) and one shard's URLs while it reads the next. Each task runs ``Coordinator.process`` on
+its shard and writes that shard's images and manifest part itself, atomically, into
+``output.dir``, which every worker must see at the same path (a shared filesystem). The
+manifest part is sealed (renamed to ``.jsonl``) when complete, so a rerun skips the shard whole,
+and a shard retried after its worker was lost first keeps the final rows the lost attempt
+flushed, exactly as a local resume.
+
+Each shard starts its lanes (as many as the worker's cores call for) and their pools, so a
+node uses all its cores; that costs ~0.5 s a shard. Dask's worker processes are daemons by
+default, and a daemon process may not start children: workers must run with
+``distributed.worker.daemon`` off (``DASK_DISTRIBUTED__WORKER__DAEMON=False dask worker ...``);
+a LocalCluster is started that way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .dedupe import plan_jobs
+from .errors import OutputError, PipelineError, require
+from .metrics import TOP_HOSTS, Meter
+from .records import Job, ShardEnd
+from .report import QueueStat, Report, StageStat, count_rows, diagnose
+from .resume import Plan, Resume
+from .runner import Coordinator, now_utc, open_run
+from .sink import MANIFEST_DIR, part_path, read_rows, shard_path
+from .sources import Source
+
+log = logging.getLogger(__name__)
+
+INSTALL = 'the dask executor needs dask[distributed]: pip install -e ".[dask]"'
+DAEMON_HELP = (
+    "this Dask worker is a daemon process, which may not start the transform pool: start "
+    "workers with DASK_DISTRIBUTED__WORKER__DAEMON=False (config distributed.worker.daemon)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardResult:
+    """What one shard task sends back: its report, and its stages' meters to merge exactly."""
+
+    shard: str
+    report: Report
+    meters: dict[str, Meter]
+    workers: dict[str, int]
+
+
+# --- the worker side ------------------------------------------------------------------------------
+
+
+def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> ShardResult:
+    """A Dask task: run one shard through the local staged pipeline, on this worker."""
+    folder, shard = Path(out_dir), items[-1].shard
+    # a shard an earlier run left open, or retried after its worker was lost, keeps its final rows
+    opened = part_path(folder / MANIFEST_DIR, shard).exists()
+    resume = Resume(Plan(folder, [], partial=frozenset({shard} if opened else ())))
+    if multiprocessing.current_process().daemon:
+        raise PipelineError(DAEMON_HELP)
+    run = Coordinator(config, folder)
+    report = run.process(resume.pending(iter(items)), resume)
+    if run.failure is not None:  # a full disk, ...: the task fails; the driver says it in one line
+        raise OutputError(run.failure)
+    sealed = shard_path(folder / MANIFEST_DIR, shard)
+    if sealed.exists():  # count the whole shard: rows a lost attempt wrote belong to this run too
+        stats = count_rows(read_rows(sealed))
+        report = replace(
+            report,
+            urls=stats.urls,
+            ok=stats.ok,
+            failed=dict(stats.failed.most_common()),
+            duplicates=stats.duplicates,
+            bytes_in=stats.bytes_in,
+            bytes_out=stats.bytes_out,
+            failing_hosts=tuple(stats.hosts.most_common(TOP_HOSTS)),
+            skipped=0,
+        )
+    return ShardResult(shard=shard, report=report, meters=run.meters, workers=run.workers)
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+def shards(items: Iterator[Job | ShardEnd]) -> Iterator[list[Job | ShardEnd]]:
+    """The job stream cut into shards: each list is a shard's jobs and then its ShardEnd."""
+    current: list[Job | ShardEnd] = []
+    for item in items:
+        current.append(item)
+        if isinstance(item, ShardEnd):
+            yield current
+            current = []
+
+
+@contextlib.contextmanager
+def connect(config: Config) -> Iterator[Any]:
+    """A Dask client for ``executor.address``; "local" starts a LocalCluster on 127.0.0.1."""
+    try:
+        import dask
+        from distributed import Client, LocalCluster
+    except ImportError:  # require() said so already, in run_on_dask
+        raise PipelineError(INSTALL) from None
+    executor = config.executor
+    if executor.address != "local":
+        try:
+            client = Client(executor.address, timeout=30)
+        except OSError as exc:
+            raise PipelineError(f"executor.address {executor.address}: {exc}") from None
+        with client:
+            yield client
+        return
+    with (
+        dask.config.set(
+            {
+                "distributed.worker.daemon": False,  # our workers start a process pool
+                "distributed.scheduler.allowed-failures": executor.retries,  # lost workers
+            }
+        ),
+        LocalCluster(
+            n_workers=executor.local_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            memory_limit=0,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def run_on_dask(
+    sources: Sequence[Path],
+    config: Config,
+    *,
+    restart: bool = False,
+    progress: bool = False,
+    client: Any = None,
+    on_shard: Callable[[ShardResult], None] | None = None,
+) -> Report:
+    """Process every URL of ``sources`` on a Dask cluster, a shard per task; the merged report.
+
+    ``client`` is an existing Dask client (else one is made from ``executor``); ``on_shard`` is
+    called in this thread as each shard's result comes back; ``progress`` draws a bar of URLs.
+    """
+    if client is None:
+        require("distributed", "dask", "the dask executor")  # before the input is read
+    with open_run(sources, config, restart=restart) as plan:
+        with (
+            contextlib.nullcontext(client) if client is not None else connect(config) as dask,
+            _progress(plan.sources, config, on_shard)
+            if progress
+            else contextlib.nullcontext(on_shard) as tell,
+        ):
+            report = _drive(dask, plan, config, tell)
+        report = replace(report, sources=tuple(s.name for s in plan.sources), resume=plan.summary())
+        report.save(plan.out_dir)
+    return report
+
+
+@contextlib.contextmanager
+def _progress(
+    sources: Sequence[Source], config: Config, then: Callable[[ShardResult], None] | None
+) -> Iterator[Callable[[ShardResult], None]]:
+    """A bar of URLs done, moved as each shard comes back (then calls ``then``)."""
+    from .progress import Bar, UrlCount
+
+    with UrlCount(sources, config.input.url_column) as count:
+        bar = Bar(desc="urls", unit=" url", leave=True, dynamic_ncols=True, file=sys.stderr)
+        shards = failed = 0
+
+        def advance(result: ShardResult) -> None:
+            nonlocal shards, failed
+            shards += 1
+            failed += sum(result.report.failed.values())
+            bar.total = count.total
+            bar.set_postfix_str(f"shards={shards}, failed={failed}", refresh=False)
+            bar.update(result.report.urls)
+            if then is not None:
+                then(result)
+
+        try:
+            yield advance
+        finally:
+            bar.close()
+
+
+def _drive(
+    client: Any,
+    plan: Plan,
+    config: Config,
+    on_shard: Callable[[ShardResult], None] | None,
+) -> Report:
+    from distributed import as_completed
+
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    limit = config.executor.shards_in_flight or 2 * workers
+    out_dir = plan.out_dir
+    started_at, started = now_utc(), time.perf_counter()
+    results: list[ShardResult] = []
+    skipped = 0
+    running = as_completed()
+    in_flight = 0
+    token = uuid.uuid4().hex[:12]  # this run's task keys: never a finished task of another run
+
+    def collect_one() -> None:
+        nonlocal in_flight
+        future = next(running)
+        in_flight -= 1
+        try:
+            result = future.result()
+        except Exception as exc:
+            if type(exc).__name__ == "KilledWorker":  # lost a worker once more than retries
+                raise PipelineError(
+                    f"{future.key}: lost one worker after another (the scheduler's "
+                    "distributed.scheduler.allowed-failures); the shards already done are "
+                    "kept, rerun the same command to do the rest"
+                ) from None
+            raise
+        results.append(result)
+        log.info("shard %s: %d URLs, %d ok", result.shard, result.report.urls, result.report.ok)
+        if on_shard is not None:
+            on_shard(result)
+
+    try:
+        with plan_jobs(plan, config.input) as items:
+            for shard in shards(items):
+                end = shard[-1]
+                if end.shard in plan.sealed:  # done by an earlier run, its lines unchanged
+                    skipped += len(shard) - 1
+                    continue
+                future = client.submit(
+                    run_shard,
+                    shard,
+                    config,
+                    str(out_dir),
+                    key=f"pipeline-shard-{end.shard}-{token}",
+                    retries=config.executor.retries,
+                    pure=False,
+                )
+                running.add(future)
+                in_flight += 1
+                while in_flight >= limit:
+                    collect_one()
+            while in_flight:
+                collect_one()
+    except BaseException:
+        for future in running.futures:
+            future.cancel()
+        raise
+    report = merge(results, time.perf_counter() - started, skipped=skipped, cluster_workers=workers)
+    return replace(report, started=started_at)
+
+
+def merge(
+    results: Sequence[ShardResult], wall_s: float, *, skipped: int, cluster_workers: int
+) -> Report:
+    """One report for the run from its shards' reports; latencies are merged exactly."""
+    failed: Counter[str] = Counter()
+    hosts: Counter[str] = Counter()
+    meters: dict[str, Meter] = {}
+    workers: dict[str, int] = {}
+    queues: dict[str, list[QueueStat]] = {}
+    for result in results:
+        failed.update(result.report.failed)
+        hosts.update(dict(result.report.failing_hosts))
+        for name, meter in result.meters.items():
+            meters.setdefault(name, Meter()).merge(meter)
+            workers[name] = result.workers[name] * cluster_workers
+        for queue in result.report.queues:
+            queues.setdefault(queue.name, []).append(queue)
+    stages = tuple(
+        StageStat.from_meter(name, workers[name], meter, span_s=wall_s, active_s=wall_s)
+        for name, meter in meters.items()
+    )
+    report = Report(
+        urls=sum(r.report.urls for r in results),
+        ok=sum(r.report.ok for r in results),
+        failed=dict(failed.most_common()),
+        wall_s=round(wall_s, 3),
+        bytes_in=sum(r.report.bytes_in for r in results),
+        bytes_out=sum(r.report.bytes_out for r in results),
+        stages=stages,
+        queues=tuple(
+            QueueStat(
+                name,
+                max(q.bound for q in group),
+                max(q.peak for q in group),
+                round(sum(q.mean for q in group) / len(group), 2),
+            )
+            for name, group in queues.items()
+        ),
+        parent_cpu_s=round(sum(r.report.parent_cpu_s for r in results), 3),
+        pool_cpu_s=round(sum(r.report.pool_cpu_s for r in results), 3),
+        lanes=max((r.report.lanes for r in results), default=0),
+        lane_cpu_s=round(sum(r.report.lane_cpu_s for r in results), 3),
+        lane_cpu_max_s=max((r.report.lane_cpu_max_s for r in results), default=0.0),
+        lane_restarts=sum(r.report.lane_restarts for r in results),
+        failing_hosts=tuple(hosts.most_common(TOP_HOSTS)),
+        skipped=skipped + sum(r.report.skipped for r in results),
+        pool_restarts=sum(r.report.pool_restarts for r in results),
+        duplicates=sum(r.report.duplicates for r in results),
+    )
+    return replace(report, verdict=diagnose(report))

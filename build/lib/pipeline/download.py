@@ -1,0 +1,246 @@
+"""The download client: a pooled ``requests.Session`` per thread, bodies streamed under a byte cap.
+
+``Downloader.fetch(job)`` returns a Fetched or raises a FetchError whose kind is one of
+``errors.ERROR_KINDS``; every exception of requests and urllib3 is translated here, at the boundary.
+A Session is not promised to be thread-safe, so each download thread gets its own, created on first
+use and closed with the Downloader. Checks, in order: the URL (before any network call), the
+per-host limit, then under the total deadline: retries (in the transport), the status, the
+Content-Type allow-list, the Content-Length, and the byte cap while streaming.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import threading
+import time
+from types import TracebackType
+from urllib.parse import urlsplit
+
+import requests
+import urllib3.exceptions
+
+from .config import DownloadConfig
+from .deadline import DeadlineExceeded, Watchdog
+from .errors import ConfigError, FetchError
+from .records import Fetched, Job
+from .transport import new_session
+
+SCHEMES = ("http", "https")
+
+
+class Downloader:
+    """Fetches URLs from any number of threads, each with its own Session.
+
+    Use it as a context manager: that starts the deadline watchdog and closes every Session after.
+    """
+
+    def __init__(self, config: DownloadConfig) -> None:
+        self.config = config
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+        self._watchdog = Watchdog()
+        self._hosts: dict[str, threading.BoundedSemaphore] = {}
+
+    def fetch(self, job: Job) -> Fetched:
+        """Download ``job.url`` whole, within the deadline, or raise a FetchError."""
+        if job.problem is not None:
+            raise FetchError("invalid_url", job.problem)
+        check_url(job.url)
+        started = time.perf_counter()
+        with self._host_slot(job.url), self._watchdog.deadline(self.config.deadline) as ticket:
+            try:
+                response, body = self._get(job.url)
+            except requests.exceptions.InvalidHeader as exc:  # ours: the URL is not to blame
+                raise ConfigError("download.user_agent", f"is refused: {exc}") from None
+            except (FetchError, DeadlineExceeded, *_TRANSPORT_ERRORS) as exc:
+                if ticket.fired or isinstance(exc, DeadlineExceeded):
+                    raise self._past_deadline() from None
+                raise exc if isinstance(exc, FetchError) else translate(exc) from exc
+            if ticket.fired:  # a cut socket can look like a clean end: trust nothing read
+                raise self._past_deadline()
+        return Fetched(
+            job=job,
+            body=body,
+            http_status=response.status_code,
+            content_type=response.headers.get("Content-Type", ""),
+            download_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+    def _get(self, url: str) -> tuple[requests.Response, bytes]:
+        with self._session().get(url, stream=True, timeout=self._timeout) as response:
+            _check_response(response, self.config)
+            return response, _read_body(response, self.config)
+
+    def _past_deadline(self) -> FetchError:
+        limit = self.config.deadline
+        return FetchError(
+            "deadline", f"no complete response within download.deadline ({limit:g} s)"
+        )
+
+    @property
+    def _timeout(self) -> tuple[float, float]:
+        return (self.config.connect_timeout, self.config.read_timeout)
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = new_session(self.config)
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def _host_slot(self, url: str) -> contextlib.AbstractContextManager[object]:
+        """At most ``per_host`` downloads from one host at a time (politeness), if set."""
+        if not self.config.per_host:
+            return contextlib.nullcontext()
+        host = (urlsplit(url).hostname or "").lower()
+        with self._lock:
+            slot = self._hosts.get(host)
+            if slot is None:
+                slot = self._hosts[host] = threading.BoundedSemaphore(self.config.per_host)
+        return slot
+
+    def cancel(self) -> None:
+        """End every download in progress now: each fails as ``deadline``, at once."""
+        self._watchdog.cut_all()
+
+    def close(self) -> None:
+        """Stop the watchdog and close every thread's Session (and its pooled connections)."""
+        self._watchdog.close()
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+
+    def __enter__(self) -> Downloader:
+        self._watchdog.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def check_url(url: str) -> None:
+    """Reject a URL that is malformed or not http/https before any network call."""
+    try:
+        url.encode("utf-8")
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except (UnicodeError, ValueError) as exc:
+        raise FetchError("invalid_url", f"malformed URL: {exc}") from None
+    if parts.scheme.lower() not in SCHEMES:
+        raise FetchError("invalid_url", f"scheme {parts.scheme or '(none)'!r} is not http or https")
+    if not parts.hostname:
+        raise FetchError("invalid_url", "the URL has no host")
+
+
+def _check_response(response: requests.Response, config: DownloadConfig) -> None:
+    """Reject an error status, or a Content-Type outside ``download.content_types``."""
+    code = response.status_code
+    if 200 <= code < 300:
+        _check_content_type(response.headers.get("Content-Type", ""), config.content_types, code)
+        return
+    message = f"HTTP {code} {response.reason or ''}".strip()
+    if code >= 500:
+        raise FetchError("http_5xx", message, code)
+    if code >= 400:
+        raise FetchError("http_4xx", message, code)
+    raise FetchError("network", f"unexpected {message}", code)
+
+
+def _check_content_type(header: str, allowed: tuple[str, ...], code: int) -> None:
+    media_type = header.partition(";")[0].strip().lower()
+    if not allowed or not media_type:  # no list, or no header: let the decoder judge the bytes
+        return
+    if not any(fnmatch.fnmatchcase(media_type, pattern) for pattern in allowed):
+        message = f"Content-Type {media_type} is not in download.content_types"
+        raise FetchError("not_image", message, code)
+
+
+def _read_body(response: requests.Response, config: DownloadConfig) -> bytes:
+    length = _content_length(response)
+    if length is not None and length > config.max_bytes:
+        raise FetchError(
+            "too_large", f"Content-Length {length} > download.max_bytes {config.max_bytes}"
+        )
+    # one read when the length is known and small: fewer, larger chunks cost the GIL less
+    chunk_size = min(config.chunk_size, length + 1) if length else config.chunk_size
+    chunks, size = [], 0
+    for chunk in response.iter_content(chunk_size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > config.max_bytes:
+            raise FetchError("too_large", f"body exceeds download.max_bytes {config.max_bytes}")
+    # usually one chunk: returned as it is, not copied twice through a growing buffer
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _content_length(response: requests.Response) -> int | None:
+    try:
+        value = int(response.headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def translate(exc: BaseException) -> FetchError:
+    """Map an exception of requests, urllib3 or the socket layer to a FetchError kind.
+
+    The message names the innermost cause (``[Errno 111] Connection refused``), not the wrappers.
+    """
+    chain = _chain(exc)
+    cause = chain[-1]
+    detail = str(cause) or type(cause).__name__
+    if isinstance(exc, requests.exceptions.TooManyRedirects):
+        return FetchError("too_many_redirects", str(exc))
+    if isinstance(exc, requests.exceptions.InvalidSchema):  # the URL was checked: a redirect
+        return FetchError("invalid_url", f"redirected to a URL that is not http/https: {exc}")
+    if isinstance(exc, _BAD_URL) or _has(chain, urllib3.exceptions.LocationParseError):
+        return FetchError("invalid_url", detail)
+    if _has(chain, urllib3.exceptions.NameResolutionError):
+        return FetchError("dns", f"cannot resolve the host: {detail}")
+    if _has(chain, urllib3.exceptions.NewConnectionError):  # a ConnectTimeoutError subclass!
+        return FetchError("connect", f"cannot connect: {detail}")
+    if _has(chain, _TIMEOUTS):
+        phase = "connect" if _has(chain, urllib3.exceptions.ConnectTimeoutError) else "read"
+        return FetchError("timeout", f"no answer within the {phase} timeout")
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError | urllib3.exceptions.ProtocolError):
+        return FetchError("truncated", f"the body was cut short: {detail}")
+    socket_error = isinstance(exc, OSError) and not isinstance(exc, requests.RequestException)
+    if isinstance(exc, requests.exceptions.ConnectionError) or socket_error:  # (requests' errors
+        return FetchError("connect", f"connection failed: {detail}")  # all subclass OSError)
+    return FetchError("network", f"{type(exc).__name__}: {detail}")
+
+
+# raised by requests, by urllib3 when a raw read escapes requests' wrapping, and by sockets
+_TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+_BAD_URL = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)
+_TIMEOUTS = (
+    requests.exceptions.Timeout,
+    urllib3.exceptions.TimeoutError,
+    TimeoutError,
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps, outermost first: via ``reason``, exception args, or cause."""
+    chain: list[BaseException] = []
+    item: BaseException | None = exc
+    while item is not None and all(item is not seen for seen in chain):
+        chain.append(item)
+        inner = getattr(item, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in item.args if isinstance(a, BaseException)), None)
+        item = inner or item.__cause__ or item.__context__
+    return chain
+
+
+def _has(
+    chain: list[BaseException], kinds: type[BaseException] | tuple[type[BaseException], ...]
+) -> bool:
+    return any(isinstance(item, kinds) for item in chain)

@@ -1,0 +1,135 @@
+"""The exceptions of the pipeline, and the fixed set of error kinds a failed URL is recorded with.
+
+    PipelineError            a problem with the run itself: the CLI prints it as one line, exits 2
+     +-- ConfigError         a bad config key or value (names the key)
+     +-- SourceError         an unreadable URL file or folder (names the file)
+     +-- OutputError         the output folder cannot be written: a full disk, a symlink in the
+                             way, no permission (names the path); the run stops cleanly
+    ItemError                one URL failed: becomes a manifest row, never stops the run
+     +-- FetchError          while downloading (raised in a download thread)
+     +-- TransformError      while decoding, transforming or encoding (raised in a pool worker)
+     +-- WriteError          (no longer raised: a failed write is an OutputError, which stops
+                             the run; the kind stays for manifests written before)
+
+Every exception from requests, urllib3, Pillow or the OS is translated into one of these where it
+crosses into our code; anything else that escapes is a bug and stops the run.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import resource
+from typing import Final
+
+#: The error kinds a manifest row may carry, and what each means. Fixed: users rely on them.
+#: ``TRANSIENT`` ones may succeed another time: a rerun retries them; the others are final.
+ERROR_KINDS: Final[dict[str, str]] = {
+    "invalid_url": "the URL is malformed or not http/https",
+    "dns": "the host name could not be resolved",
+    "connect": "the connection was refused, reset or failed",
+    "timeout": "the server did not answer within the connect/read timeout",
+    "deadline": "the whole download took longer than its deadline",
+    "http_4xx": "the server answered with a 4xx status",
+    "http_5xx": "the server answered with a 5xx status",
+    "too_many_redirects": "the redirect limit was exceeded",
+    "too_large": "the body is larger than download.max_bytes",
+    "not_image": "the body is not a recognised image",
+    "truncated": "the body ended before it was complete",
+    "decode_error": "the image is recognised but could not be decoded",
+    "decompression_bomb": "the image has more pixels than transform.max_pixels",
+    "transform_error": "an op of the transform chain failed",
+    "write_error": "the output file could not be written",
+    "worker_crash": "the transform process died while handling this image",
+    "network": "another network error",
+    "blocked_address": "the host's address is denied (download.deny_networks, allow_private)",
+}
+
+TRANSIENT_KINDS: Final[frozenset[str]] = frozenset(
+    {"dns", "connect", "timeout", "deadline", "http_5xx", "truncated", "network", "write_error",
+     "worker_crash"}
+)  # fmt: skip
+TRANSIENT_HTTP_STATUSES: Final[frozenset[int]] = frozenset({408, 425, 429})
+
+
+def is_final(kind: str | None, http_status: int | None = None) -> bool:
+    """True if a row with this error kind (None: ok) needs no retry on a rerun."""
+    if kind is None:
+        return True
+    return kind not in TRANSIENT_KINDS and http_status not in TRANSIENT_HTTP_STATUSES
+
+
+class PipelineError(Exception):
+    """A problem that stops the whole run; its message is one line for the user."""
+
+
+class ConfigError(PipelineError):
+    """A config key or value is wrong. ``key`` is the dotted key, e.g. ``download.workers``."""
+
+    def __init__(self, key: str, message: str, source: str = "") -> None:
+        super().__init__(key, message, source)
+        self.key = key
+        self.message = message
+        self.source = source
+
+    def __str__(self) -> str:
+        text = f"{self.key} {self.message}" if self.key else self.message
+        return f"{self.source}: {text}" if self.source else text
+
+
+class SourceError(PipelineError):
+    """A URL source (file or folder) cannot be read."""
+
+
+class OutputError(PipelineError):
+    """Something under the output folder cannot be written; the run stops, keeping what it has."""
+
+
+class ItemError(Exception):
+    """One URL failed; ``kind`` is one of ERROR_KINDS. Picklable, so it can cross the pool."""
+
+    def __init__(self, kind: str, message: str, http_status: int | None = None) -> None:
+        super().__init__(kind, message, http_status)
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {kind!r}")
+        self.kind = kind
+        self.message = message
+        self.http_status = http_status
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+class FetchError(ItemError):
+    """A download failed."""
+
+
+class TransformError(ItemError):
+    """Decoding, transforming or encoding an image failed."""
+
+
+class WriteError(ItemError):
+    """The output file could not be written."""
+
+
+def limit_hint(exc: OSError) -> str:
+    """What to do about an OSError caused by a resource limit, or "": for one-line errors."""
+    if exc.errno == errno.EMFILE:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return f" (open files are limited to {soft} here: raise ulimit -n)"
+    if exc.errno in (errno.EAGAIN, errno.ENOMEM):
+        return " (no more processes or memory: lower transform.workers or executor.lanes)"
+    return ""
+
+
+def require(module: str, extra: str, feature: str) -> None:
+    """Before any work: an optional feature whose library is missing is one line, with the
+    command that installs it for this project (an extra of this checkout, never a same-named
+    distribution from elsewhere)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise PipelineError(
+            f"{feature} needs {module.partition('.')[0]}, which is not installed: "
+            f'pip install -e ".[{extra}]" (in a checkout of pipeline)'
+        ) from None

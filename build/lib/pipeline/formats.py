@@ -1,0 +1,137 @@
+"""What a sealed shard becomes besides its JSONL manifest: webdataset tars, a parquet manifest.
+
+    workers: .staging/<file>/<block>/<line>-<hash>.jpg   (output.format = "webdataset")
+                      |  the shard's last row is in
+                      v
+    sink, at seal:  shards/<shard>-00000.tar.part -> .tar   <key>.jpg + <key>.json per ok row,
+                    in line order, at most output.shard_size samples a tar; then the seal, the
+                    manifest, and only then the staged files go (a kill in between: the rerun
+                    packs the same tars again from the same files)
+                    manifest/<shard>.parquet                 (output.parquet) the same rows
+
+A sample's ``.json`` is its manifest row, byte for byte. Tars are plain POSIX tars with fixed
+owners and times, so packing the same rows twice gives the same bytes, and both ``tarfile`` and
+the ``webdataset`` package read them (a sample is the members that share a key). The packing runs
+in the coordinator, once per shard: a copy of the shard's output bytes, no decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .atomic import open_dir, output_error, write_atomic
+from .errors import OutputError, require
+from .records import STAGING_DIR, Job
+
+SHARDS_DIR = "shards"
+_FORMAT = tarfile.PAX_FORMAT
+
+
+def tar_name(shard: str, index: int) -> str:
+    return f"{SHARDS_DIR}/{shard}-{index:05d}.tar"
+
+
+def staged_path(row: dict[str, Any], folder_size: int) -> str:
+    """Where the worker wrote an ok row's output before it was packed."""
+    file_id = int(str(row["key"]).split("-")[0])
+    extension = str(row["path"]).rsplit(".", 1)[1]
+    job = Job(file_id, int(row["line"]), str(row["url"]), str(row["shard"]))
+    return job.output_path(extension, folder_size, STAGING_DIR)
+
+
+def pack_shard(
+    out_dir: Path, rows: list[tuple[str, dict[str, Any]]], folder_size: int, per_tar: int
+) -> list[Path]:
+    """Write the tars of one shard from its rows (text, parsed); the staged files to remove."""
+    samples = sorted((row["line"], text, row) for text, row in rows if row["status"] == "ok")
+    staged = []
+    for index, start in enumerate(range(0, len(samples), per_tar)):
+        chunk = samples[start : start + per_tar]
+        paths = [out_dir / staged_path(row, folder_size) for _, _, row in chunk]
+        _write_tar(out_dir, tar_name(str(chunk[0][2]["shard"]), index), chunk, paths)
+        staged += paths
+    return staged
+
+
+def _write_tar(
+    out_dir: Path, name: str, chunk: list[tuple[int, str, dict[str, Any]]], paths: list[Path]
+) -> None:
+    target = out_dir / name
+    part = target.with_name(target.name + ".part")
+    folder = _folder(out_dir, SHARDS_DIR)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(part.name, flags, 0o644, dir_fd=folder)
+        with (
+            open(fd, "wb") as f,
+            tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            for (_, text, row), path in zip(chunk, paths, strict=True):
+                key, extension = str(row["path"]).rsplit(".", 1)
+                _add(tar, f"{key}.{extension}", _read(path))
+                _add(tar, f"{key}.json", text.encode("utf-8"))
+        os.replace(part.name, target.name, src_dir_fd=folder, dst_dir_fd=folder)
+    except OSError as exc:
+        raise output_error(part, exc) from None
+    finally:
+        os.close(folder)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0  # the same rows, the same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:  # a staged output removed by hand: the shard cannot be packed
+        raise OutputError(f"{path}: cannot pack it into its shard: {exc.strerror}") from None
+
+
+def _folder(out_dir: Path, name: str) -> int:
+    try:
+        return open_dir(out_dir, Path(name))
+    except OSError as exc:
+        raise output_error(out_dir / name, exc) from None
+
+
+def remove_staged(paths: list[Path]) -> None:
+    """After the seal: the packed outputs go (their folders stay, to be reused or left empty)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def write_parquet(out_dir: Path, path: Path, rows: list[tuple[str, dict[str, Any]]]) -> None:
+    """The shard's rows as a parquet file, in line order; ``columns`` as JSON text."""
+    import pyarrow as pa  # checked at start (require_parquet): an optional extra
+    import pyarrow.parquet as pq
+
+    ordered = [row for _, row in sorted(rows, key=lambda item: item[1]["line"])]
+    table = pa.Table.from_pylist([_flat(row) for row in ordered])
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_atomic(path, sink.getvalue().to_pybytes(), root=out_dir)
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    columns = row.get("columns")
+    return {**row, "columns": None if columns is None else json.dumps(columns, default=str)}
+
+
+def require_parquet() -> None:
+    """Before any work: output.parquet without pyarrow is one line, with the install command."""
+    require("pyarrow.parquet", "parquet", "output.parquet")
+
+
+def read_shards(out_dir: Path) -> Iterator[Path]:
+    """The webdataset tars of an output folder, in order."""
+    folder = out_dir / SHARDS_DIR
+    return iter(sorted(folder.glob("*.tar")) if folder.is_dir() else [])

@@ -1,0 +1,364 @@
+"""One lane: a process whose download threads feed its own transform pool; jobs in, rows out.
+
+    coordinator --jobs pipe: batches of Jobs, then END (or STOP)--> receiver thread
+                                                                       | Job
+                                                                       v
+                                                    [jobs queue: bounded by the coordinator's
+                                                     credit for this lane]
+                                                                       |
+                                   download threads x download.workers, elastic (a Session each)
+                                               | Fetched                \\ failed Outcome
+                                               v                         \\
+                                     TransformPool (pool.py): dispatcher   \\
+                                     thread -> worker processes             v
+                                               | Outcome ------------> [results queue]
+                                                                            |
+    coordinator <--results pipe: a batch of Outcomes at a time, ---- main thread (the sender)
+                   the lane's progress with each; LaneDone last
+
+A body goes from the download thread that fetched it to a worker of this lane's own pool, never
+through the coordinator, which sees only jobs and outcomes, a batch at a time. A lane is started
+with the configured method (never plain fork) and ignores Ctrl-C: the coordinator decides, and
+sends STOP. A lane whose coordinator dies exits (its pidfd is watched), and its workers with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .download import Downloader
+from .elastic import Crew, Stragglers
+from .errors import FetchError, PipelineError, limit_hint
+from .logs import LogSetup, configure_child
+from .metrics import Meter, Stage
+from .pool import TransformPool, in_flight_bound
+from .records import Job, Outcome, Row
+from .stages import DONE, BoundedQueue, _Done
+from .transform import exit_with
+
+log = logging.getLogger(__name__)
+
+END = "end"  # no more jobs: finish those you have, send the last rows and LaneDone
+STOP = "stop"  # interrupted: take no more jobs, give the pool its grace, send what is done
+BATCH = 64  # jobs or rows per message at most
+# How long the sender lets rows gather before it sends what it has: at 200 images/s a lane
+# would otherwise send one row a message, and every message costs the coordinator a wake-up,
+# two reads and an unpickling. A bounded linger, as Nagle's or a producer's linger.ms: the
+# thread blocks on the queue until the first row comes, then at most this long for the rest.
+LINGER = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class LaneSetup:
+    """What a lane process needs, sent once when it starts."""
+
+    index: int
+    config: Config
+    out_dir: str
+    transform_workers: int
+    coordinator_pid: int
+    log_setup: LogSetup | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A lane's running counts, sent with each batch, for the coordinator's bars."""
+
+    downloaded: int = 0
+    download_failed: int = 0
+    transformed: int = 0
+    transform_failed: int = 0
+    fetched: int = 0  # bodies waiting for the pool now
+    pool: int = 0  # images held by the pool now
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    rows: list[Row]
+    progress: Progress
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Batch, (self.rows, self.progress))
+
+
+@dataclass(frozen=True, slots=True)
+class LaneFailed:
+    """The run must stop, for a cause no URL is to blame for (the disk is full, no process can
+    be started, a config value the network library refuses): one line for the user."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class LaneDone:
+    """A lane's last message: its figures for the report."""
+
+    download: Meter
+    transform: Meter
+    cpu_s: float  # this lane process's own CPU time, every thread
+    pool_restarts: int
+    fetched_peak: int
+    pool_peak: int
+    stragglers: Stragglers
+
+
+def credit(config: Config, transform_workers: int) -> int:
+    """Jobs a lane may hold at once: enough to keep its threads (stragglers too) and its pool
+    busy."""
+    in_flight = in_flight_bound(config, transform_workers)
+    threads = config.download.workers + config.download.max_stragglers
+    return threads + config.queues.fetched + in_flight + BATCH
+
+
+def lane_main(setup: LaneSetup, jobs: Connection, results: Connection) -> None:
+    """The body of a lane process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+    if setup.log_setup is not None:
+        configure_child(setup.log_setup)
+    exit_with(setup.coordinator_pid)
+    try:
+        Lane(setup).run(jobs, results)
+    except Exception as exc:  # cannot start a thread or a pipe, or a bug: one line, not a trace
+        log.debug("lane %d failed", setup.index, exc_info=True)
+        hint = limit_hint(exc) if isinstance(exc, OSError) else ""
+        with contextlib.suppress(OSError):
+            results.send(LaneFailed(f"lane {setup.index}: {type(exc).__name__}: {exc}{hint}"))
+        raise SystemExit(1) from None
+
+
+class Lane:
+    """The threads of one lane process."""
+
+    def __init__(self, setup: LaneSetup) -> None:
+        config = setup.config
+        self.config = config
+        self.workers = config.download.workers
+        self.stop = threading.Event()
+        self.jobs: queue.SimpleQueue[Job | _Done] = queue.SimpleQueue()
+        self.results: BoundedQueue[Outcome | LaneFailed] = BoundedQueue(
+            "results", config.queues.results
+        )
+        self.download = Stage("download", self.workers)
+        self.transform = Stage("transform", setup.transform_workers)
+        self.downloader = Downloader(config.download)
+        self.pool = TransformPool(
+            config, Path(setup.out_dir), self.results, self.transform, self.stop,
+            producers=1, workers=setup.transform_workers, fail=self.fail,
+        )  # fmt: skip
+        self.crew = Crew(
+            self.jobs, self._download, lambda: self.pool.inbox.put(DONE),
+            workers=self.workers, max_stragglers=config.download.max_stragglers,
+            straggler_after=config.download.straggler_after,
+        )  # fmt: skip
+        self._meters = threading.local()  # each download thread's Meter
+        self._grace: threading.Timer | None = None
+        self._stopping = threading.Lock()  # the first of a STOP and a failure stops the lane
+        self._failing = threading.Lock()
+        self._failed = False
+
+    def run(self, jobs: Connection, results: Connection) -> None:
+        cpu = time.process_time()
+        receiver = threading.Thread(target=self._receive, args=(jobs,), name="receiver")
+        try:
+            with self.downloader:
+                receiver.start()
+                self.pool.start()
+                self.crew.start()
+                self._send(results)
+                self.crew.join()
+                self.pool.join()
+        finally:
+            if self._grace is not None:
+                self._grace.cancel()
+            self.pool.close()
+        results.send(
+            LaneDone(
+                self.download.total(),
+                self.transform.total(),
+                round(time.process_time() - cpu, 3),
+                self.pool.restarts,
+                self.pool.inbox.peak,
+                self.pool.peak,
+                self.crew.stats,
+            )
+        )
+        receiver.join()  # the coordinator closes the jobs pipe once it has LaneDone
+
+    # --- receiver thread: jobs from the coordinator ----------------------------------------------
+
+    def _receive(self, jobs: Connection) -> None:
+        ended = False
+        while True:
+            try:
+                message = jobs.recv()
+            except (EOFError, OSError):  # closed: the coordinator has our LaneDone, or is gone
+                message = None
+            if isinstance(message, list):
+                for job in message:
+                    self.jobs.put(job)
+                continue
+            if message is None and ended:
+                return
+            if message != END:  # STOP, or the coordinator is gone
+                self._interrupt()
+            if not ended:
+                ended = True
+                self.jobs.put(DONE)  # each download thread passes it on as it leaves
+            if message is None:
+                return
+
+    def _interrupt(self) -> None:
+        """Take no more jobs, cut the downloads, give the pool its grace, then kill it."""
+        if not self._stopping.acquire(blocking=False):
+            return  # stopping already
+        self.stop.set()
+        self.downloader.cancel()
+        self._grace = threading.Timer(self.config.transform.shutdown_grace, self.pool.kill_workers)
+        self._grace.name = "shutdown-grace"
+        self._grace.start()
+
+    def fail(self, message: str) -> None:
+        """Stop the run: what is done is sent, the rest is left to the next run."""
+        with self._failing:
+            first, self._failed = not self._failed, True
+        if first:  # the coordinator tells the user; later failures are the same one, mostly
+            self._interrupt()
+            self.results.put(LaneFailed(message))  # the sender passes it on
+        else:
+            log.debug("%s", message)
+
+    # --- download threads ------------------------------------------------------------------------
+
+    def _download(self, job: Job) -> None:
+        """One job, in one of the crew's threads (elastic.py): a body for the pool, or a row."""
+        if self.stop.is_set():
+            return
+        meter: Meter | None = getattr(self._meters, "meter", None)
+        if meter is None:
+            meter = self._meters.meter = self.download.meter()
+        started = time.perf_counter()
+        try:
+            fetched = self.downloader.fetch(job)
+        except PipelineError as exc:  # the config's fault, not the URL's: no row for it
+            self.fail(str(exc))
+            return
+        except Exception as exc:
+            if self.stop.is_set():  # cut short by an interrupt: not a real failure
+                return
+            err = exc if isinstance(exc, FetchError) else _unexpected(exc)
+            log.debug("%s %s: %s: %s", job.key, job.url, err.kind, err.message)
+            elapsed = time.perf_counter() - started
+            meter.record(elapsed, ok=False)
+            self.results.put(Outcome.failed(job, err, download_ms=round(elapsed * 1000, 2)))
+            return
+        size = len(fetched.body)
+        meter.record(time.perf_counter() - started, bytes_in=size, bytes_out=size)
+        self.pool.inbox.put(fetched)
+
+    # --- main thread: outcomes back to the coordinator, in batches --------------------------------
+
+    def _send(self, results: Connection) -> None:
+        ended = False
+        while not ended:
+            batch: list[Row] = []
+            failed: LaneFailed | None = None
+            item: Outcome | LaneFailed | _Done | None = self.results.get()  # block for the first
+            deadline = time.monotonic() + LINGER
+            while True:
+                if item is DONE:
+                    ended = True
+                    break
+                if isinstance(item, LaneFailed):
+                    failed = item
+                    break
+                assert isinstance(item, Outcome)
+                batch.append(item.encode())  # the manifest line is made here, not there
+                if len(batch) == BATCH:
+                    break
+                item = self.results.get_until(deadline)
+                if item is None:
+                    break
+            if batch:
+                results.send(Batch(batch, self._progress()))
+            if failed is not None:
+                results.send(failed)
+
+    def _progress(self) -> Progress:
+        return Progress(
+            self.download.items,
+            self.download.failed,
+            self.transform.items,
+            self.transform.failed,
+            self.pool.inbox.depth(),
+            self.pool.in_flight,
+        )
+
+
+def _unexpected(exc: Exception) -> FetchError:
+    """An exception the download client did not translate: still only this URL's failure."""
+    log.warning("unexpected %s while downloading: %s", type(exc).__name__, exc)
+    return FetchError("network", f"{type(exc).__name__}: {exc}")
+
+
+def lane_config(config: Config, lanes: int) -> Config:
+    """The config each of ``lanes`` lanes runs with: download.per_host is shared among them."""
+    per_host = config.download.per_host
+    if lanes == 1 or not per_host:
+        return config
+    return replace(config, download=replace(config.download, per_host=max(1, per_host // lanes)))
+
+
+class LaneHandle:
+    """The coordinator's side of one lane process: its pipes, and the jobs it holds now."""
+
+    def __init__(self, setup: LaneSetup, context: Any) -> None:
+        jobs_end, self.jobs = context.Pipe(duplex=False)
+        self.results, results_end = context.Pipe(duplex=False)
+        self.process = context.Process(
+            target=lane_main,
+            args=(setup, jobs_end, results_end),
+            name=f"lane-{setup.index}",
+            daemon=False,  # a lane starts its own pool
+        )
+        self.process.start()
+        jobs_end.close()  # the lane holds the only other ends now: its death closes them
+        results_end.close()
+        self.index = setup.index
+        self.transform_workers = setup.transform_workers
+        self.credit = credit(setup.config, setup.transform_workers)
+        self.outstanding: dict[str, Job] = {}  # dealt, no outcome yet
+        self.progress = Progress()
+        self.done: LaneDone | None = None
+        self.told: str | None = None  # END or STOP, once sent
+
+    @property
+    def room(self) -> int:
+        return self.credit - len(self.outstanding)
+
+    def deal(self, batch: list[Job]) -> None:
+        self.jobs.send(batch)
+        for job in batch:
+            self.outstanding[job.key] = job
+
+    def tell(self, message: str) -> None:
+        """END or STOP, once each at most (a STOP may follow an END)."""
+        if self.told == message or self.told == STOP:
+            return
+        self.told = message
+        with contextlib.suppress(OSError):  # the lane is gone already
+            self.jobs.send(message)
+
+    def close(self) -> None:
+        self.jobs.close()
+        self.results.close()
+        self.process.join()

@@ -1,0 +1,123 @@
+"""The coordinator's side of its lanes: start them, wait on them all at once, replace a dead one.
+
+    Lanes.start(i)      a lane process, with its share of the transform workers
+    Lanes.wait()        the lanes with a message ready (one epoll for every results pipe, and a
+                        wake-up pipe that a signal handler writes to)
+    Lanes.ended(h, d)   a lane said LaneDone: its figures are kept, its pipes closed
+    Lanes.lost(h)       a lane's pipe closed without LaneDone: it died; the cause, in words
+    Lanes.kill()        what is still running (after a bug, or a second Ctrl-C)
+
+Only the coordinator's main thread calls it; the sampler thread only reads the lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import selectors
+from collections.abc import Iterator
+from pathlib import Path
+
+from .config import Config, lane_count
+from .errors import PipelineError, limit_hint
+from .lane import LaneDone, LaneHandle, LaneSetup, lane_config
+from .logs import LogSetup
+from .pool import in_flight_bound
+from .progress import LaneGauge
+
+
+class Lanes:
+    """Every lane of one run: those running, those that ended, and their figures."""
+
+    def __init__(self, config: Config, out_dir: Path) -> None:
+        self.config = config
+        self.out_dir = out_dir
+        self.wanted = lane_count(config)
+        self.lane_config = lane_config(config, self.wanted)
+        workers = config.transform.pool_workers
+        self.shares = [workers // self.wanted + (i < workers % self.wanted)
+                       for i in range(self.wanted)]  # fmt: skip
+        self.running: list[LaneHandle] = []
+        self.every: list[LaneHandle] = []  # ... and those that ended: the bars' counts
+        self.finished: list[LaneDone] = []
+        self.restarts = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._selector = selectors.DefaultSelector()  # results pipes, and the wake pipe
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.gauges = (
+            LaneGauge("fetched", self.wanted * config.queues.fetched, lambda h: h.progress.fetched),
+            LaneGauge("pool", sum(in_flight_bound(config, w) for w in self.shares),
+                      lambda h: h.progress.pool),
+            LaneGauge("jobs", 0, lambda h: len(h.outstanding)),
+        )  # fmt: skip
+
+    def start(self, index: int) -> None:
+        method = self.config.transform.start_method
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":  # lanes fork from a server that has imported their code
+            context.set_forkserver_preload(["pipeline.lane"])
+        setup = LaneSetup(index, self.lane_config, str(self.out_dir), self.shares[index],
+                          os.getpid(), LogSetup.current())  # fmt: skip
+        try:
+            handle = LaneHandle(setup, context)
+        except OSError as exc:  # no pipes, no process: EMFILE, EAGAIN, the interpreter is gone
+            raise PipelineError(f"cannot start a lane process: {exc}{limit_hint(exc)}") from None
+        self._selector.register(handle.results, selectors.EVENT_READ, handle)
+        self.running.append(handle)
+        self.every.append(handle)
+        for gauge in self.gauges:
+            gauge.lanes = self.running
+        self.gauges[2].bound = sum(h.credit for h in self.running)
+
+    def wait(self, timeout: float | None = None) -> Iterator[LaneHandle]:
+        """Block until a lane has a message (or a signal woke us, or ``timeout`` seconds passed);
+        the lanes that have one."""
+        for key, _ in self._selector.select(timeout):
+            if key.data is None:
+                os.read(self._wake_r, 64)  # a signal: the caller looks at its stop flag
+            elif key.data in self.running:
+                yield key.data
+
+    def wake(self) -> None:
+        """Called from a signal handler: make ``wait`` return."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"!")
+
+    def ended(self, handle: LaneHandle, done: LaneDone) -> None:
+        self.finished.append(done)
+        handle.progress = dataclasses.replace(
+            handle.progress,
+            downloaded=done.download.items,
+            download_failed=done.download.failed,
+            transformed=done.transform.items,
+            transform_failed=done.transform.failed,
+        )
+        self._drop(handle)
+
+    def lost(self, handle: LaneHandle) -> str:
+        """A lane died; it is dropped (its ``outstanding`` jobs are the caller's). Why, in words."""
+        self._drop(handle)
+        code = handle.process.exitcode
+        return f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+
+    def _drop(self, handle: LaneHandle) -> None:
+        self._selector.unregister(handle.results)
+        self.running.remove(handle)
+        handle.close()
+
+    def kill(self) -> None:
+        """Kill whatever lane still runs; its workers and forkserver follow it."""
+        for handle in self.running:
+            with contextlib.suppress(OSError, ValueError):
+                handle.process.kill()
+
+    def close(self) -> None:
+        self.kill()
+        for handle in list(self.running):
+            self._drop(handle)
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,193 @@
+"""Logging: one format everywhere, every line written by the process that draws the bars.
+
+    lane / transform worker:  logger -> QueueHandler --datagram--+
+                                                                 v
+    coordinator:              logger --------------------> QueueListener thread -> handlers:
+                                                             terminal (above the bars), --log-file
+
+Each line names the process and the thread it comes from::
+
+    12:00:01.234 WARNING lane-0/download-3 pipeline.lane: ...
+    12:00:01.240 DEBUG transform-2/MainThread pipeline.transform: ...
+
+Only the coordinator writes: on the terminal through ``tqdm.write``, so lines never tear the
+progress bars, and into the ``--log-file``. Lanes and pool workers hand their records to a
+``logging.handlers.QueueHandler``; its queue is a Unix datagram socket (``RecordPipe``) that one
+``QueueListener`` in the coordinator reads. Not a ``multiprocessing.Queue``: that queue's writers
+share a lock, and a worker killed holding it (the grace period's end, the OOM killer) would hang
+every other writer; a datagram is sent whole or not at all, and nothing is shared but the
+address. Should the coordinator fall behind, a child drops a record rather than wait.
+
+``-v`` and ``-vv`` raise the project's own loggers (``pipeline.*``); the libraries' stay at
+WARNING unless ``--debug-libs`` asks for them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import logging.handlers
+import multiprocessing
+import os
+import pickle
+import secrets
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+FORMAT = (
+    "%(asctime)s.%(msecs)03d %(levelname)s %(processName)s/%(threadName)s %(name)s: %(message)s"
+)
+DATE_FORMAT = "%H:%M:%S"
+PROJECT = "pipeline"  # the loggers -v raises
+_LARGEST = 1 << 16  # bytes of a record at most (a long traceback is cut)
+_END = b"end"
+
+
+class AboveBars(io.TextIOBase):
+    """A stream for log handlers: writes to stderr above the progress bars, never through them."""
+
+    def write(self, text: str) -> int:
+        tqdm.write(text, file=sys.stderr, end="")  # clears the bars, writes, redraws them
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class LogSetup:
+    """How a child process logs: at which levels, and to which coordinator's address."""
+
+    level: int  # the project's loggers
+    library_level: int = logging.WARNING  # every other logger
+    address: bytes | None = None  # the coordinator's RecordPipe; None: log in this process
+
+    @classmethod
+    def current(cls) -> LogSetup:
+        """This process's levels, and the address of the relay it runs, if any."""
+        project = logging.getLogger(PROJECT).getEffectiveLevel()
+        return cls(project, logging.getLogger().level, _relay_address)
+
+
+class RecordPipe:
+    """The queue of QueueHandler and QueueListener across processes: a datagram socket.
+
+    The coordinator's end is bound to an abstract address (no file); a child's end only sends.
+    """
+
+    def __init__(self, address: bytes | None = None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if address is None:  # the reading end
+            address = b"\0pipeline-log-%d-%s" % (os.getpid(), secrets.token_hex(6).encode())
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            self.sock.bind(address)
+        else:
+            self.sock.setblocking(False)
+        self.address = address
+
+    def put_nowait(self, record: logging.LogRecord | None) -> None:
+        """Send one record (QueueHandler's call), or the end (QueueListener's stop)."""
+        data = _END if record is None else pickle.dumps(record.__dict__)[:_LARGEST]
+        with contextlib.suppress(OSError):  # full, or the coordinator is gone: drop it
+            self.sock.sendto(data, self.address)
+
+    def get(self, block: bool = True) -> logging.LogRecord | None:
+        data = self.sock.recv(_LARGEST + 1024)
+        if data == _END:
+            return None
+        try:
+            return logging.makeLogRecord(pickle.loads(data))
+        except Exception:  # cut short (a record over _LARGEST): say so instead
+            return logging.makeLogRecord({"msg": "(a log record too long to pass on)"})
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_relay_address: bytes | None = None
+
+
+@contextlib.contextmanager
+def relay() -> Iterator[None]:
+    """While it is open, child processes started here send their records to this process,
+    which writes them with its own handlers (terminal above the bars, log file)."""
+    global _relay_address
+    if _relay_address is not None:  # nested (a Dask shard in a local run): the outer one serves
+        yield
+        return
+    pipe = RecordPipe()
+    handlers = logging.getLogger().handlers
+    listener = logging.handlers.QueueListener(pipe, *handlers, respect_handler_level=True)
+    listener.start()
+    _relay_address = pipe.address
+    try:
+        yield
+    finally:
+        _relay_address = None
+        listener.stop()  # sends the end, then writes every record before it
+        pipe.close()
+
+
+def configure(
+    level: int,
+    file: str | None = None,
+    *,
+    file_level: int | None = None,
+    debug_libraries: bool = False,
+) -> None:
+    """Set up the coordinator's logging: ``level`` on the terminal (above the bars), and at least
+    INFO into ``file``. ``level`` applies to the project's loggers; the libraries' stay at
+    WARNING unless ``debug_libraries``."""
+    formatter = logging.Formatter(FORMAT, DATE_FORMAT)
+    root = logging.getLogger()
+    _reset(root)
+    terminal = logging.StreamHandler(AboveBars())
+    terminal.setLevel(level)
+    handlers: list[logging.Handler] = [terminal]
+    if file is not None:
+        to_file = logging.FileHandler(file, encoding="utf-8", delay=True)
+        to_file.setLevel(min(level, logging.INFO) if file_level is None else file_level)
+        handlers.append(to_file)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    lowest = min(h.level for h in handlers)
+    logging.getLogger(PROJECT).setLevel(lowest)
+    root.setLevel(lowest if debug_libraries else max(lowest, logging.WARNING))
+    logging.captureWarnings(True)  # Pillow's and urllib3's warnings become log lines too
+
+
+def configure_child(setup: LogSetup, name: str | None = None) -> None:
+    """In a lane or a pool worker: records go to the coordinator's relay, at its levels."""
+    global _relay_address
+    if name is not None:
+        multiprocessing.current_process().name = name
+    _relay_address = setup.address  # what this process's own children are told (LogSetup)
+    root = logging.getLogger()
+    _reset(root)
+    if setup.address is not None:
+        root.addHandler(logging.handlers.QueueHandler(RecordPipe(setup.address)))
+    else:  # no relay (a Dask worker's own process): the terminal, as the coordinator would
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+        root.addHandler(handler)
+    logging.getLogger(PROJECT).setLevel(setup.level)
+    root.setLevel(setup.library_level)
+    logging.captureWarnings(True)
+
+
+def configure_worker(setup: LogSetup) -> None:
+    """In a pool process: log through the relay, under a name such as ``transform-2``."""
+    process = multiprocessing.current_process()
+    configure_child(setup, "transform-" + process.name.rpartition("-")[2])
+
+
+def _reset(root: logging.Logger) -> None:
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,193 @@
+"""The records that travel between the stages: small, frozen, picklable.
+
+Job       one input line: where it came from, its URL, its other columns   sources  -> download
+ShardEnd  "shard S covers lines a..b of file F: K records, fingerprint D"  sources  -> sink
+Fetched   a downloaded body                                               download -> transform
+Outcome   the result for one input line, ok or not: one manifest row      any stage
+Row       an Outcome encoded where it was made: what the coordinator writes   lane -> sink
+
+A key names one input line for good: ``<file id>-<line>`` (``00002-000000017``: line 17 of the
+input file that ``run.json`` numbers 2). A shard is named by the key of its first line, so neither
+changes when lines are appended to a file or when a new file joins the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+from .errors import ItemError
+
+Status = Literal["ok", "failed", "duplicate"]
+
+# webdataset layout: workers write each output here, the sink packs a shard's into its tars
+STAGING_DIR = ".staging"
+
+
+def make_key(file: int, line: int) -> str:
+    return f"{file:05d}-{line:09d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One input line to process: a URL with its provenance and the input's other columns."""
+
+    file: int  # the input file's id, fixed in run.json when the file is first seen
+    line: int  # 1-based line of the file (row, for parquet)
+    url: str
+    shard: str  # the key of the shard's first line
+    source: str = ""  # the file, relative to the input root
+    columns: Mapping[str, Any] | None = None  # the input's other columns, passed through
+    problem: str | None = None  # why the line holds no usable URL: an invalid_url row
+    duplicate_of: str | None = None  # the key of the line that first had this URL (dedupe)
+
+    @property
+    def key(self) -> str:
+        return make_key(self.file, self.line)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # values, not a state dict: far cheaper to pickle
+        return (Job, (self.file, self.line, self.url, self.shard, self.source, self.columns,
+                      self.problem, self.duplicate_of))  # fmt: skip
+
+    def output_path(self, extension: str, folder_size: int, folder: str = "images") -> str:
+        """The output file, relative to the output folder: named by a hash, never by the URL.
+
+        ``images/<file id>/<block>/<line>-<hash>.<ext>``: at most ``folder_size`` files a folder.
+        """
+        digest = hashlib.blake2b(self.url.encode("utf-8", "surrogatepass"), digest_size=8)
+        block = self.line // folder_size
+        name = f"{self.line:09d}-{digest.hexdigest()}.{extension}"
+        return f"{folder}/{self.file:05d}/{block:05d}/{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ShardEnd:
+    """Sent after the last line of a shard: the sink seals the shard once ``count`` rows are in.
+
+    ``first``..``last`` are the lines the shard covers; ``digest`` fingerprints their content, so
+    a rerun can tell whether they changed.
+    """
+
+    shard: str
+    count: int
+    file: int = 0
+    first: int = 0
+    last: int = 0
+    digest: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A successful download, on its way to a pool worker."""
+
+    job: Job
+    body: bytes
+    http_status: int
+    content_type: str
+    download_ms: float
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Fetched, (self.job, self.body, self.http_status, self.content_type,
+                          self.download_ms))  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one input line: exactly one manifest row."""
+
+    key: str
+    shard: str
+    source: str
+    line: int
+    url: str
+    status: Status
+    error_kind: str | None = None
+    error: str | None = None
+    http_status: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    width_in: int | None = None
+    height_in: int | None = None
+    width_out: int | None = None
+    height_out: int | None = None
+    path: str | None = None
+    sha256: str | None = None  # of the output's bytes, computed where they were made
+    download_ms: float = 0.0
+    transform_ms: float = 0.0
+    cpu_ms: float = 0.0  # CPU time the transform process spent on it
+    duplicate_of: str | None = None
+    columns: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of(cls, job: Job, status: Status, **fields: Any) -> Outcome:
+        """The row of ``job``, its provenance filled in."""
+        return cls(
+            key=job.key,
+            shard=job.shard,
+            source=job.source,
+            line=job.line,
+            url=job.url,
+            status=status,
+            columns=job.columns,
+            **fields,
+        )
+
+    @classmethod
+    def failed(
+        cls, job: Job, error: ItemError, *, download_ms: float = 0.0, **fields: Any
+    ) -> Outcome:
+        """The row of a URL that failed with ``error``."""
+        fields.setdefault("http_status", error.http_status)
+        return cls.of(
+            job,
+            "failed",
+            error_kind=error.kind,
+            error=error.message,
+            download_ms=download_ms,
+            **fields,
+        )
+
+    @classmethod
+    def duplicate(cls, job: Job) -> Outcome:
+        """The row of a line whose URL an earlier line of the input already had."""
+        return cls.of(job, "duplicate", duplicate_of=job.duplicate_of)
+
+    def to_row(self) -> dict[str, Any]:
+        """The manifest row: every field, in declaration order."""
+        return {name: getattr(self, name) for name in _OUTCOME_FIELDS}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Outcome:
+        return cls(**row)
+
+    def encode(self) -> Row:
+        """The manifest line, and what the coordinator needs to file and count it."""
+        line = _ROW_ENCODER.encode(self.to_row()) + "\n"
+        return Row(self.key, self.shard, self.status, self.error_kind, self.url,
+                   self.bytes_in, self.bytes_out, line)  # fmt: skip
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a tuple of values: ~8x cheaper than the default
+        return (Outcome, tuple(getattr(self, name) for name in _OUTCOME_FIELDS))
+
+
+class Row(NamedTuple):
+    """An outcome ready for the manifest, encoded in the process that made it (a lane), so that
+    the coordinator only files the line and counts it."""
+
+    key: str
+    shard: str
+    status: str
+    error_kind: str | None
+    url: str
+    bytes_in: int
+    bytes_out: int
+    line: str  # the JSON row, with its newline
+
+
+_OUTCOME_FIELDS = tuple(f.name for f in dataclasses.fields(Outcome))
+# one encoder: json.dumps makes one per call; default=str for a parquet column's dates or decimals
+_ROW_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)

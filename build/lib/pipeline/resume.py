@@ -1,0 +1,386 @@
+"""Resume: what earlier runs into an output folder did, checked against the input as it is now.
+
+    run.json                 the settings that decide keys and output bytes (a rerun must use the
+                             same), the input root, and every input file seen, each with its id
+    manifest/<S>.seal.json   a sealed shard: its file, the lines it covers, their fingerprint
+    manifest/<S>.jsonl.part  a shard an interrupted run left open: its final rows are kept
+
+``plan_run`` reads these and the input files, and decides what a run does:
+  - a sealed shard whose lines are unchanged is skipped whole (its fingerprint is compared);
+  - lines appended to a file, past its last shard, make new shards;
+  - a new file gets a new id (the next free one), so no other file's keys or shards move;
+  - a shard left open is adopted: its final rows are kept and only its other lines are done;
+  - a file whose processed lines changed is refused, naming the file and the first changed line.
+A file that earlier runs read but that is not given now keeps its rows; nothing is done for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_atomic
+from .config import Config
+from .errors import PipelineError, SourceError, is_final
+from .records import Job, ShardEnd, make_key
+from .sink import MANIFEST_DIR, part_path, read_rows, read_seal, seal_path, shard_path
+from .sources import (
+    Known,
+    Record,
+    Source,
+    check_header,
+    find_files,
+    input_root,
+    read_records,
+    shard_records,
+)
+
+RUN_FILE = "run.json"
+_NOTES = 4  # files named in a resume summary
+
+
+def fingerprint(config: Config) -> dict[str, Any]:
+    """The settings that decide keys and output bytes: a resume must use the same ones."""
+    transform = config.transform
+    settings = {
+        "input": dataclasses.asdict(config.input),
+        "folder_size": config.output.folder_size,
+        "output": [transform.format, transform.quality, transform.background, transform.resample,
+                   transform.reducing_gap, transform.max_pixels],
+        "ops": [[type(op).__name__, *dataclasses.astuple(op)] for op in transform.ops],
+    }  # fmt: skip
+    if config.output.format != "files":  # (absent for files: folders made before stay valid)
+        settings["layout"] = [config.output.format, config.output.shard_size]
+    return settings
+
+
+@dataclass(slots=True)
+class Plan:
+    """What one run does in an output folder: its sources and the shards earlier runs made."""
+
+    out_dir: Path
+    sources: list[Source]
+    known: dict[int, list[Known]] = field(default_factory=dict)
+    sealed: frozenset[str] = frozenset()
+    partial: frozenset[str] = frozenset()
+    done: int = 0  # lines of sealed shards: skipped
+    notes: list[str] = field(default_factory=list)  # what is left to do, file by file
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.sealed or self.partial)
+
+    def summary(self) -> str | None:
+        """One line for the user on a rerun: what is skipped and what is left."""
+        if not self.resumed:
+            return None
+        shards = len(self.sealed)
+        sealed = f" ({shards} shard{'s' * (shards != 1)} sealed)" if shards else ""
+        text = f"{self.done} URLs done by earlier runs{sealed}"
+        if not self.notes:
+            return f"{text}; nothing left to do"
+        more = len(self.notes) - _NOTES
+        listed = "; ".join(self.notes[:_NOTES]) + (f"; and {more} more files" if more > 0 else "")
+        return f"{text}; to do: {listed}"
+
+
+def plan_run(
+    paths: Sequence[Path], config: Config, out_dir: Path, *, restart: bool, record: bool = True
+) -> Plan:
+    """Check ``paths`` against what earlier runs did in ``out_dir``; record the inputs (unless
+    not ``record``: a dry run, which writes and removes nothing)."""
+    if restart and record:
+        forget(out_dir)
+    state = None if restart else _read_state(out_dir)
+    settings = fingerprint(config)
+    if state is not None and state.get("settings") != settings:
+        raise PipelineError(
+            f"{out_dir}: this output folder was made with other settings "
+            f"({_differs(state.get('settings'), settings)}); rerun with --restart to start "
+            "over, or choose another --out"
+        )
+    root = Path(state["root"]) if state else input_root(paths)
+    ids: dict[str, int] = {f["path"]: f["id"] for f in state["files"]} if state else {}
+    sources, new = _number(find_files(paths), root, ids, out_dir)
+    for source in sources:
+        check_header(source, config.input.url_column)
+    plan = Plan(out_dir, sources)
+    if state is not None:
+        _load_known(plan)
+        _verify(plan, config, new)
+    if record:
+        _write_state(out_dir, settings, root, ids, sources)
+    return plan
+
+
+def _differs(then: Any, now: dict[str, Any]) -> str:
+    """Which setting differs from the one earlier runs used, in words."""
+    if not isinstance(then, dict):
+        return "made by an older version"
+    for section, value in now.items():
+        old = then.get(section)
+        if isinstance(value, dict) and isinstance(old, dict):
+            for key, setting in value.items():
+                if old.get(key) != setting:
+                    return f"{section}.{key} was {old.get(key)!r}, now {setting!r}"
+        elif old != value:
+            return f"{section} was {old!r}, now {value!r}"
+    return "made by an older version"
+
+
+def forget(out_dir: Path) -> None:
+    """--restart: what earlier runs recorded goes (their image files are overwritten as redone)."""
+    for path in (out_dir / MANIFEST_DIR, out_dir / RUN_FILE):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise PipelineError(f"{path}: --restart cannot remove it: {exc.strerror}") from None
+
+
+def _read_state(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / RUN_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: unreadable ({exc}); rerun with --restart") from None
+    if not isinstance(state, dict) or not {"settings", "root", "files"} <= state.keys():
+        return {}  # an older layout: refused by the settings check
+    return state
+
+
+def _write_state(
+    out_dir: Path, settings: dict[str, Any], root: Path, ids: dict[str, int], given: list[Source]
+) -> None:
+    formats = {s.name: s.format for s in given}
+    files = [
+        {"id": id_, "path": name, "format": formats.get(name), "given": name in formats}
+        for name, id_ in sorted(ids.items(), key=lambda item: item[1])
+    ]
+    state = {"settings": settings, "root": str(root), "files": files}
+    write_atomic(
+        out_dir / RUN_FILE, (json.dumps(state, indent=1) + "\n").encode("utf-8"), root=out_dir
+    )
+
+
+def _number(
+    files: list[Path], root: Path, ids: dict[str, int], out_dir: Path
+) -> tuple[list[Source], set[int]]:
+    """Sources named relative to ``root``, each with its id: a known one, or the next free one."""
+    sources, new, seen = [], set(), set()
+    next_id = max(ids.values(), default=-1) + 1
+    for path in files:
+        resolved = path.resolve()
+        if resolved in seen:
+            continue  # named twice (a file inside a folder that is also given)
+        seen.add(resolved)
+        try:
+            name = resolved.relative_to(root).as_posix()
+        except ValueError:
+            raise PipelineError(
+                f"{path}: earlier runs into {out_dir} read their input under {root}, and this "
+                "file is not there; give inputs under it, or choose another --out"
+            ) from None
+        if name not in ids:
+            ids[name], next_id = next_id, next_id + 1
+            new.add(ids[name])
+        sources.append(Source(path, name, ids[name]))
+    return sources, new
+
+
+def _load_known(plan: Plan) -> None:
+    """The shards of the manifest folder: sealed ones with their seal, open ones by name."""
+    folder = plan.out_dir / MANIFEST_DIR
+    if not folder.is_dir():
+        return
+    sealed, partial = set(), set()
+    for path in folder.glob("*.jsonl"):
+        name = path.name.removesuffix(".jsonl")
+        end = read_seal(seal_path(folder, name)) or _reseal(path, name)
+        if end is not None:
+            plan.known.setdefault(end.file, []).append(
+                Known(end.first, end.last, end.count, end.digest)
+            )
+            sealed.add(name)
+    for path in folder.glob("*.jsonl.part"):
+        name = path.name.removesuffix(".jsonl.part")
+        file, first = _parse_name(name)
+        if name not in sealed and file is not None:
+            plan.known.setdefault(file, []).append(Known(first))
+            partial.add(name)
+    plan.sealed, plan.partial = frozenset(sealed), frozenset(partial)
+
+
+def _parse_name(name: str) -> tuple[int | None, int]:
+    file, _, line = name.partition("-")
+    if not (file.isdigit() and line.isdigit()):
+        return None, 0
+    return int(file), int(line)
+
+
+def _reseal(path: Path, name: str) -> ShardEnd | None:
+    """A sealed shard whose seal is lost: made again from its rows, which hold their lines."""
+    file, first = _parse_name(name)
+    if file is None:
+        return None
+    records = sorted((_as_record(row) for row in read_rows(path)), key=lambda r: r.line)
+    if not records:
+        return None
+    hasher = hashlib.blake2b(digest_size=16)
+    for record in records:
+        hasher.update(record.canonical())
+    return ShardEnd(name, len(records), file, first, records[-1].line, hasher.hexdigest())
+
+
+def _as_record(row: dict[str, Any]) -> Record:
+    return Record(row["line"], row["url"], row.get("columns"))
+
+
+def _verify(plan: Plan, config: Config, new: set[int]) -> None:
+    """Read every input file that has shards; refuse one whose processed lines changed."""
+    size, column = config.input.shard_size, config.input.url_column
+    for source in plan.sources:
+        if source.id in new:
+            plan.notes.append(f"{source.name} (new)")
+            continue
+        known = {make_key(source.id, k.first): k for k in plan.known.get(source.id, ())}
+        todo, first_todo = 0, None
+        adopted: dict[int, bytes] = {}
+        for item in shard_records(source, size, column, list(known.values())):
+            if isinstance(item, ShardEnd):
+                if adopted:  # rows of an open shard whose lines are gone
+                    _changed(plan, source, min(adopted), "was removed")
+                shard = known.pop(item.shard, None)
+                if shard is not None and shard.digest is not None and item.digest != shard.digest:
+                    _refuse(plan, source, shard, column)
+                continue
+            record, name = item
+            if name in plan.sealed:
+                continue
+            if name in plan.partial and record.line == _first_line(name):
+                adopted = _final_rows(part_path(plan.out_dir / MANIFEST_DIR, name))
+            if record.line in adopted:
+                if adopted.pop(record.line) != record.canonical():
+                    _changed(plan, source, record.line, "changed")
+                plan.done += 1
+                continue
+            todo += 1
+            first_todo = first_todo or record.line
+        if known:  # shards whose lines are gone: the file was cut short
+            _changed(plan, source, min(k.first for k in known.values()), "was removed")
+        plan.done += sum(k.count or 0 for k in plan.known.get(source.id, ()) if k.count)
+        if todo:
+            plan.notes.append(f"{todo} in {source.name} from line {first_todo}")
+
+
+def _first_line(name: str) -> int:
+    return _parse_name(name)[1]
+
+
+def _final_rows(path: Path) -> dict[int, bytes]:
+    """The lines an open shard has final rows for, each with its record's canonical form."""
+    rows: dict[int, bytes] = {}
+    for _, row in _parse_rows(path):
+        if is_final(row.get("error_kind"), row.get("http_status")):
+            rows[row["line"]] = _as_record(row).canonical()
+    return rows
+
+
+def _refuse(plan: Plan, source: Source, shard: Known, column: str) -> None:
+    """A sealed shard's fingerprint differs: find its first changed line, and say it."""
+    folder = plan.out_dir / MANIFEST_DIR
+    name = make_key(source.id, shard.first)
+    then = {row["line"]: _as_record(row).canonical() for row in read_rows(shard_path(folder, name))}
+    last = shard.last or shard.first
+    now = {}
+    for record in read_records(source, column):
+        if record.line > last:
+            break
+        if record.line >= shard.first:
+            now[record.line] = record.canonical()
+    differ = sorted(line for line in then.keys() | now.keys() if then.get(line) != now.get(line))
+    line = differ[0] if differ else shard.first
+    what = "was removed" if line not in now else "is new" if line not in then else "changed"
+    _changed(plan, source, line, what)
+
+
+def _changed(plan: Plan, source: Source, line: int, what: str) -> None:
+    raise SourceError(
+        f"{source.path}: line {line} {what} since an earlier run into {plan.out_dir}; rerun "
+        "with --restart to redo the whole folder, or choose another --out"
+    )
+
+
+class Resume:
+    """Filters a run's job stream down to what is not done yet."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.folder = plan.out_dir / MANIFEST_DIR
+        self.images = plan.out_dir / "images"
+        self.sealed = plan.sealed
+        self.partial = plan.partial
+        self.skipped = 0  # lines found done, for the report
+
+    def pending(self, items: Iterable[Job | ShardEnd]) -> Iterator[Job | ShardEnd]:
+        """``items`` less the jobs already done (runs in whichever thread pulls from it)."""
+        current, done = "", frozenset[str]()
+        for item in items:
+            if item.shard in self.sealed:
+                self.skipped += isinstance(item, Job)
+                continue
+            if item.shard != current:
+                current = item.shard
+                done = self._adopt(item.shard) if item.shard in self.partial else frozenset()
+            if isinstance(item, Job) and item.key in done:
+                self.skipped += 1
+                continue
+            yield item
+
+    def _adopt(self, shard: str) -> frozenset[str]:
+        """Keep the final rows of a shard's part; return their keys."""
+        path = part_path(self.folder, shard)
+        kept, keys = [], set()
+        for text, row in _parse_rows(path):
+            if row["key"] not in keys and is_final(row.get("error_kind"), row.get("http_status")):
+                kept.append(text)
+                keys.add(row["key"])
+        write_atomic(path, "".join(kept).encode("utf-8"), root=self.folder.parent)
+        file, _ = _parse_name(shard)
+        _remove_temps(self.images / f"{file:05d}")
+        return frozenset(keys)
+
+
+def _remove_temps(folder: Path) -> None:
+    """Delete the temporary files that workers killed mid-write left, in no linked folder."""
+    if folder.is_symlink():
+        return
+    for parent, _, names in os.walk(folder):  # does not follow links to folders
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                (Path(parent) / name).unlink(missing_ok=True)
+
+
+def _parse_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The whole rows of a part, with their text: a half line (cut by a kill) or a damaged one
+    is skipped."""
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "key" in row and "line" in row:
+                yield line, row

@@ -1,0 +1,406 @@
+"""One run: the coordinator, which deals jobs to lanes and records what comes back.
+
+    URL files (streamed) -> Resume.pending -> (Dedupe) ---+
+                                                          v
+    coordinator, main thread: deals batches of Jobs; a lane holds at most its credit
+        |  jobs pipe                                      ^  results pipe: batches of Outcomes
+        v                                                 |
+    lane 0 .. lane N-1 (lane.py), a process each:         |
+        download threads -> [fetched] -> dispatcher -> its own transform pool
+        |
+    coordinator, main thread: manifest (Sink), stats  ->  Report (screen, report.json)
+    sampler thread: samples what the lanes report, redraws the progress bars
+
+The coordinator reads the input and owns resume, the manifest and the report. It does nothing
+per byte: image bodies go from a lane's download threads to that lane's transform workers, and
+the coordinator handles small records, a batch at a time, so its cost per image is a share of
+two batches' pickling and one manifest row, and the run multiplies with the lanes. ShardEnds,
+lines without a usable URL and duplicates never leave it. Each lane may hold ``credit`` jobs
+(its download threads, its queue and its pool's slots, and a batch more); the coordinator deals
+to the lane with the most room, so memory stays flat and a slow lane gets less.
+
+Lifecycle. The first SIGINT/SIGTERM stops dealing and sends STOP to every lane: it cuts its
+downloads at once, gives its pool ``transform.shutdown_grace`` seconds, then kills its workers,
+sends what is done and exits; the manifest is flushed and the run returns marked interrupted. A
+second signal kills the lanes and exits at once. What was not recorded is done by the next run
+(resume). A lane that dies mid-run (OOM killer, kill -9) loses nothing: the jobs it held are
+dealt again, to a lane started in its place; a job whose lane died twice is a ``worker_crash``
+row. A worker that dies inside a lane is that lane's pool's business (pool.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+
+from .config import Config
+from .dedupe import plan_jobs
+from .elastic import Stragglers
+from .errors import FetchError, OutputError, PipelineError, TransformError
+from .formats import require_parquet
+from .lane import BATCH, END, STOP, Batch, LaneDone, LaneFailed, LaneHandle
+from .lanes import Lanes
+from .logs import relay
+from .metrics import Meter, RunStats, Sampler, Stage
+from .progress import Bars, LaneCounts, UrlCount
+from .records import Job, Outcome, ShardEnd
+from .report import QueueStat, Report, StageStat, build_report, cpu_stage, meter_stage
+from .resume import Plan, Resume, plan_run
+from .sink import Sink, lock
+from .sources import Source
+
+log = logging.getLogger(__name__)
+
+LANE_DEATHS = 2  # a job whose lane died this many times is recorded as worker_crash
+
+
+def run(
+    sources: Sequence[Path],
+    config: Config,
+    *,
+    progress: bool = False,
+    restart: bool = False,
+    handle_signals: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> Report:
+    """Process every input line of ``sources`` not done yet; returns the report (also saved).
+
+    With ``handle_signals`` (the CLI), SIGINT and SIGTERM interrupt the run gracefully; ``say``
+    is told, before the run starts, what an earlier run had done.
+    """
+    with open_run(sources, config, restart=restart) as plan:
+        summary = plan.summary()
+        if say is not None and summary:
+            say(f"resumed     {summary}")
+        pipeline = Coordinator(config, plan.out_dir)
+        with _signals(pipeline) if handle_signals else contextlib.nullcontext():
+            report = pipeline.execute(plan, progress=progress)
+        try:
+            report.save(plan.out_dir)
+        except OutputError:
+            if pipeline.failure is None:
+                raise
+        if pipeline.failure is not None:  # what was done is recorded; a rerun does the rest
+            written = pipeline.sink.written
+            raise OutputError(
+                f"{pipeline.failure} (stopped: {written} rows recorded; rerun to do the rest)"
+            )
+    return report
+
+
+@contextlib.contextmanager
+def open_run(sources: Sequence[Path], config: Config, *, restart: bool) -> Iterator[Plan]:
+    """The output folder made, locked for this run, and checked against ``sources``: the plan."""
+    if config.output.parquet:
+        require_parquet()  # before any work, not at the first shard's seal
+    out_dir = Path(config.output.dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{out_dir}: cannot create the output folder: {exc.strerror}") from None
+    with lock(out_dir):
+        yield plan_run(sources, config, out_dir, restart=restart)
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
+
+
+class Coordinator:
+    """The lanes of one run, what they hold, and the sink."""
+
+    def __init__(self, config: Config, out_dir: Path) -> None:
+        self.config = config
+        self.out_dir = out_dir
+        self.stopping = False
+        self.interrupted: int | None = None  # the signal that stopped the run
+        self.failure: str | None = None  # what stopped the run, when no URL is to blame
+        self.lanes = Lanes(config, out_dir)
+        self.sink = Sink(out_dir, config.output)
+        self._writable = True  # False once a manifest write failed: rows after it are dropped
+        self.write = Stage("write", 1)
+        self.stats = RunStats()
+        self.meters: dict[str, Meter] = {}  # each stage's, merged over the lanes, once it ends
+        self.workers: dict[str, int] = {}
+        self._deaths: Counter[str] = Counter()  # lane deaths per job key
+        self._restarts_left = 2 * self.lanes.wanted + 2
+        self._redo: deque[Job] = deque()
+        self._items: Iterator[Job | ShardEnd] = iter(())
+        self._exhausted = False
+        self._jobs_peak = 0
+        self.sampler = Sampler(self.lanes.gauges)
+
+    def execute(self, plan: Plan, *, progress: bool) -> Report:
+        """Every line of the plan's sources that an earlier run did not finish."""
+        resume = Resume(plan)
+        with plan_jobs(plan, self.config.input) as items:
+            report = self.process(
+                resume.pending(items), resume, progress=progress, sources=plan.sources
+            )
+        return dataclasses.replace(
+            report, sources=tuple(s.name for s in plan.sources), resume=plan.summary()
+        )
+
+    def process(
+        self,
+        items: Iterator[Job | ShardEnd],
+        resume: Resume,
+        *,
+        progress: bool = False,
+        sources: Sequence[Source] = (),
+    ) -> Report:
+        """Deal ``items`` (already filtered by ``resume``) to the lanes; the report.
+
+        ``sources`` are counted for the progress bars' totals.
+        """
+        self._items = items
+        started_at = now_utc()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        try:
+            with relay(), self._monitor(sources, resume, progress):
+                for index in range(self.lanes.wanted):
+                    self.lanes.start(index)
+                self._loop()
+        finally:
+            self.lanes.close()  # kills only lanes still running: after a bug
+            left = self.sink.open_shards
+            self._guard(self.sink.close)  # its last write may fail too (a full disk)
+        if left and self.interrupted is None and self.failure is None:
+            log.warning("shards left incomplete: %s", left)
+        ended, cpu = time.perf_counter(), time.process_time() - cpu_started
+        report = self._report(started, ended, cpu, skipped=resume.skipped)
+        return dataclasses.replace(report, started=started_at)
+
+    # --- the main loop: deal, wait, record --------------------------------------------------
+
+    def _loop(self) -> None:
+        while self.lanes.running:
+            self._deal()  # once stopping, it sends the STOPs
+            for handle in list(self.lanes.wait(self.sink.flush_due())):
+                self._receive(handle)
+            if self.sink.flush_due() == 0:
+                self._guard(self.sink.flush)
+
+    def _deal(self) -> None:
+        if self.stopping:
+            for handle in self.lanes.running:
+                handle.tell(STOP)
+            return
+        for handle in sorted(self.lanes.running, key=lambda h: -h.room):
+            while handle.told is None and handle.room >= min(BATCH, handle.credit // 2):
+                batch = self._take(min(handle.room, BATCH))
+                if batch:
+                    handle.deal(batch)
+                    self._jobs_peak = max(self._jobs_peak, len(handle.outstanding))
+                if self._exhausted and not self._redo:
+                    break
+        if self._exhausted and not self._redo:
+            for handle in self.lanes.running:
+                handle.tell(END)
+
+    def _take(self, count: int) -> list[Job]:
+        """Up to ``count`` jobs for a lane; what needs no lane is recorded on the way."""
+        batch: list[Job] = []
+        while len(batch) < count:
+            if self._redo:
+                batch.append(self._redo.popleft())
+                continue
+            item = next(self._items, None) if not self._exhausted else None
+            if item is None:
+                self._exhausted = True
+                break
+            if isinstance(item, ShardEnd):
+                self._guard(self.sink.end_shard, item)
+            elif item.problem is not None:
+                self._record(Outcome.failed(item, FetchError("invalid_url", item.problem)))
+            elif item.duplicate_of is not None:  # its URL is fetched for an earlier line
+                self._record(Outcome.duplicate(item))
+            else:
+                batch.append(item)
+        return batch
+
+    def _receive(self, handle: LaneHandle) -> None:
+        try:
+            message = handle.results.recv()
+        except (EOFError, OSError):
+            self._lost(handle)
+            return
+        if isinstance(message, Batch):
+            handle.progress = message.progress
+            outstanding, sink, stats = handle.outstanding, self.sink, self.stats
+            started = time.perf_counter()
+            for row in message.rows:
+                del outstanding[row.key]
+                if self._writable:
+                    self._guard(sink.write, row)
+                    stats.add(row)
+            self.write.meter().record(time.perf_counter() - started, items=len(message.rows))
+        elif isinstance(message, LaneFailed):
+            self._fail(message.message)
+        else:
+            assert isinstance(message, LaneDone)
+            self.lanes.ended(handle, message)
+
+    def _record(self, outcome: Outcome) -> None:
+        """A row the coordinator makes itself (no usable URL, a duplicate, a lost lane's job)."""
+        started = time.perf_counter()
+        row = outcome.encode()
+        if self._writable:
+            self._guard(self.sink.write, row)
+            self.stats.add(row)
+        self.write.meter().record(time.perf_counter() - started)
+
+    def _guard(self, write: Callable[..., None], *args: object) -> None:
+        """A manifest write; when it fails (a full disk), nothing more is written: stop."""
+        try:
+            write(*args)
+        except OutputError as exc:
+            self._writable = False
+            self._fail(str(exc))
+
+    def _fail(self, message: str) -> None:
+        """Stop the run as an interrupt would, for a cause no URL is to blame for."""
+        if self.failure is None:
+            self.failure = message
+            log.debug("stopping: %s", message)  # the CLI prints it, once
+        self.stopping = True
+
+    def _lost(self, handle: LaneHandle) -> None:
+        """A lane died: deal its jobs again (or record them, the second time), replace it."""
+        cause = self.lanes.lost(handle)
+        log.log(
+            logging.DEBUG if self.failure else logging.WARNING,  # it said why, if it could
+            "lane %d died (%s) holding %d jobs",
+            handle.index,
+            cause,
+            len(handle.outstanding),
+        )
+        if self.stopping:
+            return  # its jobs are not recorded: the next run does them
+        for job in handle.outstanding.values():
+            self._deaths[job.key] += 1
+            if self._deaths[job.key] < LANE_DEATHS:
+                self._redo.append(job)
+            else:
+                error = TransformError("worker_crash", f"its lane process died twice ({cause})")
+                self._record(Outcome.failed(job, error))
+        if self._restarts_left <= 0:
+            raise PipelineError(f"lane processes keep dying (the last: {cause}); see the log")
+        self._restarts_left -= 1
+        self.lanes.restarts += 1
+        self.lanes.start(handle.index)
+
+    @contextlib.contextmanager
+    def _monitor(self, sources: Sequence[Source], resume: Resume, progress: bool) -> Iterator[None]:
+        """The sampler thread, and the progress bars it redraws when they are on."""
+        if not progress:
+            with self.sampler:
+                yield
+            return
+        with UrlCount(sources, self.config.input.url_column) as count:
+            total = lambda: None if count.total is None else count.total - resume.skipped  # noqa: E731
+            download = LaneCounts(self.lanes.every, "downloaded", "download_failed")
+            transform = LaneCounts(self.lanes.every, "transformed", "transform_failed")
+            bars = Bars(download, transform, self.write, self.lanes.gauges, total=total)
+            self.sampler.tick = bars.refresh
+            try:
+                with self.sampler:
+                    yield
+            finally:
+                bars.close()
+
+    def _report(self, started: float, ended: float, cpu_s: float, skipped: int) -> Report:
+        download, transform, stragglers = Meter(), Meter(), Stragglers()
+        finished, shares = self.lanes.finished, self.lanes.shares
+        for done in finished:
+            download.merge(done.download)
+            transform.merge(done.transform)
+            stragglers.merge(done.stragglers)
+        wall = ended - started
+        threads = self.config.download.workers * self.lanes.wanted
+        self.meters = {"download": download, "transform": transform, "write": self.write.total()}
+        self.workers = {"download": threads, "transform": sum(shares), "write": 1}
+        return build_report(
+            self.stats,
+            wall,
+            stages=(
+                meter_stage("download", threads, download, ended),
+                cpu_stage("transform", sum(shares), transform, ended),
+                StageStat.of(self.write, ended),
+            ),
+            queues=self._queues(),
+            parent_cpu_s=round(cpu_s, 3),
+            pool_cpu_s=round(transform.cpu_s, 3),
+            lanes=len(finished),
+            lane_cpu_s=round(sum(d.cpu_s for d in finished), 3),
+            lane_cpu_max_s=round(max((d.cpu_s for d in finished), default=0.0), 3),
+            skipped=skipped,
+            interrupted=signal.Signals(self.interrupted).name if self.interrupted else None,
+            pool_restarts=sum(d.pool_restarts for d in finished),
+            lane_restarts=self.lanes.restarts,
+            stragglers=stragglers.summary(self.config.download.straggler_after),
+        )
+
+    def _queues(self) -> tuple[QueueStat, ...]:
+        """Each gauge per lane: its bound, its mean over the run, its peak in any lane."""
+        lanes = max(1, self.lanes.wanted)
+        occupancy = self.sampler.occupancy
+        peaks = {
+            "fetched": max((d.fetched_peak for d in self.lanes.finished), default=0),
+            "pool": max((d.pool_peak for d in self.lanes.finished), default=0),
+            "jobs": self._jobs_peak,
+        }
+        return tuple(
+            QueueStat(g.name, g.bound // lanes, peaks[g.name],
+                      round(occupancy[g.name].mean / lanes, 2))
+            for g in self.lanes.gauges
+        )  # fmt: skip
+
+    # --- lifecycle: called from the signal handler, in the main thread ------------------------
+
+    def interrupt(self, signum: int) -> None:
+        """Stop gracefully: deal no more; the main loop sends STOP to every lane."""
+        self.interrupted = signum
+        self.stopping = True
+        self.lanes.wake()  # the main loop is waiting on the lanes
+        log.warning(
+            "%s: finishing the images in flight (again to abort)", signal.Signals(signum).name
+        )
+
+    def abort(self, signum: int) -> None:
+        """Stop now: kill the lanes (their workers follow), flush the manifest, exit."""
+        self.lanes.kill()
+        with contextlib.suppress(OutputError):
+            self.sink.close()
+        os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def _signals(pipeline: Coordinator) -> Iterator[None]:
+    """SIGINT/SIGTERM: the first interrupts ``pipeline`` gracefully, a second aborts it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if pipeline.interrupted is None:
+            pipeline.interrupt(signum)
+        else:
+            pipeline.abort(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,271 @@
+"""The manifest: one JSON line per input line, one file per shard; and the output folder's lock.
+
+Rows of shard S are appended to ``manifest/<S>.jsonl.part`` as they arrive, in completion order.
+They are written (one ``write`` per open shard) every ``output.flush_rows`` rows and at least every
+``output.flush_seconds``: a kill -9 loses at most that many finished rows, so repeated kills still
+make progress. A write that fails (a full disk) is cut back to the last whole row, and raises an
+OutputError: no half line is ever left for a rerun to read. When the source has said how many
+lines the shard holds (``ShardEnd``) and that many rows are in, the shard's seal
+(``<S>.seal.json``: the file id, the lines it covers and their fingerprint) is written, then the
+part is renamed to ``manifest/<S>.jsonl``: a sealed shard's manifest is always whole, and always
+has its seal. Nothing here follows a symbolic link (atomic.py). Only the thread that owns the
+Sink calls it, so it needs no lock.
+
+One run at a time may write into an output folder: ``lock`` holds ``.lock`` with ``flock`` for the
+whole run, and a second run is refused with the first one's pid and start time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .atomic import open_append, open_dir, output_error, write_all, write_atomic
+from .config import OutputConfig
+from .errors import OutputError, PipelineError
+from .formats import pack_shard, remove_staged, write_parquet
+from .records import Outcome, Row, ShardEnd
+
+MANIFEST_DIR = "manifest"
+LOCK_FILE = ".lock"
+
+
+@dataclass(slots=True)
+class _Part:
+    fd: int
+    size: int  # bytes written: the file ends with a whole row there
+    rows: int = 0
+    pending: list[str] = field(default_factory=list)  # rows not written yet
+    end: ShardEnd | None = None
+
+
+class Sink:
+    """Appends manifest rows per shard and seals each shard's file once it is complete."""
+
+    def __init__(self, out_dir: Path, config: OutputConfig | None = None) -> None:
+        config = config or OutputConfig()
+        self.config = config
+        self.out_dir = out_dir
+        self.folder = out_dir / MANIFEST_DIR
+        self.flush_rows = config.flush_rows
+        self.flush_seconds = config.flush_seconds
+        self._parts: dict[str, _Part] = {}
+        self._pending = 0  # rows not written yet, every part together
+        self._since: float | None = None  # when the oldest of them came
+        self.sealed = 0
+        self.written = 0  # rows written to the manifest by this Sink
+        try:
+            os.close(open_dir(out_dir, Path(MANIFEST_DIR)))
+        except OSError as exc:
+            raise output_error(self.folder, exc) from None
+
+    def add(self, outcome: Outcome) -> None:
+        """Record one line's outcome."""
+        self.write(outcome.encode())
+
+    def write(self, row: Row) -> None:
+        """Record one line's outcome, already encoded. Raises OutputError."""
+        part = self._part(row.shard)
+        part.pending.append(row.line)
+        part.rows += 1
+        self._pending += 1
+        if self._since is None:
+            self._since = time.monotonic()
+        if self._pending >= self.flush_rows:
+            self.flush()
+        self._seal_if_complete(row.shard, part)
+
+    def end_shard(self, end: ShardEnd) -> None:
+        """The source has read all ``end.count`` lines of ``end.shard``."""
+        part = self._part(end.shard)
+        part.end = end
+        self._seal_if_complete(end.shard, part)
+
+    def flush_due(self) -> float | None:
+        """Seconds until rows waiting must be written (0: now), None when none are waiting."""
+        if self._since is None:
+            return None
+        return max(0.0, self._since + self.flush_seconds - time.monotonic())
+
+    def flush(self) -> None:
+        """Write every waiting row. Raises OutputError, leaving each part at a whole row."""
+        for shard, part in self._parts.items():
+            self._write(shard, part)
+        self._pending, self._since = 0, None
+
+    def _write(self, shard: str, part: _Part) -> None:
+        if not part.pending:
+            return
+        rows, part.pending = part.pending, []
+        try:
+            self._append(part, "".join(rows).encode("utf-8"), len(rows))
+        except OSError:  # a full disk: keep as many whole rows as still fit, one at a time
+            try:
+                for row in rows:
+                    self._append(part, row.encode("utf-8"), 1)
+            except OSError as exc:
+                raise output_error(part_path(self.folder, shard), exc) from None
+
+    def _append(self, part: _Part, data: bytes, rows: int) -> None:
+        try:
+            write_all(part.fd, data)
+        except OSError:
+            with contextlib.suppress(OSError):  # no half row for a rerun to read
+                os.ftruncate(part.fd, part.size)
+            raise
+        part.size += len(data)
+        self.written += rows
+
+    def _part(self, shard: str) -> _Part:
+        part = self._parts.get(shard)
+        if part is None:  # a resumed shard's part holds its final rows already: append to them
+            path = part_path(self.folder, shard)
+            fd = open_append(path, root=self.out_dir)
+            size = os.fstat(fd).st_size
+            kept = _count_lines(path) if size else 0
+            part = self._parts[shard] = _Part(fd, size, rows=kept)
+        return part
+
+    def _seal_if_complete(self, shard: str, part: _Part) -> None:
+        if part.end is None or part.rows < part.end.count:
+            return
+        self._pending -= len(part.pending)
+        self._write(shard, part)
+        os.close(part.fd)
+        del self._parts[shard]
+        staged = self._formats(shard)
+        write_atomic(seal_path(self.folder, shard), _seal_json(part.end), root=self.out_dir)
+        try:
+            os.replace(part_path(self.folder, shard), shard_path(self.folder, shard))
+        except OSError as exc:
+            raise output_error(shard_path(self.folder, shard), exc) from None
+        remove_staged(staged)
+        self.sealed += 1
+
+    def _formats(self, shard: str) -> list[Path]:
+        """The shard's tars and parquet manifest, made before its seal; the staged outputs."""
+        config = self.config
+        if config.format == "files" and not config.parquet:
+            return []
+        rows = list(_rows_with_text(part_path(self.folder, shard)))
+        if config.parquet:
+            write_parquet(self.out_dir, self.folder / f"{shard}.parquet", rows)
+        if config.format != "webdataset":
+            return []
+        return pack_shard(self.out_dir, rows, config.folder_size, config.shard_size)
+
+    @property
+    def open_shards(self) -> list[str]:
+        """Shards with rows still missing (empty after a complete run)."""
+        return sorted(self._parts)
+
+    def close(self) -> None:
+        """Write what waits and close every open part; an incomplete shard keeps its ``.part``
+        name. Raises OutputError (after closing them all) when a write fails."""
+        try:
+            self.flush()
+        finally:
+            for part in self._parts.values():
+                os.close(part.fd)
+            self._parts.clear()
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        with contextlib.suppress(OutputError):  # the first error is the one to report
+            self.close()
+
+
+def _seal_json(end: ShardEnd) -> bytes:
+    return (json.dumps(dataclasses.asdict(end), indent=1) + "\n").encode("utf-8")
+
+
+def part_path(folder: Path, shard: str) -> Path:
+    return folder / f"{shard}.jsonl.part"
+
+
+def shard_path(folder: Path, shard: str) -> Path:
+    return folder / f"{shard}.jsonl"
+
+
+def seal_path(folder: Path, shard: str) -> Path:
+    return folder / f"{shard}.seal.json"
+
+
+def read_seal(path: Path) -> ShardEnd | None:
+    """A shard's seal, or None when it is missing or damaged."""
+    try:
+        return ShardEnd(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _rows_with_text(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            yield line, json.loads(line)
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for _ in f)
+
+
+def read_manifest(out_dir: Path, *, include_parts: bool = True) -> Iterator[dict[str, Any]]:
+    """Every manifest row of ``out_dir``, shard by shard (sealed shards, and parts if asked)."""
+    folder = out_dir / MANIFEST_DIR
+    patterns = ["*.jsonl", "*.jsonl.part"] if include_parts else ["*.jsonl"]
+    paths = sorted(p for pattern in patterns for p in folder.glob(pattern))
+    for path in paths:
+        yield from read_rows(path)
+
+
+def read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of one manifest file (a half-written last line is not a row)."""
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.endswith("\n"):
+                yield json.loads(line)
+
+
+@contextlib.contextmanager
+def lock(out_dir: Path) -> Iterator[None]:
+    """Hold the output folder for one run; raise PipelineError when another run holds it."""
+    path = out_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot open the lock file: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise PipelineError(f"{path}: cannot lock: {exc.strerror}") from None
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise PipelineError(
+                f"{out_dir}: another pipeline run is writing into this folder ({holder}); "
+                "wait for it to end, or choose another --out"
+            ) from None
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {started}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock

@@ -1,0 +1,63 @@
+"""The generic machinery between stages: bounded queues and end-of-stream sentinels.
+
+Shutdown follows one rule: every producer of a queue posts one ``DONE`` when it stops (in a
+``finally``, so also when it fails), and the consumer counts them down. Nothing polls, nothing is
+killed: threads block on queues and end when their input ends.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Final, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class _Done:
+    """The end-of-stream sentinel type: one per producer."""
+
+    _instance: _Done | None = None
+
+    def __new__(cls) -> _Done:  # a singleton, so ``is DONE`` holds after a pickle round-trip too
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "DONE"
+
+    def __reduce__(self) -> str:
+        return "DONE"
+
+
+DONE: Final = _Done()
+
+
+class BoundedQueue(Generic[T]):
+    """A FIFO of at most ``bound`` items whose ``put`` blocks when full; records its peak depth."""
+
+    def __init__(self, name: str, bound: int) -> None:
+        self.name = name
+        self.bound = bound
+        self.peak = 0
+        self._queue: queue.Queue[T | _Done] = queue.Queue(maxsize=bound)
+
+    def put(self, item: T | _Done) -> None:
+        self._queue.put(item)
+        depth = self._queue.qsize()
+        if depth > self.peak:  # a racy max is fine: it only ever under-reports by a hair
+            self.peak = depth
+
+    def get(self) -> T | _Done:
+        return self._queue.get()
+
+    def get_until(self, deadline: float) -> T | _Done | None:
+        """The next item, waiting until ``deadline`` (time.monotonic()) at most; else None."""
+        try:
+            return self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+
+    def depth(self) -> int:
+        return self._queue.qsize()

@@ -1,0 +1,200 @@
+"""The HTTP transport under each download thread's Session: pooled connections that the deadline
+watchdog can cut, and urllib3 retries that respect the deadline.
+
+    requests.Session (one per thread, trust_env=False, Accept-Encoding: identity)
+      +-- WatchedAdapter (an HTTPAdapter)      max_retries = DeadlineRetry
+            +-- PoolManager -> Watched{HTTP,HTTPS}ConnectionPool -> Watched*Connection
+                  _new_conn(): the connected address is checked by the AddressGuard
+                  connect()/request(): register the socket with this thread's deadline Ticket
+
+Retries are urllib3's: connect and read errors (not read timeouts), and 429/500/502/503/504, with
+exponential backoff and jitter. ``Retry-After`` is honoured up to ``download.retry_after_max``, and
+no backoff sleeps past the download's deadline.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from types import TracebackType
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import MaxRetryError, ReadTimeoutError
+from urllib3.response import BaseHTTPResponse
+from urllib3.util.retry import Retry
+
+from . import deadline
+from .config import DownloadConfig
+from .errors import FetchError
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class DeadlineRetry(Retry):
+    """urllib3's Retry, with Retry-After capped and every sleep bounded by the deadline."""
+
+    retry_after_cap: float = 15.0
+
+    def new(self, **kw: Any) -> DeadlineRetry:
+        retry = super().new(**kw)
+        retry.retry_after_cap = self.retry_after_cap  # Retry.new() rebuilds from __init__ args
+        return retry
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> DeadlineRetry:
+        """As Retry's, but a read timeout is never retried: a server that did not answer within
+        read_timeout rarely answers the next time, and each try would hold a thread as long again.
+        A dropped or reset connection is (a kept-alive socket closed by the server, usually)."""
+        if isinstance(error, ReadTimeoutError):
+            raise MaxRetryError(_pool, url or "", error) from error
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)
+        assert isinstance(retry, DeadlineRetry)
+        return retry
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        return min(super().parse_retry_after(retry_after), self.retry_after_cap)
+
+    def sleep(self, response: BaseHTTPResponse | None = None) -> None:
+        wait = None
+        if self.respect_retry_after_header and response is not None:
+            wait = self.get_retry_after(response)
+        deadline.sleep(self.get_backoff_time() if wait is None else wait)
+
+
+class AddressGuard:
+    """Which addresses a download may connect to: checked on the address a socket is actually
+    connected to, so a name that resolves to an internal address, and a redirect to one, are
+    caught as surely as a URL that names it; no request byte (nor a TLS hello) is sent first."""
+
+    def __init__(self, deny: tuple[str, ...], allow_private: bool) -> None:
+        self.deny = tuple(ipaddress.ip_network(network, strict=False) for network in deny)
+        self.allow_private = allow_private
+
+    def check(self, address: str) -> None:
+        """Raise FetchError(blocked_address) when ``address`` may not be connected to."""
+        ip = ipaddress.ip_address(address.partition("%")[0])  # fe80::1%eth0: no zone
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
+        for network in self.deny:
+            if ip in network:
+                raise FetchError("blocked_address", f"{ip} is in download.deny_networks {network}")
+        if not self.allow_private and not ip.is_global:
+            raise FetchError(
+                "blocked_address",
+                f"{ip} is a private, loopback or reserved address (download.allow_private)",
+            )
+
+
+class _Watched:
+    """Mixed into urllib3's connections: tell the deadline watchdog which socket is in use, and
+    check the address each new socket is connected to."""
+
+    sock: Any
+    guard: AddressGuard | None = None  # set on the classes an adapter makes
+
+    def _new_conn(self) -> socket.socket:
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        if self.guard is not None:
+            try:
+                self.guard.check(sock.getpeername()[0])
+            except BaseException:
+                sock.close()
+                raise
+        return sock
+
+    def connect(self) -> None:
+        deadline.check()
+        super().connect()  # type: ignore[misc]
+        deadline.attach(self.sock)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        deadline.check()
+        deadline.attach(self.sock)  # a kept-alive connection: its socket is already open
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
+
+
+class WatchedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = WatchedHTTPConnection
+
+
+class WatchedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = WatchedHTTPSConnection
+
+
+class WatchedAdapter(HTTPAdapter):
+    """An HTTPAdapter whose pools make watched connections, checked by ``guard``."""
+
+    def __init__(self, guard: AddressGuard | None = None, **kwargs: Any) -> None:
+        self.guard = guard  # before super().__init__, which calls init_poolmanager
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        guard = {"guard": self.guard}
+        http = type("GuardedHTTPConnection", (WatchedHTTPConnection,), guard)
+        https = type("GuardedHTTPSConnection", (WatchedHTTPSConnection,), guard)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": type("GuardedHTTPPool", (WatchedHTTPConnectionPool,), {"ConnectionCls": http}),
+            "https": type(
+                "GuardedHTTPSPool", (WatchedHTTPSConnectionPool,), {"ConnectionCls": https}
+            ),
+        }
+
+
+def make_retry(config: DownloadConfig) -> DeadlineRetry:
+    retry = DeadlineRetry(
+        total=config.retries,
+        connect=config.retries,
+        read=config.retries,
+        status=config.retries,
+        other=0,
+        allowed_methods=frozenset({"GET"}),
+        status_forcelist=RETRY_STATUSES,
+        backoff_factor=config.backoff,
+        backoff_max=config.backoff_max,
+        backoff_jitter=config.backoff_jitter,
+        raise_on_status=False,  # the last 5xx/429 comes back as a response: an http_* record
+        respect_retry_after_header=True,
+    )
+    retry.retry_after_cap = config.retry_after_max
+    return retry
+
+
+def new_session(config: DownloadConfig) -> requests.Session:
+    """A Session for one thread: pooled keep-alive connections, no environment proxies/netrc."""
+    session = requests.Session()
+    session.trust_env = False  # no proxy/netrc look-ups per request; loopback stays loopback
+    session.max_redirects = config.max_redirects
+    guard = AddressGuard(config.deny_networks, config.allow_private)
+    adapter = WatchedAdapter(
+        guard, pool_connections=32, pool_maxsize=2, max_retries=make_retry(config)
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers.update(
+        {
+            "User-Agent": config.user_agent,
+            "Accept": "image/*,*/*;q=0.5",
+            "Accept-Encoding": "identity",  # a compressed body could expand past max_bytes
+        }
+    )
+    return session

@@ -1,0 +1,76 @@
+"""``pipeline run --dry-run`` and ``pipeline init``: what a run would do; a config to start from.
+
+A dry run reads the config and every input file, checks them against what earlier runs recorded in
+the output folder (the same checks a run makes, so a changed line is refused here too), and prints
+what would run: each file with its lines and shards, the settings that decide the speed, and what
+a resume would skip. It fetches nothing and writes nothing, not even the output folder.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import Config, lane_count
+from .errors import PipelineError
+from .records import ShardEnd
+from .resume import plan_run
+from .sources import shard_records
+
+
+def dry_run(sources: Sequence[Path], config: Config, *, restart: bool) -> list[str]:
+    """The lines a dry run prints."""
+    out_dir = Path(config.output.dir)
+    plan = plan_run(sources, config, out_dir, restart=restart, record=False)
+    lines = ["dry run     nothing is fetched or written"]
+    total = shards = 0
+    for source in plan.sources:
+        count = ends = 0
+        known = plan.known.get(source.id, ())
+        for item in shard_records(source, config.input.shard_size, config.input.url_column, known):
+            if isinstance(item, ShardEnd):
+                ends += 1
+            else:
+                count += 1
+        total, shards = total + count, shards + ends
+        label = "sources" if len(lines) == 1 else ""
+        lines.append(f"{label:<12}{source.name} ({source.format}): {_n(count, 'line')}, "
+                     f"{_n(ends, 'shard')}")  # fmt: skip
+    files = len(plan.sources)
+    lines.append(f"{'total':<12}{_n(total, 'URL')} in {_n(files, 'file')}, {_n(shards, 'shard')}")
+    summary = plan.summary()
+    if restart:
+        lines.append(f"{'resume':<12}--restart: everything in {out_dir} would be redone")
+    elif summary:
+        lines.append(f"{'resume':<12}{summary}")
+    else:
+        lines.append(f"{'resume':<12}a first run into {out_dir}: every line is to do")
+    lines.append(f"{'settings':<12}{_settings(config)}")
+    return lines
+
+
+def _settings(config: Config) -> str:
+    return (
+        f"{_n(lane_count(config), 'lane')} x {config.download.workers} download threads, "
+        f"{config.transform.pool_workers} transform workers, "
+        f"{config.output.format} of {config.transform.format}"
+    )
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def write_default_config(folder: Path, *, force: bool) -> Path:
+    """``folder/config.toml``: the commented defaults, as shipped. Refuses to overwrite one."""
+    target = folder / "config.toml"
+    if target.exists() and not force:
+        raise PipelineError(f"{target}: exists already; --force replaces it")
+    text = (importlib.resources.files("pipeline.samples") / "config.toml").read_text("utf-8")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise PipelineError(f"{target}: cannot write it: {exc.strerror}") from None
+    return target
