@@ -3,7 +3,7 @@
     workers: .staging/<file>/<block>/<line>-<hash>.jpg   (output.format = "webdataset")
                       |  the shard's last row is in
                       v
-    sink, at seal:  shards/<shard>-00000.tar.part -> .tar   <key>.jpg + <key>.json per ok row,
+    packer process: shards/<shard>-00000.tar.part -> .tar   <key>.jpg + <key>.json per ok row,
                     in line order, at most output.shard_size samples a tar; then the seal, the
                     manifest, and only then the staged files go (a kill in between: the rerun
                     packs the same tars again from the same files)
@@ -12,7 +12,8 @@
 A sample's ``.json`` is its manifest row, byte for byte. Tars are plain POSIX tars with fixed
 owners and times, so packing the same rows twice gives the same bytes, and both ``tarfile`` and
 the ``webdataset`` package read them (a sample is the members that share a key). The packing runs
-in the coordinator, once per shard: a copy of the shard's output bytes, no decoding.
+in one process of its own (the sink's), once per shard: a copy of the shard's output bytes, off
+the coordinator's GIL; the coordinator seals the shard when it is done.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import open_dir, output_error, write_atomic
+from .config import OutputConfig
 from .errors import OutputError, require
 from .records import STAGING_DIR, Job
 
 SHARDS_DIR = "shards"
+MANIFEST = "manifest"  # sink.MANIFEST_DIR (sink imports this module)
 _FORMAT = tarfile.PAX_FORMAT
 
 
@@ -43,6 +46,23 @@ def staged_path(row: dict[str, Any], folder_size: int) -> str:
     extension = str(row["path"]).rsplit(".", 1)[1]
     job = Job(file_id, int(row["line"]), str(row["url"]), str(row["shard"]))
     return job.output_path(extension, folder_size, STAGING_DIR)
+
+
+def make_formats(out_dir: Path, shard: str, config: OutputConfig) -> list[Path]:
+    """The tars and parquet manifest of a shard whose rows are all in its part (in the packing
+    process); the staged outputs, to remove once the shard is sealed."""
+    rows = list(_rows_with_text(out_dir / MANIFEST / f"{shard}.jsonl.part"))
+    if config.parquet:
+        write_parquet(out_dir, out_dir / MANIFEST / f"{shard}.parquet", rows)
+    if config.format != "webdataset":
+        return []
+    return pack_shard(out_dir, rows, config.folder_size, config.shard_size)
+
+
+def _rows_with_text(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            yield line, json.loads(line)
 
 
 def pack_shard(

@@ -126,7 +126,7 @@ class Coordinator:
         self.interrupted: int | None = None  # the signal that stopped the run
         self.failure: str | None = None  # what stopped the run, when no URL is to blame
         self.lanes = Lanes(config, out_dir)
-        self.sink = Sink(out_dir, config.output)
+        self.sink = Sink(out_dir, config.output, config.transform.start_method)
         self._writable = True  # False once a manifest write failed: rows after it are dropped
         self.write = Stage("write", 1)
         self.stats = RunStats()
@@ -190,6 +190,7 @@ class Coordinator:
                 self._receive(handle)
             if self.sink.flush_due() == 0:
                 self._guard(self.sink.flush)
+            self._guard(self.sink.settle)  # seal the shards whose tars are written
 
     def _deal(self) -> None:
         if self.stopping:

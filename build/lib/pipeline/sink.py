@@ -22,9 +22,13 @@ import dataclasses
 import errno
 import fcntl
 import json
+import multiprocessing
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +37,7 @@ from typing import Any
 from .atomic import open_append, open_dir, output_error, write_all, write_atomic
 from .config import OutputConfig
 from .errors import OutputError, PipelineError
-from .formats import pack_shard, remove_staged, write_parquet
+from .formats import make_formats, remove_staged
 from .records import Outcome, Row, ShardEnd
 
 MANIFEST_DIR = "manifest"
@@ -52,9 +56,14 @@ class _Part:
 class Sink:
     """Appends manifest rows per shard and seals each shard's file once it is complete."""
 
-    def __init__(self, out_dir: Path, config: OutputConfig | None = None) -> None:
+    def __init__(
+        self, out_dir: Path, config: OutputConfig | None = None, start_method: str = "spawn"
+    ) -> None:
         config = config or OutputConfig()
         self.config = config
+        self.start_method = start_method  # of the process that packs tars and parquet
+        self._packer: ProcessPoolExecutor | None = None
+        self._packing: deque[tuple[str, ShardEnd, Future[list[Path]]]] = deque()
         self.out_dir = out_dir
         self.folder = out_dir / MANIFEST_DIR
         self.flush_rows = config.flush_rows
@@ -143,8 +152,28 @@ class Sink:
         self._write(shard, part)
         os.close(part.fd)
         del self._parts[shard]
-        staged = self._formats(shard)
-        write_atomic(seal_path(self.folder, shard), _seal_json(part.end), root=self.out_dir)
+        if self.config.format == "files" and not self.config.parquet:
+            self._seal(shard, part.end, [])
+            return
+        if self._packer is None:  # one process packs, off the coordinator's GIL
+            context = multiprocessing.get_context(self.start_method)
+            self._packer = ProcessPoolExecutor(1, mp_context=context)
+        future = self._packer.submit(make_formats, self.out_dir, shard, self.config)
+        self._packing.append((shard, part.end, future))
+
+    def settle(self, *, wait: bool = False) -> None:
+        """Seal the shards whose tars and parquet are written (all of them, with ``wait``), in
+        the order their last rows came. Raises OutputError when packing one failed."""
+        while self._packing and (wait or self._packing[0][2].done()):
+            shard, end, future = self._packing.popleft()
+            try:
+                staged = future.result()
+            except BrokenProcessPool:
+                raise OutputError(f"{shard}: the process packing its shards died") from None
+            self._seal(shard, end, staged)
+
+    def _seal(self, shard: str, end: ShardEnd, staged: list[Path]) -> None:
+        write_atomic(seal_path(self.folder, shard), _seal_json(end), root=self.out_dir)
         try:
             os.replace(part_path(self.folder, shard), shard_path(self.folder, shard))
         except OSError as exc:
@@ -152,32 +181,25 @@ class Sink:
         remove_staged(staged)
         self.sealed += 1
 
-    def _formats(self, shard: str) -> list[Path]:
-        """The shard's tars and parquet manifest, made before its seal; the staged outputs."""
-        config = self.config
-        if config.format == "files" and not config.parquet:
-            return []
-        rows = list(_rows_with_text(part_path(self.folder, shard)))
-        if config.parquet:
-            write_parquet(self.out_dir, self.folder / f"{shard}.parquet", rows)
-        if config.format != "webdataset":
-            return []
-        return pack_shard(self.out_dir, rows, config.folder_size, config.shard_size)
-
     @property
     def open_shards(self) -> list[str]:
-        """Shards with rows still missing (empty after a complete run)."""
-        return sorted(self._parts)
+        """Shards not sealed yet: rows still missing, or being packed."""
+        return sorted([*self._parts, *(shard for shard, _, _ in self._packing)])
 
     def close(self) -> None:
-        """Write what waits and close every open part; an incomplete shard keeps its ``.part``
-        name. Raises OutputError (after closing them all) when a write fails."""
+        """Write what waits, seal what is being packed, and close every open part; an incomplete
+        shard keeps its ``.part`` name. Raises OutputError (after closing them all) when a write
+        fails."""
         try:
             self.flush()
+            self.settle(wait=True)
         finally:
             for part in self._parts.values():
                 os.close(part.fd)
             self._parts.clear()
+            if self._packer is not None:
+                self._packer.shutdown(wait=True, cancel_futures=True)
+                self._packer = None
 
     def __enter__(self) -> Sink:
         return self
@@ -214,12 +236,6 @@ def read_seal(path: Path) -> ShardEnd | None:
         return ShardEnd(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
-
-
-def _rows_with_text(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            yield line, json.loads(line)
 
 
 def _count_lines(path: Path) -> int:
