@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,10 @@ def test_a_wheel_in_a_fresh_venv_runs_the_demo_and_init_from_any_folder(tmp_path
         assert done.returncode == 0, done.stderr
         return done
 
-    run(sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", "--no-build-isolation",
+    source = tmp_path / "source"  # a copy: building leaves build/ and egg-info behind it
+    ignore = shutil.ignore_patterns(".*", "build", "out", "*.egg-info", "__pycache__")
+    shutil.copytree(ROOT, source, symlinks=True, ignore=ignore)
+    run(sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation",
         "--quiet", "--wheel-dir", tmp_path / "dist")  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("pipeline-*.whl")
     venv = tmp_path / "venv"
