@@ -29,6 +29,7 @@ from typing import Any
 from .atomic import write_atomic
 from .config import Config
 from .errors import PipelineError, SourceError, is_final
+from .formats import SHARDS_DIR
 from .records import Job, ShardEnd, make_key
 from .sink import MANIFEST_DIR, part_path, read_rows, read_seal, seal_path, shard_path
 from .sources import (
@@ -136,8 +137,9 @@ def _differs(then: Any, now: dict[str, Any]) -> str:
 
 
 def forget(out_dir: Path) -> None:
-    """--restart: what earlier runs recorded goes (their image files are overwritten as redone)."""
-    for path in (out_dir / MANIFEST_DIR, out_dir / RUN_FILE):
+    """--restart: what earlier runs recorded goes, and their tar shards (a training job reading
+    shards/*.tar must not find an old one); image files are overwritten as redone."""
+    for path in (out_dir / MANIFEST_DIR, out_dir / RUN_FILE, out_dir / SHARDS_DIR):
         try:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)

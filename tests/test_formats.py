@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,3 +141,13 @@ def test_kill_9_mid_run_then_rerun_gives_each_sample_once(tmp_path, server, imag
     assert set(samples_by_tarfile(out)) == ok  # each once: samples_by_tarfile checks
     assert not list(out.rglob("*.part"))
     assert not [p for p in (out / ".staging").rglob("*") if p.is_file()]
+
+
+def test_restart_removes_the_old_tar_shards(both, tmp_path):
+    out = tmp_path / "webdataset"
+    shutil.copytree(both / "webdataset", out)
+    (tmp_path / "urls.txt").write_text((both / "urls.txt").read_text().splitlines()[0] + "\n")
+    done = run(tmp_path, "webdataset", "--restart")
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in read_shards(out)] == ["00000-000000001-00000.tar"]
+    assert list(samples_by_tarfile(out)) == ["00000-000000001"]
