@@ -8,8 +8,10 @@ OutputError: no half line is ever left for a rerun to read. When the source has 
 lines the shard holds (``ShardEnd``) and that many rows are in, the shard's seal
 (``<S>.seal.json``: the file id, the lines it covers and their fingerprint) is written, then the
 part is renamed to ``manifest/<S>.jsonl``: a sealed shard's manifest is always whole, and always
-has its seal. Nothing here follows a symbolic link (atomic.py). Only the thread that owns the
-Sink calls it, so it needs no lock.
+has its seal. With ``output.format = "webdataset"`` or ``output.parquet``, a complete shard is
+first handed to a packing process (formats.py), and sealed once its tars and parquet are written
+(``settle``, called from the coordinator's loop). Nothing here follows a symbolic link
+(atomic.py). Only the thread that owns the Sink calls it, so it needs no lock.
 
 One run at a time may write into an output folder: ``lock`` holds ``.lock`` with ``flock`` for the
 whole run, and a second run is refused with the first one's pid and start time.
