@@ -92,7 +92,7 @@ class RecordPipe:
 
     def put_nowait(self, record: logging.LogRecord | None) -> None:
         """Send one record (QueueHandler's call), or the end (QueueListener's stop)."""
-        data = _END if record is None else pickle.dumps(record.__dict__)[:_LARGEST]
+        data = _END if record is None else _pickled(record)[:_LARGEST]
         with contextlib.suppress(OSError):  # full, or the coordinator is gone: drop it
             self.sock.sendto(data, self.address)
 
@@ -107,6 +107,21 @@ class RecordPipe:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _pickled(record: logging.LogRecord) -> bytes:
+    try:
+        return pickle.dumps(record.__dict__)
+    except Exception:  # an extra= value that cannot be pickled: its text goes instead
+        return pickle.dumps({key: _picklable(value) for key, value in record.__dict__.items()})
+
+
+def _picklable(value: object) -> object:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return str(value)
+    return value
 
 
 _relay_address: bytes | None = None
