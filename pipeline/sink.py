@@ -41,6 +41,7 @@ from .config import OutputConfig
 from .errors import OutputError, PipelineError
 from .formats import make_formats, remove_staged
 from .records import Outcome, Row, ShardEnd
+from .transform import exit_with
 
 MANIFEST_DIR = "manifest"
 LOCK_FILE = ".lock"
@@ -157,9 +158,11 @@ class Sink:
         if self.config.format == "files" and not self.config.parquet:
             self._seal(shard, part.end, [])
             return
-        if self._packer is None:  # one process packs, off the coordinator's GIL
-            context = multiprocessing.get_context(self.start_method)
-            self._packer = ProcessPoolExecutor(1, mp_context=context)
+        if self._packer is None:  # one process packs, off the coordinator's GIL; it ends with
+            context = multiprocessing.get_context(self.start_method)  # us, even on a kill -9
+            self._packer = ProcessPoolExecutor(
+                1, mp_context=context, initializer=exit_with, initargs=(os.getpid(),)
+            )
         future = self._packer.submit(make_formats, self.out_dir, shard, self.config)
         self._packing.append((shard, part.end, future))
 
