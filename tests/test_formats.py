@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from helpers import gated_handler, wait_for
+from helpers import descendants, gated_handler, wait_for
 
 from pipeline.bench.server import StaticServer
 from pipeline.formats import read_shards
@@ -42,6 +42,13 @@ def run(folder: Path, layout: str, *args: str) -> subprocess.CompletedProcess[st
 def urls(server: StaticServer, image_dir: Path) -> list[str]:
     names = sorted(p.name for p in image_dir.iterdir())[:20]
     return [server.url(name) for name in names] + [server.url("missing.jpg")]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def samples_by_tarfile(out: Path) -> dict[str, dict[str, bytes]]:
@@ -129,10 +136,12 @@ def test_kill_9_mid_run_then_rerun_gives_each_sample_once(tmp_path, server, imag
         out = tmp_path / "webdataset"
         try:  # the first shard is packed; the second waits for the held URLs
             wait_for(lambda: len(list(read_shards(out))) >= 3, what="the first shard's tars")
+            children = set(descendants(proc.pid))  # lanes, workers, the packer, the helpers
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             gated.gate.set()
+        wait_for(lambda: not [pid for pid in children if alive(pid)], what="no process left")
         done = run(tmp_path, "webdataset")
     assert done.returncode == 0, done.stderr
     rows = {row["key"]: row for row in read_manifest(out)}
