@@ -33,8 +33,9 @@ def output_error(path: Path | str, exc: OSError) -> OutputError:
     return OutputError(f"{path}: {exc.strerror or exc}")
 
 
-def open_dir(root: Path, rel: PurePath) -> int:
-    """A descriptor of the folder ``root/rel``, made if missing, reached through no link.
+def open_dir(root: Path, rel: PurePath, *, create: bool = True) -> int:
+    """A descriptor of the folder ``root/rel``, made if missing (unless not ``create``: then
+    FileNotFoundError), reached through no link.
 
     Raises OutputError naming the first part of the path that is a link or a file, or OSError.
     """
@@ -42,14 +43,18 @@ def open_dir(root: Path, rel: PurePath) -> int:
         try:
             fd = os.open(root, _ROOT_FLAGS)  # the output folder itself may be a link: the user's
         except FileNotFoundError:
+            if not create:
+                raise
             root.mkdir(parents=True, exist_ok=True)
             fd = os.open(root, _ROOT_FLAGS)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
         raise OutputError(f"{root}: {exc.strerror or exc}") from None
     try:
         for depth, name in enumerate(rel.parts, 1):
             try:
-                inner = _open_or_make(fd, name)
+                inner = _open_or_make(fd, name) if create else os.open(name, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
@@ -120,3 +125,54 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def read_inside(path: Path, *, root: Path) -> bytes:
+    """The bytes of ``path`` (inside ``root``), read through no link. Raises OutputError."""
+    rel = path.relative_to(root)
+    try:
+        folder = open_dir(root, rel.parent, create=False)
+        try:
+            fd = os.open(rel.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+        finally:
+            os.close(folder)
+        with open(fd, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise output_error(path, exc) from None
+
+
+def remove_inside(paths: list[Path], *, root: Path) -> None:
+    """Delete ``paths`` (inside ``root``; missing ones are fine), through no linked folder."""
+    by_folder: dict[PurePath, list[str]] = {}
+    for path in paths:
+        rel = path.relative_to(root)
+        by_folder.setdefault(rel.parent, []).append(rel.name)
+    for parent, names in by_folder.items():
+        try:
+            folder = open_dir(root, parent, create=False)
+        except FileNotFoundError:
+            continue
+        try:
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=folder)
+        finally:
+            os.close(folder)
+
+
+def remove_temporaries(root: Path, rel: PurePath) -> None:
+    """Delete the temporary files (``.*.tmp``) that writers killed mid-write left below
+    ``root/rel``, descending into no linked folder."""
+    try:
+        folder = open_dir(root, rel, create=False)
+    except FileNotFoundError:
+        return
+    try:
+        for _, _, names, dir_fd in os.fwalk(dir_fd=folder):  # fwalk follows no link
+            for name in names:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(folder)

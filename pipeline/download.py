@@ -14,6 +14,8 @@ import contextlib
 import fnmatch
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -41,7 +43,9 @@ class Downloader:
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
         self._watchdog = Watchdog()
-        self._hosts: dict[str, threading.BoundedSemaphore] = {}
+        self._hosts: Counter[str] = Counter()  # downloads running per host (per_host)
+        self._slots = threading.Condition()
+        self._cancelled = False
 
     def fetch(self, job: Job) -> Fetched:
         """Download ``job.url`` whole, within the deadline, or raise a FetchError."""
@@ -92,19 +96,36 @@ class Downloader:
                 self._sessions.append(session)
         return session
 
-    def _host_slot(self, url: str) -> contextlib.AbstractContextManager[object]:
-        """At most ``per_host`` downloads from one host at a time (politeness), if set."""
+    @contextlib.contextmanager
+    def _host_slot(self, url: str) -> Iterator[None]:
+        """At most ``per_host`` downloads from one host at a time (politeness), if set. A
+        download waiting for its slot is cancelled with the others (``cancel``)."""
         if not self.config.per_host:
-            return contextlib.nullcontext()
+            yield
+            return
         host = (urlsplit(url).hostname or "").lower()
-        with self._lock:
-            slot = self._hosts.get(host)
-            if slot is None:
-                slot = self._hosts[host] = threading.BoundedSemaphore(self.config.per_host)
-        return slot
+        with self._slots:
+            self._slots.wait_for(
+                lambda: self._cancelled or self._hosts[host] < self.config.per_host
+            )
+            if self._cancelled:
+                raise FetchError("deadline", "cancelled while waiting for its host (per_host)")
+            self._hosts[host] += 1
+        try:
+            yield
+        finally:
+            with self._slots:
+                self._hosts[host] -= 1
+                if not self._hosts[host]:
+                    del self._hosts[host]
+                self._slots.notify_all()  # a waiter for this host; the others wait on
 
     def cancel(self) -> None:
-        """End every download in progress now: each fails as ``deadline``, at once."""
+        """End every download now: those in progress fail as ``deadline`` at once, and those
+        waiting for their host's slot never start."""
+        with self._slots:
+            self._cancelled = True
+            self._slots.notify_all()
         self._watchdog.cut_all()
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .atomic import open_dir, output_error, write_atomic
+from .atomic import open_dir, output_error, read_inside, remove_inside, write_atomic
 from .config import OutputConfig
 from .errors import OutputError, require
 from .records import STAGING_DIR, Job
@@ -94,7 +94,7 @@ def _write_tar(
         ):
             for (_, text, row), path in zip(chunk, paths, strict=True):
                 key, extension = str(row["path"]).rsplit(".", 1)
-                _add(tar, f"{key}.{extension}", _read(path))
+                _add(tar, f"{key}.{extension}", _read(out_dir, path))
                 _add(tar, f"{key}.json", text.encode("utf-8"))
         os.replace(part.name, target.name, src_dir_fd=folder, dst_dir_fd=folder)
     except OSError as exc:
@@ -109,11 +109,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _read(path: Path) -> bytes:
+def _read(out_dir: Path, path: Path) -> bytes:
     try:
-        return path.read_bytes()
-    except OSError as exc:  # a staged output removed by hand: the shard cannot be packed
-        raise OutputError(f"{path}: cannot pack it into its shard: {exc.strerror}") from None
+        return read_inside(path, root=out_dir)  # through no link: nothing from outside --out
+    except OutputError as exc:  # a staged output removed by hand, or a link planted
+        raise OutputError(f"{exc}: the shard cannot be packed") from None
 
 
 def _folder(out_dir: Path, name: str) -> int:
@@ -123,10 +123,9 @@ def _folder(out_dir: Path, name: str) -> int:
         raise output_error(out_dir / name, exc) from None
 
 
-def remove_staged(paths: list[Path]) -> None:
+def remove_staged(out_dir: Path, paths: list[Path]) -> None:
     """After the seal: the packed outputs go (their folders stay, to be reused or left empty)."""
-    for path in paths:
-        path.unlink(missing_ok=True)
+    remove_inside(paths, root=out_dir)
 
 
 def write_parquet(out_dir: Path, path: Path, rows: list[tuple[str, dict[str, Any]]]) -> None:

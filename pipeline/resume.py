@@ -19,18 +19,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
-from .atomic import write_atomic
+from .atomic import remove_inside, remove_temporaries, write_atomic
 from .config import Config
 from .errors import PipelineError, SourceError, is_final
 from .formats import SHARDS_DIR
-from .records import Job, ShardEnd, make_key
+from .records import STAGING_DIR, Job, ShardEnd, make_key
 from .sink import MANIFEST_DIR, part_path, read_rows, read_seal, seal_path, shard_path
 from .sources import (
     Known,
@@ -333,6 +332,7 @@ class Resume:
         self.sealed = plan.sealed
         self.partial = plan.partial
         self.skipped = 0  # lines found done, for the report
+        _sweep_staging(plan)
 
     def pending(self, items: Iterable[Job | ShardEnd]) -> Iterator[Job | ShardEnd]:
         """``items`` less the jobs already done (runs in whichever thread pulls from it)."""
@@ -359,18 +359,34 @@ class Resume:
                 keys.add(row["key"])
         write_atomic(path, "".join(kept).encode("utf-8"), root=self.folder.parent)
         file, _ = _parse_name(shard)
-        _remove_temps(self.images / f"{file:05d}")
+        out_dir = self.folder.parent
+        for folder in ("images", STAGING_DIR):  # left by workers killed mid-write
+            remove_temporaries(out_dir, PurePath(folder, f"{file:05d}"))
         return frozenset(keys)
 
 
-def _remove_temps(folder: Path) -> None:
-    """Delete the temporary files that workers killed mid-write left, in no linked folder."""
-    if folder.is_symlink():
+def _sweep_staging(plan: Plan) -> None:
+    """Staged outputs of shards sealed already (a kill came between a seal and the removal of
+    its staged files): they were packed, so they go."""
+    staging = plan.out_dir / STAGING_DIR
+    if not plan.sealed or not staging.is_dir() or staging.is_symlink():
         return
-    for parent, _, names in os.walk(folder):  # does not follow links to folders
-        for name in names:
-            if name.startswith(".") and name.endswith(".tmp"):
-                (Path(parent) / name).unlink(missing_ok=True)
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for file_id, shards in plan.known.items():
+        ranges[file_id] = [(k.first, k.last) for k in shards if k.last is not None]
+    stale = []
+    for path in staging.glob("*/*/*"):  # .staging/<file>/<block>/<line>-<hash>.<ext>
+        file_id, line = _staged_line(path)
+        if any(first <= line <= last for first, last in ranges.get(file_id, ())):
+            stale.append(path)
+    remove_inside(stale, root=plan.out_dir)
+
+
+def _staged_line(path: Path) -> tuple[int, int]:
+    try:
+        return int(path.parent.parent.name), int(path.name.split("-", 1)[0])
+    except ValueError:
+        return -1, -1
 
 
 def _parse_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

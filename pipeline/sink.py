@@ -183,13 +183,14 @@ class Sink:
             os.replace(part_path(self.folder, shard), shard_path(self.folder, shard))
         except OSError as exc:
             raise output_error(shard_path(self.folder, shard), exc) from None
-        remove_staged(staged)
+        remove_staged(self.out_dir, staged)
         self.sealed += 1
 
     @property
     def open_shards(self) -> list[str]:
-        """Shards not sealed yet: rows still missing, or being packed."""
-        return sorted([*self._parts, *(shard for shard, _, _ in self._packing)])
+        """Shards with rows still missing (empty after a complete run; shards being packed have
+        all theirs)."""
+        return sorted(self._parts)
 
     def close(self) -> None:
         """Write what waits, seal what is being packed, and close every open part; an incomplete

@@ -14,6 +14,7 @@ no backoff sleeps past the download's deadline.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 from types import TracebackType
@@ -78,7 +79,7 @@ class AddressGuard:
     caught as surely as a URL that names it; no request byte (nor a TLS hello) is sent first."""
 
     def __init__(self, deny: tuple[str, ...], allow_private: bool) -> None:
-        self.deny = tuple(ipaddress.ip_network(network, strict=False) for network in deny)
+        self.deny = tuple(_plain(ipaddress.ip_network(network, strict=False)) for network in deny)
         self.allow_private = allow_private
 
     def check(self, address: str) -> None:
@@ -96,14 +97,27 @@ class AddressGuard:
             )
 
 
+def _plain(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
+    """``::ffff:10.0.0.0/104`` is ``10.0.0.0/8``: addresses are compared in their IPv4 form."""
+    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(mapped):
+        first = network.network_address.ipv4_mapped
+        return ipaddress.ip_network(f"{first}/{max(0, network.prefixlen - 96)}")
+    return network
+
+
 class _Watched:
     """Mixed into urllib3's connections: tell the deadline watchdog which socket is in use, and
     check the address each new socket is connected to."""
 
     sock: Any
+    _dns_host: str
     guard: AddressGuard | None = None  # set on the classes an adapter makes
 
     def _new_conn(self) -> socket.socket:
+        if self.guard is not None:  # an address in the URL: refused before connecting (on
+            with contextlib.suppress(ValueError):  # Linux, 0.0.0.0 reaches 127.0.0.1 itself)
+                self.guard.check(str(ipaddress.ip_address(self._dns_host.strip("[]"))))
         sock: socket.socket = super()._new_conn()  # type: ignore[misc]
         if self.guard is not None:
             try:

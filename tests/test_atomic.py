@@ -4,10 +4,17 @@ aim a write anywhere else."""
 from __future__ import annotations
 
 import os
+from pathlib import PurePath
 
 import pytest
 
-from pipeline.atomic import open_append, write_atomic
+from pipeline.atomic import (
+    open_append,
+    read_inside,
+    remove_inside,
+    remove_temporaries,
+    write_atomic,
+)
 from pipeline.errors import OutputError
 
 
@@ -94,3 +101,49 @@ def test_open_append_refuses_a_link_at_the_file(tmp_path):
     ):
         open_append(tmp_path / "out" / "x.part", root=tmp_path / "out")
     assert victim.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("link", ["images", "images/00000"])
+def test_sweeping_temporaries_follows_no_linked_folder(tmp_path, link):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (elsewhere / "sub").mkdir(parents=True)
+    bait = [elsewhere / ".db.tmp", elsewhere / "sub" / ".x.tmp"]
+    for path in bait:
+        path.write_bytes(b"precious")
+    (out / link).parent.mkdir(parents=True, exist_ok=True)
+    (out / link).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(OutputError, match="a symbolic link"):
+        remove_temporaries(out, PurePath("images", "00000"))
+    assert all(path.read_bytes() == b"precious" for path in bait)
+
+
+def test_sweeping_temporaries_removes_only_them_and_not_through_links(tmp_path):
+    folder = tmp_path / "images" / "00000" / "00000"
+    folder.mkdir(parents=True)
+    (folder / ".a.jpg.1234.tmp").write_bytes(b"half")
+    (folder / "a.jpg").write_bytes(b"whole")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / ".b.tmp").write_bytes(b"precious")
+    (folder / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    remove_temporaries(tmp_path, PurePath("images", "00000"))
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jpg", "linked"]
+    assert (tmp_path / "elsewhere" / ".b.tmp").read_bytes() == b"precious"
+    remove_temporaries(tmp_path, PurePath("images", "00009"))  # missing: nothing to do
+
+
+def test_reading_and_removing_inside_refuse_links(tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a.jpg").write_bytes(b"secret")
+    (out / ".staging" / "00000").mkdir(parents=True)
+    (out / ".staging" / "00000" / "a.jpg").symlink_to(elsewhere / "a.jpg")
+    (out / ".staging" / "00001").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(OutputError, match=r"a\.jpg: a symbolic link"):
+        read_inside(out / ".staging" / "00000" / "a.jpg", root=out)
+    with pytest.raises(OutputError, match="00001: a symbolic link"):
+        read_inside(out / ".staging" / "00001" / "a.jpg", root=out)
+    with pytest.raises(OutputError, match="00001: a symbolic link"):
+        remove_inside([out / ".staging" / "00001" / "a.jpg"], root=out)
+    remove_inside([out / ".staging" / "00000" / "a.jpg", out / "gone" / "b.jpg"], root=out)
+    assert (elsewhere / "a.jpg").read_bytes() == b"secret"  # the link went, not its target
+    assert not (out / ".staging" / "00000" / "a.jpg").is_symlink()

@@ -8,7 +8,9 @@ import pytest
 import requests
 import responses
 import urllib3.exceptions
+from helpers import gated_handler
 
+from pipeline.bench.server import StaticServer
 from pipeline.config import DownloadConfig
 from pipeline.download import Downloader, check_url, translate
 from pipeline.errors import ConfigError, FetchError
@@ -167,6 +169,8 @@ def test_a_header_the_http_library_refuses_is_the_configs_fault_not_a_row():
         ("127.0.0.1", DownloadConfig().deny_networks, True, None),  # loopback stays allowed
         ("127.0.0.1", (), False, "127.0.0.1 is a private, loopback or reserved address"),
         ("::1", (), False, "private, loopback or reserved"),
+        ("127.0.0.2", ("::ffff:127.0.0.2/128",), True, "127.0.0.2 is in"),  # a mapped entry
+        ("0.0.0.0", DownloadConfig().deny_networks, True, "0.0.0.0 is in"),  # (compared only)
     ],
 )
 def test_the_address_guard(address, deny, allow_private, blocked):
@@ -177,3 +181,32 @@ def test_the_address_guard(address, deny, allow_private, blocked):
     with pytest.raises(FetchError, match=blocked) as caught:
         guard.check(address)
     assert caught.value.kind == "blocked_address"
+
+
+def test_cancel_ends_downloads_waiting_for_their_hosts_slot(image_dir):
+    # per_host = 1: one download holds the host (its server answers only when let), two wait;
+    # cancel() fails all three at once, and the waiting ones never reach the server
+    gated = gated_handler()
+    with StaticServer(image_dir, handler=gated) as server:
+        config = DownloadConfig(per_host=1, retries=0, read_timeout=30, deadline=60)
+        errors: list[FetchError] = []
+
+        def fetch(line: int) -> None:
+            try:
+                downloader.fetch(Job(0, line, server.url(f"img-00{line}.jpg?n={line}"), "s"))
+            except FetchError as exc:
+                errors.append(exc)
+
+        with Downloader(config) as downloader:
+            threads = [threading.Thread(target=fetch, args=(n,)) for n in range(3)]
+            for thread in threads:
+                thread.start()
+            assert gated.arrived.acquire(timeout=30)  # one request reached the server
+            downloader.cancel()
+            for thread in threads:
+                thread.join(10)
+            assert not any(thread.is_alive() for thread in threads)
+            gated.gate.set()
+        assert sorted(e.kind for e in errors) == ["deadline"] * 3
+        assert sum("per_host" in e.message for e in errors) == 2
+        assert not gated.arrived.acquire(timeout=0)  # the two waiting never sent a request
