@@ -37,7 +37,7 @@ from typing import Any
 
 from .config import Config
 from .dedupe import plan_jobs
-from .errors import OutputError, PipelineError, require
+from .errors import OutputError, PipelineError, install_hint, require
 from .metrics import TOP_HOSTS, Meter
 from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
@@ -48,7 +48,7 @@ from .sources import Source
 
 log = logging.getLogger(__name__)
 
-INSTALL = 'the dask executor needs dask[distributed]: pip install -e ".[dask]"'
+INSTALL = install_hint("distributed", "dask", "the dask executor")
 DAEMON_HELP = (
     "this Dask worker is a daemon process, which may not start the transform pool: start "
     "workers with DASK_DISTRIBUTED__WORKER__DAEMON=False (config distributed.worker.daemon)"
@@ -113,11 +113,10 @@ def shards(items: Iterator[Job | ShardEnd]) -> Iterator[list[Job | ShardEnd]]:
 @contextlib.contextmanager
 def connect(config: Config) -> Iterator[Any]:
     """A Dask client for ``executor.address``; "local" starts a LocalCluster on 127.0.0.1."""
-    try:
-        import dask
-        from distributed import Client, LocalCluster
-    except ImportError:  # require() said so already, in run_on_dask
-        raise PipelineError(INSTALL) from None
+    require("distributed", "dask", "the dask executor")
+    import dask
+    from distributed import Client, LocalCluster
+
     executor = config.executor
     if executor.address != "local":
         try:

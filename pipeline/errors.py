@@ -8,8 +8,6 @@
     ItemError                one URL failed: becomes a manifest row, never stops the run
      +-- FetchError          while downloading (raised in a download thread)
      +-- TransformError      while decoding, transforming or encoding (raised in a pool worker)
-     +-- WriteError          (no longer raised: a failed write is an OutputError, which stops
-                             the run; the kind stays for manifests written before)
 
 Every exception from requests, urllib3, Pillow or the OS is translated into one of these where it
 crosses into our code; anything else that escapes is a bug and stops the run.
@@ -39,7 +37,7 @@ ERROR_KINDS: Final[dict[str, str]] = {
     "decode_error": "the image is recognised but could not be decoded",
     "decompression_bomb": "the image has more pixels than transform.max_pixels",
     "transform_error": "an op of the transform chain failed",
-    "write_error": "the output file could not be written",
+    "write_error": "(older manifests) the output file could not be written; now the run stops",
     "worker_crash": "the transform process died while handling this image",
     "network": "another network error",
     "blocked_address": "the host's address is denied (download.deny_networks, allow_private)",
@@ -108,10 +106,6 @@ class TransformError(ItemError):
     """Decoding, transforming or encoding an image failed."""
 
 
-class WriteError(ItemError):
-    """The output file could not be written."""
-
-
 def limit_hint(exc: OSError) -> str:
     """What to do about an OSError caused by a resource limit, or "": for one-line errors."""
     if exc.errno == errno.EMFILE:
@@ -122,14 +116,18 @@ def limit_hint(exc: OSError) -> str:
     return ""
 
 
+def install_hint(module: str, extra: str, feature: str) -> str:
+    """What to say when an optional feature's library is missing: the command that installs it
+    for this project (an extra of this checkout, never a same-named distribution elsewhere)."""
+    return (
+        f"{feature} needs {module.partition('.')[0]}, which is not installed: "
+        f'pip install -e ".[{extra}]" (in a checkout of pipeline)'
+    )
+
+
 def require(module: str, extra: str, feature: str) -> None:
-    """Before any work: an optional feature whose library is missing is one line, with the
-    command that installs it for this project (an extra of this checkout, never a same-named
-    distribution from elsewhere)."""
+    """Before any work: an optional feature whose library is missing is one line (install_hint)."""
     try:
         importlib.import_module(module)
     except ImportError:
-        raise PipelineError(
-            f"{feature} needs {module.partition('.')[0]}, which is not installed: "
-            f'pip install -e ".[{extra}]" (in a checkout of pipeline)'
-        ) from None
+        raise PipelineError(install_hint(module, extra, feature)) from None

@@ -32,7 +32,6 @@ from .errors import OutputError, require
 from .records import STAGING_DIR, Job
 
 SHARDS_DIR = "shards"
-MANIFEST = "manifest"  # sink.MANIFEST_DIR (sink imports this module)
 _FORMAT = tarfile.PAX_FORMAT
 
 
@@ -48,12 +47,12 @@ def staged_path(row: dict[str, Any], folder_size: int) -> str:
     return job.output_path(extension, folder_size, STAGING_DIR)
 
 
-def make_formats(out_dir: Path, shard: str, config: OutputConfig) -> list[Path]:
-    """The tars and parquet manifest of a shard whose rows are all in its part (in the packing
-    process); the staged outputs, to remove once the shard is sealed."""
-    rows = list(_rows_with_text(out_dir / MANIFEST / f"{shard}.jsonl.part"))
+def make_formats(out_dir: Path, part: Path, parquet: Path, config: OutputConfig) -> list[Path]:
+    """The tars and the ``parquet`` manifest of a shard whose rows are all in its ``part`` (in
+    the packing process); the staged outputs, to remove once the shard is sealed."""
+    rows = list(_rows_with_text(part))
     if config.parquet:
-        write_parquet(out_dir, out_dir / MANIFEST / f"{shard}.parquet", rows)
+        write_parquet(out_dir, parquet, rows)
     if config.format != "webdataset":
         return []
     return pack_shard(out_dir, rows, config.folder_size, config.shard_size)

@@ -163,8 +163,7 @@ class Lane:
         self._meters = threading.local()  # each download thread's Meter
         self._grace: threading.Timer | None = None
         self._stopping = threading.Lock()  # the first of a STOP and a failure stops the lane
-        self._failing = threading.Lock()
-        self._failed = False
+        self._failing = threading.Lock()  # taken by the first failure, never given back
 
     def run(self, jobs: Connection, results: Connection) -> None:
         cpu = time.process_time()
@@ -229,10 +228,8 @@ class Lane:
 
     def fail(self, message: str) -> None:
         """Stop the run: what is done is sent, the rest is left to the next run."""
-        with self._failing:
-            first, self._failed = not self._failed, True
-        if first:  # the coordinator tells the user; later failures are the same one, mostly
-            self._interrupt()
+        if self._failing.acquire(blocking=False):  # the first; the later ones are the same, mostly
+            self._interrupt()  # (the coordinator tells the user)
             self.results.put(LaneFailed(message))  # the sender passes it on
         else:
             log.debug("%s", message)

@@ -163,7 +163,9 @@ class Sink:
             self._packer = ProcessPoolExecutor(
                 1, mp_context=context, initializer=exit_with, initargs=(os.getpid(),)
             )
-        future = self._packer.submit(make_formats, self.out_dir, shard, self.config)
+        parquet = self.folder / f"{shard}.parquet"
+        part_file = part_path(self.folder, shard)
+        future = self._packer.submit(make_formats, self.out_dir, part_file, parquet, self.config)
         self._packing.append((shard, part.end, future))
 
     def settle(self, *, wait: bool = False) -> None:

@@ -27,13 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import PipelineError, SourceError
+from .errors import PipelineError, SourceError, install_hint
 from .records import Job, ShardEnd, make_key
 
 FORMATS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
-PARQUET_INSTALL = (
-    'reading .parquet files needs pyarrow: pip install -e ".[parquet]" (in a checkout of pipeline)'
-)
+PARQUET_INSTALL = install_hint("pyarrow", "parquet", "reading .parquet files")
 _PARQUET_BATCH = 4096
 
 

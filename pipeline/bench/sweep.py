@@ -34,7 +34,7 @@ import tomlkit
 
 from ..atomic import write_atomic
 from ..config import available_cores, load_config
-from ..errors import PipelineError
+from ..errors import PipelineError, require
 from ..report import REPORT_FILE, load_report
 from .baselines import STRATEGIES
 from .workload import Workload, WorkloadServer
@@ -462,15 +462,12 @@ def _opt(value: float | None, unit: str) -> str:
 
 def plot(rows: Sequence[Row], path: Path) -> None:
     """Images/s against download workers, one line per transform worker count."""
-    try:
-        import matplotlib
+    require("matplotlib", "plot", "--plot")
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PipelineError(
-            '--plot needs matplotlib: pip install -e ".[plot]" (in a checkout of pipeline)'
-        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(figsize=(7, 4.5))
     by_transform: dict[tuple[int, int | None, int | None], list[Row]] = {}
     for row in rows:
