@@ -26,6 +26,10 @@ OUTPUT_FORMATS = ("jpeg", "png", "webp")
 RESIZE_MODES = ("fit", "fill", "stretch")
 _MEDIA_TYPE = re.compile(r"[a-z0-9.+-]+/(?:\*|[a-z0-9.+-]+)")
 OUTPUT_LAYOUTS = ("files", "webdataset")
+# the decoders a downloaded body may be opened with: Pillow would otherwise try all of its ~40
+INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# decoders that hand the server's bytes to another program (EPS runs Ghostscript): never allowed
+UNSAFE_FORMATS = {"EPS": "runs Ghostscript on the file", "PDF": "is not an image decoder"}
 _COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 
 
@@ -315,6 +319,7 @@ class TransformConfig:
     resample: str = "bicubic"
     reducing_gap: float = 2.0
     max_pixels: int = 89_478_485
+    input_formats: tuple[str, ...] = INPUT_FORMATS
     crash_retries: int = 1
     max_tasks_per_child: int = 0
     shutdown_grace: float = 2.0
@@ -351,6 +356,7 @@ class TransformConfig:
         ok_gap = self.reducing_gap == 0 or self.reducing_gap >= 1
         _require(ok_gap, "reducing_gap", "0 (off) or >= 1.0", self.reducing_gap)
         _require(self.max_pixels >= 1, "max_pixels", ">= 1", self.max_pixels)
+        _check_input_formats(self.input_formats)
         for index, op in enumerate(self.ops):  # outputs are bounded as inputs are
             if isinstance(op, Resize) and op.width * op.height > self.max_pixels:
                 raise ConfigError(
@@ -374,6 +380,23 @@ class TransformConfig:
     def in_flight(self) -> int:
         """How many items may be submitted to the pool and not yet collected."""
         return self.max_in_flight or 2 * self.pool_workers
+
+
+def _check_input_formats(formats: tuple[str, ...]) -> None:
+    for name in formats:
+        if name.upper() in UNSAFE_FORMATS:
+            why = UNSAFE_FORMATS[name.upper()]
+            raise ConfigError("input_formats", f"must not name {name}: its decoder {why}")
+    _require(bool(formats), "input_formats", "a non-empty list", list(formats))
+    if formats == INPUT_FORMATS:
+        return
+    from PIL import Image  # only to check names: the default list never loads Pillow here
+
+    Image.init()
+    known = sorted(set(Image.OPEN) - set(UNSAFE_FORMATS))
+    for name in formats:
+        rule = f"names of Pillow decoders ({', '.join(known)})"
+        _require(name.upper() in known, "input_formats", rule, name)
 
 
 def _check_start_method(method: str) -> None:

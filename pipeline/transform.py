@@ -95,33 +95,69 @@ def _check_output(op: Op, size: tuple[int, int], max_pixels: int) -> None:
 
 
 def decode(body: bytes, config: TransformConfig) -> tuple[Image.Image, tuple[int, int]]:
-    """Open and fully decode ``body`` (drafted where the chain allows), in a normal mode."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(body))
-    except UnidentifiedImageError:
+    """Open and fully decode ``body`` (drafted where the chain allows), in a normal mode.
+
+    Only the decoders of ``transform.input_formats`` are tried, and Pillow's own size check stays
+    on at ``transform.max_pixels`` while the header is read and while the pixels are: a container
+    (ICO, TIFF) can hold an image far larger than its directory says, opened only at load time.
+    """
+    Image.MAX_IMAGE_PIXELS = config.max_pixels  # a worker runs one image at a time
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = _open(body, config)
+        size_in = image.size
+        if size_in[0] * size_in[1] > config.max_pixels:
+            raise TransformError(
+                "decompression_bomb",
+                f"{size_in[0]}x{size_in[1]} pixels > transform.max_pixels {config.max_pixels}",
+            )
+        need = draft_size(config, size_in, _swaps_axes(image)) if image.format == "JPEG" else None
+        if need is not None:
+            image.draft(None, need)
+        try:
+            image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _bomb(exc, config) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise TransformError("decode_error", f"{image.format} image: {exc}") from None
+    if image.size[0] * image.size[1] > config.max_pixels:  # what was decoded, not what was said
         raise TransformError(
-            "not_image", f"not a recognised image (starts with {body[:12]!r})"
-        ) from None
+            "decompression_bomb", f"{image.format} holds {image.size[0]}x{image.size[1]} pixels"
+        )
+    return normalize_mode(image), size_in
+
+
+def _open(body: bytes, config: TransformConfig) -> Image.Image:
+    """Read the header with the allowed decoders only; raises TransformError."""
+    try:
+        return Image.open(io.BytesIO(body), formats=config.input_formats)
+    except UnidentifiedImageError:
+        raise TransformError("not_image", _unidentified(body, config)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TransformError("decompression_bomb", str(exc)) from None
+        raise _bomb(exc, config) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise TransformError("decode_error", f"cannot read the image header: {exc}") from None
-    size_in = image.size
-    if size_in[0] * size_in[1] > config.max_pixels:
-        raise TransformError(
-            "decompression_bomb",
-            f"{size_in[0]}x{size_in[1]} pixels > transform.max_pixels {config.max_pixels}",
-        )
-    need = draft_size(config, size_in, _swaps_axes(image)) if image.format == "JPEG" else None
-    if need is not None:
-        image.draft(None, need)
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise TransformError("decode_error", f"{image.format} image: {exc}") from None
-    return normalize_mode(image), size_in
+
+
+def _bomb(exc: Exception, config: TransformConfig) -> TransformError:
+    """Pillow's words (``Image size (N pixels) exceeds limit ...``), naming our key."""
+    text = str(exc).split(", could be")[0]
+    return TransformError(
+        "decompression_bomb", f"{text} (transform.max_pixels {config.max_pixels})"
+    )
+
+
+def _unidentified(body: bytes, config: TransformConfig) -> str:
+    """Why no allowed decoder took ``body``: another format's signature, or none at all. Only
+    the formats' signature checks run here (a prefix test each), never a decoder."""
+    Image.init()  # every format's signature, not only those open() loaded
+    head, allowed = body[:16], {name.upper() for name in config.input_formats}
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        if name not in allowed and accept is not None and accept(head):
+            listed = ", ".join(config.input_formats)
+            return f"{name} is not in transform.input_formats ({listed})"
+    return f"not a recognised image (starts with {body[:12]!r})"
 
 
 def draft_size(
@@ -327,9 +363,6 @@ def init_worker(setup: WorkerSetup) -> None:
         configure_worker(setup.log_setup)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     exit_with(setup.main_pid)
-    # decode() checks the header's size against transform.max_pixels before decoding anything,
-    # with a message naming the key; Pillow's own check (at 2x its limit) would pre-empt it
-    Image.MAX_IMAGE_PIXELS = None
 
 
 def exit_with(pid: int) -> None:
