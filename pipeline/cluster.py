@@ -89,6 +89,7 @@ def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> Shar
             ok=stats.ok,
             failed=dict(stats.failed.most_common()),
             duplicates=stats.duplicates,
+            filtered=dict(stats.filtered.most_common()),
             bytes_in=stats.bytes_in,
             bytes_out=stats.bytes_out,
             failing_hosts=tuple(stats.hosts.most_common(TOP_HOSTS)),
@@ -274,12 +275,14 @@ def merge(
 ) -> Report:
     """One report for the run from its shards' reports; latencies are merged exactly."""
     failed: Counter[str] = Counter()
+    filtered: Counter[str] = Counter()
     hosts: Counter[str] = Counter()
     meters: dict[str, Meter] = {}
     workers: dict[str, int] = {}
     queues: dict[str, list[QueueStat]] = {}
     for result in results:
         failed.update(result.report.failed)
+        filtered.update(result.report.filtered)
         hosts.update(dict(result.report.failing_hosts))
         for name, meter in result.meters.items():
             meters.setdefault(name, Meter()).merge(meter)
@@ -317,5 +320,6 @@ def merge(
         skipped=skipped + sum(r.report.skipped for r in results),
         pool_restarts=sum(r.report.pool_restarts for r in results),
         duplicates=sum(r.report.duplicates for r in results),
+        filtered=dict(filtered.most_common()),
     )
     return replace(report, verdict=diagnose(report))

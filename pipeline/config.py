@@ -23,7 +23,7 @@ from .errors import ConfigError
 
 RESAMPLE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
 OUTPUT_FORMATS = ("jpeg", "png", "webp")
-RESIZE_MODES = ("fit", "fill", "stretch")
+RESIZE_MODES = ("fit", "fill", "cover", "pad", "stretch")
 _MEDIA_TYPE = re.compile(r"[a-z0-9.+-]+/(?:\*|[a-z0-9.+-]+)")
 OUTPUT_LAYOUTS = ("files", "webdataset")
 # the decoders a downloaded body may be opened with: Pillow would otherwise try all of its ~40
@@ -81,11 +81,14 @@ class Thumbnail:
 
 @dataclass(frozen=True, slots=True)
 class Resize:
-    """Scale to width x height: ``fit`` inside the box, ``fill`` it and crop, or ``stretch``."""
+    """Scale to width x height: ``fit`` inside the box, ``fill`` it and crop, ``cover`` it (no
+    crop: a square box makes the shortest side its size), ``pad`` (fit, then pad to the box with
+    the background) or ``stretch``. ``enlarge = false``: never scale an image up."""
 
     width: int
     height: int
     mode: str = "fit"
+    enlarge: bool = True
 
     def __post_init__(self) -> None:
         _check_box(self.width, self.height)
@@ -200,12 +203,15 @@ class InputConfig:
     shard_size: int = 10_000
     url_column: str = "url"  # the column (csv, tsv, parquet) or field (jsonl) holding the URL
     dedupe: bool = False  # a URL seen before in the input gets a "duplicate" row, not a fetch
+    hash_column: str = ""  # a column with each image's sha256 (hex): a download must match it
 
     def __post_init__(self) -> None:
         _require(
             1 <= self.shard_size <= 1_000_000, "shard_size", "in [1, 1000000]", self.shard_size
         )
         _require(bool(self.url_column), "url_column", "a non-empty column name", self.url_column)
+        other = f"another column than url_column ({self.url_column!r}), or empty (off)"
+        _require(self.hash_column != self.url_column, "hash_column", other, self.hash_column)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +329,10 @@ class TransformConfig:
     crash_retries: int = 1
     max_tasks_per_child: int = 0
     shutdown_grace: float = 2.0
+    min_width: int = 0  # filters, on the header's size: smaller images get a "filtered" row
+    min_height: int = 0
+    max_aspect_ratio: float = 0.0  # max(w, h) / min(w, h); 0 = off
+    reencode: bool = True  # false: an image no op changes is written as downloaded
     ops: tuple[Op, ...] = (ExifTranspose(), Thumbnail(256, 256))
 
     def __post_init__(self) -> None:
@@ -370,6 +380,10 @@ class TransformConfig:
         _require(0 <= limit <= 10**9, "max_tasks_per_child", "in [0, 1000000000] (0 = none)", limit)
         grace = self.shutdown_grace
         _require(0 <= grace <= 600, "shutdown_grace", "in [0, 600]", grace)
+        _require(0 <= self.min_width <= 65535, "min_width", "in [0, 65535]", self.min_width)
+        _require(0 <= self.min_height <= 65535, "min_height", "in [0, 65535]", self.min_height)
+        ratio = self.max_aspect_ratio
+        _require(ratio == 0 or ratio >= 1, "max_aspect_ratio", "0 (off) or >= 1.0", ratio)
 
     @property
     def pool_workers(self) -> int:

@@ -8,6 +8,7 @@
     ItemError                one URL failed: becomes a manifest row, never stops the run
      +-- FetchError          while downloading (raised in a download thread)
      +-- TransformError      while decoding, transforming or encoding (raised in a pool worker)
+     +-- Filtered            refused by a filter (transform.min_width, ...): a "filtered" row
 
 Every exception from requests, urllib3, Pillow or the OS is translated into one of these where it
 crosses into our code; anything else that escapes is a bug and stops the run.
@@ -41,11 +42,17 @@ ERROR_KINDS: Final[dict[str, str]] = {
     "worker_crash": "the transform process died while handling this image",
     "network": "another network error",
     "blocked_address": "the host's address is denied (download.deny_networks, allow_private)",
+    "hash_mismatch": "the downloaded bytes are not those whose sha256 input.hash_column gives",
+    "internal_error": "the transform raised an unexpected exception (a bug): a rerun retries it",
+    "too_small": "(filtered) narrower than transform.min_width or lower than min_height",
+    "aspect_ratio": "(filtered) more elongated than transform.max_aspect_ratio",
 }
+#: The kinds of a row with status "filtered": the image is fine, the config leaves it out.
+FILTER_KINDS: Final[frozenset[str]] = frozenset({"too_small", "aspect_ratio"})
 
 TRANSIENT_KINDS: Final[frozenset[str]] = frozenset(
     {"dns", "connect", "timeout", "deadline", "http_5xx", "truncated", "network", "write_error",
-     "worker_crash"}
+     "worker_crash", "internal_error"}
 )  # fmt: skip
 TRANSIENT_HTTP_STATUSES: Final[frozenset[int]] = frozenset({408, 425, 429})
 
@@ -104,6 +111,19 @@ class FetchError(ItemError):
 
 class TransformError(ItemError):
     """Decoding, transforming or encoding an image failed."""
+
+
+class Filtered(ItemError):
+    """The image is refused by a filter of the config (kind ``too_small`` or ``aspect_ratio``):
+    its row has status ``filtered``, not ``failed``, and no output."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        if kind not in FILTER_KINDS:
+            raise ValueError(f"not a filter kind {kind!r}")
+        super().__init__(kind, message)
+
+    def __reduce__(self) -> tuple[object, ...]:  # two arguments, not ItemError's three
+        return (Filtered, (self.kind, self.message))
 
 
 def limit_hint(exc: OSError) -> str:

@@ -227,13 +227,14 @@ class RunStats:
     ok: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0  # lines whose URL an earlier line had (input.dedupe)
+    filtered: Counter[str] = field(default_factory=Counter)  # left out by a filter, by kind
     bytes_in: int = 0
     bytes_out: int = 0
     hosts: Counter[str] = field(default_factory=Counter)  # failures per host, pruned
 
     @property
     def urls(self) -> int:
-        return self.ok + self.failed.total() + self.duplicates
+        return self.ok + self.failed.total() + self.duplicates + self.filtered.total()
 
     def add(self, outcome: Outcome | Row) -> None:
         self.add_row(
@@ -249,6 +250,8 @@ class RunStats:
             self.ok += 1
         elif status == "duplicate":
             self.duplicates += 1
+        elif status == "filtered":  # the image is fine, its host too: no failing host
+            self.filtered[kind or "unknown"] += 1
         else:
             self.failed[kind or "unknown"] += 1
             self._count_host(url)

@@ -44,7 +44,7 @@ from .logs import LogSetup
 from .metrics import Stage
 from .records import Fetched, Outcome
 from .stages import DONE, _Done
-from .transform import WorkerSetup, init_worker, process_many
+from .transform import WorkerSetup, init_worker, internal_error, process_many
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,7 +61,7 @@ def make_pool(config: Config, out_dir: Path, workers: int) -> ProcessPoolExecuto
         context.set_forkserver_preload(["pipeline.transform"])
     setup = WorkerSetup(
         config.transform, str(out_dir), config.output.folder_size, os.getpid(),
-        LogSetup.current(), config.output.format,
+        LogSetup.current(), config.output.format, config.input.hash_column,
     )  # fmt: skip
     pool = ProcessPoolExecutor(
         max_workers=workers,
@@ -336,8 +336,7 @@ class TransformPool:
     def _outcomes(self, items: list[Fetched], future: Future[list[Outcome]]) -> list[Outcome]:
         exc = future.exception()
         if exc is not None:  # not an ItemError (process() turns those into rows): still rows
-            log.warning("the transform raised %s: %s", type(exc).__name__, exc)
-            error = TransformError("transform_error", f"{type(exc).__name__}: {exc}")
+            error = internal_error(items[0].job.key, exc)  # a bug of ours: a rerun retries
             meter = self.stage.meter()
             for item in items:
                 meter.record(0.0, ok=False, bytes_in=len(item.body))
@@ -347,7 +346,7 @@ class TransformPool:
         for outcome in done:
             meter.record(
                 outcome.transform_ms / 1000,
-                ok=outcome.status == "ok",
+                ok=outcome.status != "failed",  # a filtered image is no failure
                 bytes_in=outcome.bytes_in,
                 bytes_out=outcome.bytes_out,
                 cpu_s=outcome.cpu_ms / 1000,

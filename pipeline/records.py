@@ -20,9 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from .errors import ItemError
+from .errors import Filtered, ItemError
 
-Status = Literal["ok", "failed", "duplicate"]
+# "filtered": a filter of the config left the image out (error_kind says which); final
+Status = Literal["ok", "failed", "duplicate", "filtered"]
 
 # webdataset layout: workers write each output here, the sink packs a shard's into its tars
 STAGING_DIR = ".staging"
@@ -116,6 +117,7 @@ class Outcome:
     height_out: int | None = None
     path: str | None = None
     sha256: str | None = None  # of the output's bytes, computed where they were made
+    original_sha256: str | None = None  # of the downloaded bytes
     download_ms: float = 0.0
     transform_ms: float = 0.0
     cpu_ms: float = 0.0  # CPU time the transform process spent on it
@@ -140,11 +142,11 @@ class Outcome:
     def failed(
         cls, job: Job, error: ItemError, *, download_ms: float = 0.0, **fields: Any
     ) -> Outcome:
-        """The row of a URL that failed with ``error``."""
+        """The row of a URL that failed with ``error`` (or that a filter left out)."""
         fields.setdefault("http_status", error.http_status)
         return cls.of(
             job,
-            "failed",
+            "filtered" if isinstance(error, Filtered) else "failed",
             error_kind=error.kind,
             error=error.message,
             download_ms=download_ms,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,7 @@ class Report:
     interrupted: str | None = None  # the signal that stopped the run early
     pool_restarts: int = 0  # transform pools replaced after a worker died
     duplicates: int = 0  # lines whose URL an earlier line had (input.dedupe)
+    filtered: dict[str, int] = field(default_factory=dict)  # left out by a filter, by kind
     started: str = ""  # when the run started, UTC, ISO 8601
     sources: tuple[str, ...] = ()  # the input files the run was given, relative to the root
     resume: str | None = None  # on a rerun: what earlier runs had done, and what was left
@@ -187,6 +188,7 @@ def build_report(stats: RunStats, wall_s: float, **extra: Any) -> Report:
         bytes_out=stats.bytes_out,
         failing_hosts=tuple(stats.hosts.most_common(TOP_HOSTS)),
         duplicates=stats.duplicates,
+        filtered=dict(stats.filtered.most_common()),
         **extra,
     )
     return replace(report, verdict=diagnose(report))
@@ -283,6 +285,7 @@ def format_report(report: Report) -> str:
     elif report.skipped:
         lines.append(f"resumed     {report.skipped} URLs were done by an earlier run")
     dupes = f", {report.duplicates} duplicate" if report.duplicates else ""
+    dupes += f", {sum(report.filtered.values())} filtered" if report.filtered else ""
     lines += [
         f"urls        {report.urls}: {report.ok} ok, {failed} failed{dupes}, "
         f"in {report.wall_s:.2f} s",
@@ -305,6 +308,7 @@ def format_report(report: Report) -> str:
         )
     if report.verdict is not None:
         lines.append(f"bottleneck  {report.verdict.advice}")
+    lines += _filtered(report.filtered)
     lines += _failures(report.failed, report.failing_hosts)
     lines += _stragglers(report.stragglers)
     if report.pool_restarts:
@@ -338,6 +342,14 @@ def _stragglers(slow: dict[str, Any] | None) -> list[str]:
             f"            {slow['capped']} kept a worker: download.max_stragglers were waiting"
         )
     return lines
+
+
+def _filtered(filtered: dict[str, int]) -> list[str]:
+    """One line: the images the filters left out (not failures: they are final and fine)."""
+    if not filtered:
+        return []
+    kinds = ", ".join(f"{kind} {count}" for kind, count in filtered.items())
+    return [f"filtered    {sum(filtered.values())} left out by the filters: {kinds}"]
 
 
 def _failures(failed: dict[str, int], hosts: tuple[tuple[str, int], ...]) -> list[str]:
@@ -418,12 +430,14 @@ def count_rows(rows: Iterable[dict[str, Any]]) -> RunStats:
 def format_folder(stats: RunStats) -> str:
     """What a folder's manifest holds, over every run that wrote to it."""
     dupes = f", {stats.duplicates} duplicate" if stats.duplicates else ""
+    dupes += f", {stats.filtered.total()} filtered" if stats.filtered else ""
     lines = [
         f"manifest    {stats.urls} URLs recorded: {stats.ok} ok, {stats.failed.total()} failed"
         + dupes
     ]
     return "\n".join(
         lines
+        + _filtered(dict(stats.filtered.most_common()))
         + _failures(dict(stats.failed.most_common()), tuple(stats.hosts.most_common(TOP_HOSTS)))
     )
 

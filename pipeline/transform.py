@@ -10,6 +10,10 @@ When the chain only shrinks (its first geometric op is ``thumbnail`` or ``resize
 1/2, 1/4 or 1/8 while decoding (the smallest scale that still covers the first shrink's result),
 so a 1600 px photo bound for 256 px is decoded at 400 px and resampled from there: a third of the
 CPU of decoding it whole.
+
+Before any pixel is decoded, the header is enough to refuse a bomb, to leave out an image the
+filters reject (``min_width``, ``min_height``, ``max_aspect_ratio``: a ``filtered`` row), and, with
+``reencode = false``, to keep the downloaded bytes as they are when no op would change them.
 """
 
 from __future__ import annotations
@@ -47,13 +51,14 @@ from .config import (
     Thumbnail,
     TransformConfig,
 )
-from .errors import ItemError, PipelineError, TransformError
+from .errors import Filtered, ItemError, PipelineError, TransformError
 from .logs import LogSetup, configure_worker
-from .records import STAGING_DIR, Fetched, Outcome
+from .records import STAGING_DIR, Fetched, Job, Outcome
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+_SAME_FORMAT = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}  # a decoder's name: its output
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
 _ORIENTATION = 0x0112
 
@@ -66,8 +71,13 @@ class Encoded:
 
 
 def transform_bytes(body: bytes, config: TransformConfig) -> Encoded:
-    """Decode ``body``, apply ``config.ops``, encode to ``config.format``; raises TransformError."""
-    image, size_in = decode(body, config)
+    """Decode ``body``, apply ``config.ops``, encode to ``config.format``; raises TransformError
+    (or Filtered). With ``reencode = false``, a body that no op changes is returned as it came."""
+    image = open_image(body, config)
+    size_in = image.size
+    if not config.reencode and keeps_original(image, config):
+        return Encoded(body, size_in, size_in)
+    image = load(image, config)
     for op in config.ops:
         _check_output(op, image.size, config.max_pixels)
         try:
@@ -82,7 +92,7 @@ def _check_output(op: Op, size: tuple[int, int], max_pixels: int) -> None:
     image that grows past the limit costs the memory a bomb would."""
     w, h = size
     if isinstance(op, Resize):
-        w, h = (op.width, op.height) if op.mode != "fit" else _shrunk_size(op, size)
+        w, h = output_size(op, size)
     elif isinstance(op, Rotate) and op.degrees % 90:
         turn = math.radians(op.degrees)
         cos, sin = abs(math.cos(turn)), abs(math.sin(turn))
@@ -101,17 +111,34 @@ def decode(body: bytes, config: TransformConfig) -> tuple[Image.Image, tuple[int
     on at ``transform.max_pixels`` while the header is read and while the pixels are: a container
     (ICO, TIFF) can hold an image far larger than its directory says, opened only at load time.
     """
+    image = open_image(body, config)
+    size_in = image.size
+    return load(image, config), size_in
+
+
+def open_image(body: bytes, config: TransformConfig) -> Image.Image:
+    """Read the header of ``body``; refuse a bomb, or an image a filter leaves out."""
     Image.MAX_IMAGE_PIXELS = config.max_pixels  # a worker runs one image at a time
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = _open(body, config)
-        size_in = image.size
-        if size_in[0] * size_in[1] > config.max_pixels:
-            raise TransformError(
-                "decompression_bomb",
-                f"{size_in[0]}x{size_in[1]} pixels > transform.max_pixels {config.max_pixels}",
-            )
-        need = draft_size(config, size_in, _swaps_axes(image)) if image.format == "JPEG" else None
+    size_in = image.size
+    if size_in[0] * size_in[1] > config.max_pixels:
+        raise TransformError(
+            "decompression_bomb",
+            f"{size_in[0]}x{size_in[1]} pixels > transform.max_pixels {config.max_pixels}",
+        )
+    screen(size_in, config)
+    return image
+
+
+def load(image: Image.Image, config: TransformConfig) -> Image.Image:
+    """Decode the pixels of an opened image (drafted where the chain allows), in a normal mode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        need = (
+            draft_size(config, image.size, _swaps_axes(image)) if image.format == "JPEG" else None
+        )
         if need is not None:
             image.draft(None, need)
         try:
@@ -124,7 +151,7 @@ def decode(body: bytes, config: TransformConfig) -> tuple[Image.Image, tuple[int
         raise TransformError(
             "decompression_bomb", f"{image.format} holds {image.size[0]}x{image.size[1]} pixels"
         )
-    return normalize_mode(image), size_in
+    return normalize_mode(image)
 
 
 def _open(body: bytes, config: TransformConfig) -> Image.Image:
@@ -160,6 +187,49 @@ def _unidentified(body: bytes, config: TransformConfig) -> str:
     return f"not a recognised image (starts with {body[:12]!r})"
 
 
+def screen(size: tuple[int, int], config: TransformConfig) -> None:
+    """The filters, on the size the header gives (as stored: before any EXIF rotation)."""
+    w, h = size
+    if w < config.min_width or h < config.min_height:
+        raise Filtered(
+            "too_small",
+            f"{w}x{h} is smaller than transform.min_width x min_height "
+            f"({config.min_width}x{config.min_height})",
+        )
+    ratio = max(w, h) / max(1, min(w, h))
+    if config.max_aspect_ratio and ratio > config.max_aspect_ratio:
+        raise Filtered(
+            "aspect_ratio",
+            f"{w}x{h}: aspect ratio {ratio:.3g} > transform.max_aspect_ratio "
+            f"{config.max_aspect_ratio:g}",
+        )
+
+
+def keeps_original(image: Image.Image, config: TransformConfig) -> bool:
+    """True if the downloaded bytes may be written as they are: they are in the output format
+    already, a single frame, and no op changes a pixel of this image (decided from the header)."""
+    if _SAME_FORMAT.get(image.format or "") != config.format:
+        return False
+    if getattr(image, "is_animated", False):  # an encoder would keep the first frame only
+        return False
+    return all(_leaves_alone(op, image) for op in config.ops)
+
+
+def _leaves_alone(op: Op, image: Image.Image) -> bool:
+    size = image.size
+    if isinstance(op, ExifTranspose):
+        return bool(image.getexif().get(_ORIENTATION, 1) == 1)
+    if isinstance(op, Thumbnail | Resize):
+        return output_size(op, size) == size
+    if isinstance(op, CenterCrop):
+        return size[0] <= op.width and size[1] <= op.height
+    if isinstance(op, Rotate):
+        return op.degrees % 360 == 0
+    if isinstance(op, Grayscale):
+        return image.mode in ("L", "LA")
+    return False  # sharpen, blur, and the test-only ops
+
+
 def draft_size(
     config: TransformConfig, size: tuple[int, int], swaps_axes: bool = False
 ) -> tuple[int, int] | None:
@@ -171,20 +241,44 @@ def draft_size(
     upright = (size[1], size[0]) if swaps_axes else size  # as the ops will see it
     for op in config.ops:
         if isinstance(op, Thumbnail | Resize):
-            need = _shrunk_size(op, upright)
+            need = _scaled_size(op, upright)
             return (need[1], need[0]) if swaps_axes else need
         if not isinstance(op, ExifTranspose | Grayscale | Sleep):
             return None
     return None
 
 
-def _shrunk_size(op: Thumbnail | Resize, size: tuple[int, int]) -> tuple[int, int]:
-    if isinstance(op, Resize) and op.mode == "stretch":
-        return (op.width, op.height)
+def output_size(op: Thumbnail | Resize, size: tuple[int, int]) -> tuple[int, int]:
+    """The size ``op`` makes of an image of ``size``."""
     w, h = size
-    fill = isinstance(op, Resize) and op.mode == "fill"
-    scale = max(op.width / w, op.height / h) if fill else min(op.width / w, op.height / h)
-    return (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
+    if isinstance(op, Thumbnail):  # Pillow's own rounding may differ by a pixel: not drawn on
+        return size if w <= op.width and h <= op.height else _kept_ratio(op, size, round)
+    box = (op.width, op.height)
+    if op.mode == "pad":
+        return box
+    if op.mode in ("fill", "stretch"):  # not enlarged: the box, cut to the image
+        grows = op.width > w or op.height > h
+        return (min(op.width, w), min(op.height, h)) if grows and not op.enlarge else box
+    return _kept_ratio(op, size, round)  # fit, cover
+
+
+def _scaled_size(op: Thumbnail | Resize, size: tuple[int, int]) -> tuple[int, int]:
+    """The size ``op`` scales an image of ``size`` to, before a crop or a pad: the least a
+    draft must decode (fill and cover scale to cover the box, fit and pad to fit in it)."""
+    if isinstance(op, Resize) and op.mode == "stretch":
+        return output_size(op, size)
+    return _kept_ratio(op, size, math.ceil)
+
+
+def _kept_ratio(
+    op: Thumbnail | Resize, size: tuple[int, int], rounding: Callable[[float], int]
+) -> tuple[int, int]:
+    w, h = size
+    covers = isinstance(op, Resize) and op.mode in ("fill", "cover")
+    scale = max(op.width / w, op.height / h) if covers else min(op.width / w, op.height / h)
+    if not (isinstance(op, Resize) and op.enlarge):
+        scale = min(scale, 1.0)
+    return (max(1, rounding(w * scale)), max(1, rounding(h * scale)))
 
 
 def _swaps_axes(image: Image.Image) -> bool:
@@ -197,6 +291,8 @@ def normalize_mode(image: Image.Image) -> Image.Image:
     if mode in ("L", "LA", "RGB", "RGBA"):
         return image
     has_alpha = mode in ("PA", "La", "RGBa") or "transparency" in image.info
+    if mode.startswith("I;16") or mode == "I":  # 16-bit levels: scaled to 8, not clipped at 255
+        image = image.convert("I").point(lambda v: v / 256)
     if mode in ("1", "I", "I;16", "I;16B", "I;16L", "F") and not has_alpha:
         return image.convert("L")
     if mode == "P" and has_alpha:
@@ -223,15 +319,31 @@ def _thumbnail(image: Image.Image, op: Any, config: TransformConfig) -> Image.Im
 
 
 def _resize(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
+    if op.mode == "fill":
+        return _fill(image, op, config)
+    size = output_size(op, image.size) if op.mode != "pad" else _kept_ratio(op, image.size, round)
+    if size != image.size:
+        image = image.resize(size, _resample(config), reducing_gap=_gap(config))
+    return _pad(image, op, config) if op.mode == "pad" else image
+
+
+def _pad(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
+    """Centre the image on a width x height canvas: transparent where it has alpha (JPEG then
+    flattens it onto the background), the background colour where it has none."""
+    if image.size == (op.width, op.height):
+        return image
+    fill = (0,) * len(image.mode) if "A" in image.mode else _background(config, image.mode)
+    canvas = Image.new(image.mode, (op.width, op.height), fill)
+    canvas.paste(image, ((op.width - image.width) // 2, (op.height - image.height) // 2))
+    return canvas
+
+
+def _fill(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
+    """Crop the source to the box's aspect ratio around the centre, then scale."""
     w, h = image.size
-    if op.mode == "stretch":
-        return image.resize((op.width, op.height), _resample(config), reducing_gap=_gap(config))
-    if op.mode == "fit":
-        scale = min(op.width / w, op.height / h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        return image.resize(size, _resample(config), reducing_gap=_gap(config))
-    # fill: crop the source to the box's aspect ratio around the centre, then scale
     scale = max(op.width / w, op.height / h)
+    if scale > 1 and not op.enlarge:  # the part of the box the image covers, at its own size
+        return _center_crop(image, op, config)
     cw, ch = op.width / scale, op.height / scale
     box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
     return image.resize(
@@ -350,6 +462,7 @@ class WorkerSetup:
     main_pid: int  # the process that owns the run; a worker must not outlive it
     log_setup: LogSetup | None = None  # None: leave this process's logging as it is
     layout: str = "files"  # output.format
+    hash_column: str = ""  # input.hash_column: the input column with each body's sha256
 
 
 _setup: WorkerSetup | None = None
@@ -391,7 +504,9 @@ def process_many(items: list[Fetched]) -> list[Outcome]:
     """Several images in one pool task: the hand-off to the pool is paid once for them all.
 
     Whatever one image raises is that image's row, and the others go on; but an OutputError
-    (the disk is full) is raised: it is not the image's fault.
+    (the disk is full) is raised: it is not the image's fault. Nor is a bug of ours (any other
+    exception than an ItemError): its row is ``internal_error``, which a rerun retries once the
+    bug is fixed.
     """
     outcomes = []
     for item in items:
@@ -400,10 +515,34 @@ def process_many(items: list[Fetched]) -> list[Outcome]:
         except PipelineError:  # the output folder, not the image: the lane stops the run
             raise
         except Exception as exc:  # not an ItemError: a bug, but still only this image's row
-            log.warning("%s: the transform raised %s: %s", item.job.key, type(exc).__name__, exc)
-            error = TransformError("transform_error", f"{type(exc).__name__}: {exc}")
+            error = internal_error(item.job.key, exc)
             outcomes.append(Outcome.failed(item.job, error, download_ms=item.download_ms))
     return outcomes
+
+
+_logged: set[str] = set()  # exception types whose traceback this process has logged
+
+
+def internal_error(key: str, exc: BaseException) -> TransformError:
+    """The row's error for a bug; its traceback is logged once per exception type a process."""
+    name = type(exc).__name__
+    message = " ".join(f"{name}: {exc}".split())  # one line
+    if name in _logged:
+        log.debug("%s: the transform raised %s", key, message)
+    else:
+        _logged.add(name)
+        log.warning("%s: the transform raised %s", key, message, exc_info=exc)
+    return TransformError("internal_error", message)
+
+
+def verify(job: Job, digest: str, column: str) -> None:
+    """Raise ``hash_mismatch`` if the input's ``column`` gives another sha256 than ``digest``
+    (an empty cell, or no such column on this line, has nothing to check)."""
+    expected = (job.columns or {}).get(column) if column else None
+    if expected is None or expected == "":
+        return
+    if str(expected).strip().lower() != digest:
+        raise TransformError("hash_mismatch", f"sha256 {digest}, but {column} is {expected!r}")
 
 
 def process(fetched: Fetched) -> Outcome:
@@ -411,8 +550,14 @@ def process(fetched: Fetched) -> Outcome:
     assert _setup is not None, "init_worker was not run in this process"
     started, cpu_started = time.perf_counter(), time.process_time()
     job = fetched.job
-    common: dict[str, Any] = {"http_status": fetched.http_status, "bytes_in": len(fetched.body)}
+    original = hashlib.sha256(fetched.body).hexdigest()
+    common: dict[str, Any] = {
+        "http_status": fetched.http_status,
+        "bytes_in": len(fetched.body),
+        "original_sha256": original,
+    }
     try:
+        verify(job, original, _setup.hash_column)
         encoded = transform_bytes(fetched.body, _setup.config)
         ext = EXTENSIONS[_setup.config.format]
         if _setup.layout == "webdataset":  # staged; the row names the sample's member
@@ -428,6 +573,7 @@ def process(fetched: Fetched) -> Outcome:
         return Outcome.failed(
             job, err, download_ms=fetched.download_ms, transform_ms=elapsed, cpu_ms=cpu, **common
         )
+    kept = encoded.data is fetched.body  # reencode = false, and no op changed the image
     return Outcome.of(
         job,
         "ok",
@@ -437,7 +583,7 @@ def process(fetched: Fetched) -> Outcome:
         width_out=encoded.size_out[0],
         height_out=encoded.size_out[1],
         path=path,
-        sha256=hashlib.sha256(encoded.data).hexdigest(),
+        sha256=original if kept else hashlib.sha256(encoded.data).hexdigest(),
         download_ms=fetched.download_ms,
         transform_ms=round((time.perf_counter() - started) * 1000, 2),
         cpu_ms=round((time.process_time() - cpu_started) * 1000, 2),

@@ -101,5 +101,7 @@ def test_run_stats_count_kinds_and_failing_hosts():
         )
     stats.add(Outcome("0-9", "0-1", "a.txt", 9, "http://b.test/1", "duplicate", duplicate_of="0-2"))
     assert (stats.urls, stats.ok, stats.failed["http_4xx"], stats.duplicates) == (6, 1, 4, 1)
-    assert stats.hosts.most_common(1) == [("b.test", 2)]
+    stats.add(Outcome("0-8", "0-1", "a.txt", 8, "http://d.test/8", "filtered", "too_small"))
+    assert (stats.urls, stats.failed.total(), dict(stats.filtered)) == (7, 4, {"too_small": 1})
+    assert stats.hosts.most_common(1) == [("b.test", 2)] and "d.test" not in stats.hosts
     assert stats.bytes_in == 5 and stats.bytes_out == 2

@@ -91,7 +91,8 @@ def test_no_verdict_without_a_saturated_stage_or_enough_urls():
 def test_report_json_round_trips(tmp_path):
     (tmp_path / "manifest").mkdir()
     original = replace(report(download=97, transform=15), failed={"http_4xx": 2},
-                       failing_hosts=(("a.test", 2),), interrupted="SIGINT")  # fmt: skip
+                       failing_hosts=(("a.test", 2),), interrupted="SIGINT",
+                       filtered={"too_small": 3})  # fmt: skip
     original = replace(original, verdict=diagnose(original))
     original.save(tmp_path)
     assert load_report(tmp_path) == original
@@ -113,15 +114,17 @@ def test_the_manifest_is_counted_whole_and_bad_folders_are_refused(tmp_path):
             sink.add(outcome(i))
         sink.add(outcome(5, "failed", "not_image"))
         sink.add(outcome(6, "failed", "not_image"))
+        sink.add(outcome(7, "filtered", "aspect_ratio"))
     stats = count_manifest(tmp_path)
     assert (stats.urls, stats.ok, dict(stats.failed), stats.bytes_in) == (
-        7,
+        8,
         5,
         {"not_image": 2},
-        70,
+        80,
     )
     text = format_folder(stats)
-    assert "7 URLs recorded: 5 ok, 2 failed" in text and "not_image" in text and "bad.test" in text
+    assert "8 URLs recorded: 5 ok, 2 failed, 1 filtered" in text and "bad.test" in text
+    assert "filtered    1 left out by the filters: aspect_ratio 1" in text and "not_image" in text
     assert load_report(tmp_path) is None  # no run finished here
     (tmp_path / "report.json").write_text("{broken")
     with pytest.raises(PipelineError, match=r"report\.json"):
@@ -142,6 +145,7 @@ def test_the_report_fits_80_columns_with_every_line_it_can_have():
         interrupted="SIGTERM",
         failing_hosts=(("a-very-long-host-name.images.example-cdn.test", 10),),
         failed={"decompression_bomb": 10},
+        filtered={"too_small": 10**6, "aspect_ratio": 10**6},
         stragglers={"count": 1000, "after_s": 2.0, "median_s": 10.2, "longest_s": 60.0,
                     "peak": 128, "capped": 77,
                     "hosts": [["slow-host-number-one.test", 500], ["two.test", 3]]},
@@ -151,5 +155,6 @@ def test_the_report_fits_80_columns_with_every_line_it_can_have():
     text = format_report(full)
     assert full.verdict is not None and len(full.verdict.advice) > 79  # it had to wrap
     assert "stragglers  1000 downloads over 2 s" in text
+    assert "filtered    2000000 left out by the filters: too_small 1000000, aspect_ratio" in text
     for line in text.splitlines():
         assert len(line) <= 79, line

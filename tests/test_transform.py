@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
+import pickle
 import signal
+import struct
 import time
+import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from helpers import encode, photo
 from PIL import Image
 
+from pipeline import transform
 from pipeline.bench.faults import bomb_png
 from pipeline.config import (
     Blur,
@@ -23,7 +30,7 @@ from pipeline.config import (
     Thumbnail,
     TransformConfig,
 )
-from pipeline.errors import OutputError, TransformError
+from pipeline.errors import Filtered, OutputError, TransformError, is_final
 from pipeline.records import Fetched, Job
 from pipeline.transform import (
     WorkerSetup,
@@ -245,3 +252,170 @@ def test_an_unwritable_output_stops_the_run_instead_of_failing_the_image(tmp_pat
             process_many([fetched(JPEG)])
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# --- resize modes, enlarge ----------------------------------------------------------------------
+
+PORTRAIT = encode(photo(600, 800, seed=2), "JPEG", quality=90)
+
+
+@pytest.mark.parametrize(
+    ("body", "op", "size"),
+    [
+        (JPEG, Resize(200, 200, "cover"), (267, 200)),  # the shortest side is the box's
+        (PORTRAIT, Resize(200, 200, "cover"), (200, 267)),
+        (JPEG, Resize(1000, 1000, "cover"), (1333, 1000)),  # cover enlarges by default
+        (JPEG, Resize(1000, 1000, "cover", enlarge=False), (800, 600)),
+        (JPEG, Resize(1000, 300, "cover", enlarge=False), (800, 600)),  # covered already
+        (JPEG, Resize(200, 200, "pad"), (200, 200)),
+        (PORTRAIT, Resize(300, 200, "pad"), (300, 200)),
+        (JPEG, Resize(1000, 1000, "pad", enlarge=False), (1000, 1000)),  # padded, not enlarged
+        (JPEG, Resize(1000, 1000, "fit", enlarge=False), (800, 600)),
+        (JPEG, Resize(1000, 500, "fit", enlarge=False), (667, 500)),  # shrinking is allowed
+        (PORTRAIT, Resize(1000, 500, "fit", enlarge=False), (375, 500)),
+        (JPEG, Resize(1000, 400, "fill", enlarge=False), (800, 400)),  # the part it covers
+        (JPEG, Resize(400, 300, "fill", enlarge=False), (400, 300)),
+        (JPEG, Resize(1000, 400, "stretch", enlarge=False), (800, 400)),
+    ],
+)
+def test_resize_modes_give_their_size(body, op, size):
+    assert out(body, op).size == size
+
+
+def test_pad_fills_the_borders_with_the_background_or_keeps_them_transparent():
+    padded = out(JPEG, Resize(200, 200, "pad"), format="png", background="#ff0000")
+    assert padded.getpixel((100, 5)) == padded.getpixel((100, 194)) == (255, 0, 0)  # 200x150
+    assert padded.getpixel((100, 100)) != (255, 0, 0)
+    alpha = photo(200, 100)
+    alpha.putalpha(255)
+    body = encode(alpha, "PNG")
+    kept = out(body, Resize(100, 100, "pad"), format="png", background="#ff0000")
+    assert kept.mode == "RGBA" and kept.getpixel((50, 5))[3] == 0 and kept.getpixel((50, 50))[3]
+    flat = out(body, Resize(100, 100, "pad"), format="jpeg", background="#ff0000")
+    red, green, blue = flat.getpixel((50, 5))
+    assert red > 240 and green < 15 and blue < 15  # JPEG has no alpha: the background shows
+
+
+def test_cover_drafts_no_smaller_than_it_needs():
+    assert draft_size(TransformConfig(ops=(Resize(100, 100, "cover"),)), (400, 200)) == (200, 100)
+    assert draft_size(TransformConfig(ops=(Resize(100, 100, "pad"),)), (400, 200)) == (100, 50)
+    small = TransformConfig(ops=(Resize(100, 100, "cover", enlarge=False),))
+    assert draft_size(small, (50, 40)) == (50, 40)
+    wide = encode(photo(2000, 1000), "JPEG")
+    cover = TransformConfig(ops=(Resize(256, 256, "cover"),))
+    image, _ = decode(wide, cover)
+    assert image.size == (1000, 500)  # 1/4 (500x250) would be lower than 256
+    assert decode(wide, TransformConfig(ops=(Resize(256, 256, "fit"),)))[0].size == (500, 250)
+    assert out(wide, Resize(256, 256, "cover")).size == (512, 256)
+
+
+def test_cover_of_a_strip_is_refused_past_max_pixels():
+    strip = encode(photo(1000, 2), "PNG")
+    with pytest.raises(TransformError, match=r"resize would make 50000x100 pixels") as caught:
+        transform_bytes(strip, TransformConfig(ops=(Resize(100, 100, "cover"),), max_pixels=10**6))
+    assert caught.value.kind == "decompression_bomb"
+
+
+# --- filters ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "kind"),
+    [
+        ({"min_width": 801}, "too_small"),
+        ({"min_height": 601}, "too_small"),
+        ({"max_aspect_ratio": 1.3}, "aspect_ratio"),  # 800 / 600 = 1.33
+    ],
+)
+def test_filters_refuse_from_the_header_before_any_pixel_is_decoded(options, kind):
+    truncated = JPEG[: len(JPEG) // 2]  # its pixels cannot be decoded: its header is read
+    with pytest.raises(Filtered) as caught:
+        transform_bytes(truncated, TransformConfig(**options))
+    assert caught.value.kind == kind and is_final(kind)
+    assert pickle.loads(pickle.dumps(caught.value)).kind == kind
+    passing = {"min_width": 800, "min_height": 600, "max_aspect_ratio": 1.34}
+    assert out(JPEG, Thumbnail(64, 64), **passing).size == (64, 48)
+
+
+def test_a_filtered_image_is_a_filtered_row_without_output(worker: Path):
+    tiny = fetched(encode(photo(16, 16), "PNG"))
+    with_filter = replace(transform._setup, config=TransformConfig(min_width=64))
+    init_worker(with_filter)
+    outcome = process(tiny)
+    assert (outcome.status, outcome.error_kind, outcome.path) == ("filtered", "too_small", None)
+    assert "16x16" in str(outcome.error)
+    assert not (worker / "images").exists()
+
+
+# --- reencode = false, original_sha256, input.hash_column ----------------------------------------
+
+
+def test_the_original_bytes_are_kept_when_no_op_changes_the_image():
+    kept = TransformConfig(
+        ops=(ExifTranspose(), Resize(1000, 1000, enlarge=False), Thumbnail(900, 900)),
+        reencode=False,
+    )
+    assert transform_bytes(JPEG, kept).data == JPEG
+    png = encode(photo(80, 60), "PNG")
+    assert transform_bytes(png, replace(kept, format="png")).data == png
+    shrink = replace(kept, ops=(Thumbnail(200, 200),))
+    assert Image.open(io.BytesIO(transform_bytes(JPEG, shrink).data)).size == (200, 150)
+    assert transform_bytes(png, kept).data[:3] == b"\xff\xd8\xff"  # PNG in, JPEG out: encoded
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = encode(photo(80, 60), "JPEG", exif=exif)
+    assert Image.open(io.BytesIO(transform_bytes(turned, kept).data)).size == (60, 80)
+    assert transform_bytes(JPEG, replace(kept, reencode=True)).data != JPEG
+
+
+def test_rows_carry_the_downloaded_bytes_hash_and_a_mismatch_fails(worker: Path):
+    setup = replace(transform._setup, config=TransformConfig(ops=(), reencode=False))
+    init_worker(replace(setup, hash_column="sha"))
+    digest = hashlib.sha256(JPEG).hexdigest()
+    job = Job(2, 17, "http://x/a.jpg", "00002-000000001", columns={"sha": digest.upper()})
+    ok = process(Fetched(job, JPEG, 200, "image/jpeg", 5.0))
+    assert ok.status == "ok" and ok.original_sha256 == ok.sha256 == digest
+    assert (worker / str(ok.path)).read_bytes() == JPEG
+    wrong = replace(job, line=18, columns={"sha": "0" * 64})
+    failed = process(Fetched(wrong, JPEG, 200, "image/jpeg", 5.0))
+    assert (failed.status, failed.error_kind, failed.path) == ("failed", "hash_mismatch", None)
+    assert failed.original_sha256 == digest and is_final("hash_mismatch")
+
+
+# --- 16-bit images, bugs ------------------------------------------------------------------------
+
+
+def png16_rgb(value: tuple[int, int, int], size: int = 4) -> bytes:
+    """A 16-bit RGB PNG (Pillow cannot write one)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    raw = b"".join(b"\x00" + struct.pack(">HHH", *value) * size for _ in range(size))
+    header = struct.pack(">IIBBBBB", size, size, 16, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))  # fmt: skip
+
+
+def test_16_bit_levels_are_scaled_to_8_bits_not_clipped():
+    grey = encode(Image.new("I;16", (4, 4), 40000), "PNG")
+    assert Image.open(io.BytesIO(grey)).mode == "I;16"
+    assert out(grey, format="png").getpixel((0, 0)) == 156  # 40000 / 256, not 255
+    assert out(png16_rgb((40000, 20000, 65535)), format="png").getpixel((0, 0)) == (156, 78, 255)
+
+
+def test_a_bug_in_an_op_is_a_retryable_internal_error(worker: Path, monkeypatch, caplog):
+    def broken(image, op, config):
+        raise RuntimeError("a bug\nover two lines")
+
+    monkeypatch.setitem(transform._APPLY, Thumbnail, broken)
+    monkeypatch.setattr(transform, "_logged", set())
+    with caplog.at_level(logging.DEBUG, logger="pipeline.transform"):
+        outcomes = process_many([fetched(JPEG), fetched(JPEG, "http://x/b.jpg")])
+    assert {(o.status, o.error_kind, o.error) for o in outcomes} == {
+        ("failed", "internal_error", "RuntimeError: a bug over two lines")
+    }
+    assert not is_final("internal_error")
+    tracebacks = [r for r in caplog.records if r.exc_info and r.levelno == logging.WARNING]
+    assert len(tracebacks) == 1  # once, not once an image
