@@ -188,20 +188,21 @@ def _unidentified(body: bytes, config: TransformConfig) -> str:
 
 
 def screen(size: tuple[int, int], config: TransformConfig) -> None:
-    """The filters, on the size the header gives (as stored: before any EXIF rotation)."""
+    """The filters, on the size the header gives (as stored: before any EXIF rotation). The
+    shape is judged first: a 2000x20 banner is ``aspect_ratio``, even when it is too low too."""
     w, h = size
-    if w < config.min_width or h < config.min_height:
-        raise Filtered(
-            "too_small",
-            f"{w}x{h} is smaller than transform.min_width x min_height "
-            f"({config.min_width}x{config.min_height})",
-        )
     ratio = max(w, h) / max(1, min(w, h))
     if config.max_aspect_ratio and ratio > config.max_aspect_ratio:
         raise Filtered(
             "aspect_ratio",
             f"{w}x{h}: aspect ratio {ratio:.3g} > transform.max_aspect_ratio "
             f"{config.max_aspect_ratio:g}",
+        )
+    if w < config.min_width or h < config.min_height:
+        raise Filtered(
+            "too_small",
+            f"{w}x{h} is smaller than transform.min_width x min_height "
+            f"({config.min_width}x{config.min_height})",
         )
 
 

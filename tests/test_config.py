@@ -84,6 +84,13 @@ def error_for(toml: str, tmp_path: Path) -> str:
         ('[[transform.ops]]\nop = "resize"\nwidth = 9\nheight = 9\nmode = "crop"\n',
          "transform.ops[0](resize).mode", "crop"),
         ('[[transform.ops]]\nop = "blur"\nradius = -1\n', "transform.ops[0](blur).radius", "-1"),
+        ('[[transform.ops]]\nop = "resize"\nwidth = 9\nheight = 9\nenlarge = 0\n',
+         "transform.ops[0](resize).enlarge", "true or false"),
+        ("[transform]\nmin_width = -1\n", "transform.min_width", "-1"),
+        ("[transform]\nmin_height = 70000\n", "transform.min_height", "70000"),
+        ("[transform]\nmax_aspect_ratio = 0.5\n", "transform.max_aspect_ratio", "0 (off) or"),
+        ('[transform]\nreencode = "no"\n', "transform.reencode", "'no'"),
+        ('[input]\nhash_column = "url"\n', "input.hash_column", "another column than url_column"),
         ('[download]\nuser_agent = "a\\r\\nX: 1"\n', "download.user_agent", "'a\\r\\nX: 1'"),
         ('[download]\nuser_agent = " ua"\n', "download.user_agent", "' ua'"),
         ('[download]\nuser_agent = "ua\\u00e9"\n', "download.user_agent", "printable ASCII"),
@@ -133,8 +140,11 @@ def test_ops_are_built_in_order():
     config = parse_config({"transform": {"ops": [
         {"op": "thumbnail", "width": 10, "height": 20},
         {"op": "resize", "width": 5, "height": 5, "mode": "fill"},
+        {"op": "resize", "width": 5, "height": 5, "mode": "cover", "enlarge": False},
+        {"op": "resize", "width": 5, "height": 5, "mode": "pad"},
     ]}})  # fmt: skip
-    assert config.transform.ops == (Thumbnail(10, 20), Resize(5, 5, "fill"))
+    assert config.transform.ops == (Thumbnail(10, 20), Resize(5, 5, "fill"),
+                                     Resize(5, 5, "cover", False), Resize(5, 5, "pad"))  # fmt: skip
 
 
 def test_overrides_are_validated_like_the_file():
