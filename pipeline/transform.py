@@ -3,7 +3,8 @@
 ``transform_bytes`` is the pure part (bytes in, bytes out) and is what the unit tests exercise.
 ``init_worker`` and ``process`` are the pool's side: the config is sent once per process by the
 initializer, each task sends one Fetched body and gets back a small Outcome, and the worker writes
-the output file itself, so the parent never touches image bytes twice.
+the output file itself, so the parent never touches image bytes twice. What each op does, and
+the size it makes, is ``ops``.
 
 When the chain only shrinks (its first geometric op is ``thumbnail`` or ``resize``, with only
 ``exif_transpose``/``grayscale`` before it), a JPEG is decoded with ``draft``: libjpeg scales by
@@ -28,31 +29,26 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .atomic import write_atomic
 from .config import (
-    OPS,
-    Blur,
-    CenterCrop,
-    Crash,
     ExifTranspose,
     Grayscale,
     Op,
     Resize,
     Rotate,
-    Sharpen,
     Sleep,
     Thumbnail,
     TransformConfig,
 )
 from .errors import Filtered, ItemError, PipelineError, TransformError
 from .logs import LogSetup, configure_worker
+from .ops import ORIENTATION, apply_op, background, leaves_alone, op_name, output_size, scaled_size
 from .records import STAGING_DIR, Fetched, Job, Outcome
 
 log = logging.getLogger(__name__)
@@ -60,7 +56,6 @@ log = logging.getLogger(__name__)
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 _SAME_FORMAT = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}  # a decoder's name: its output
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
-_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +78,7 @@ def transform_bytes(body: bytes, config: TransformConfig) -> Encoded:
         try:
             image = apply_op(image, op, config)
         except (OSError, ValueError) as exc:
-            raise TransformError("transform_error", f"{_op_name(op)} failed: {exc}") from exc
+            raise TransformError("transform_error", f"{op_name(op)} failed: {exc}") from exc
     return Encoded(encode(image, config), size_in, image.size)
 
 
@@ -100,7 +95,7 @@ def _check_output(op: Op, size: tuple[int, int], max_pixels: int) -> None:
     if w * h > max_pixels:
         raise TransformError(
             "decompression_bomb",
-            f"{_op_name(op)} would make {w}x{h} pixels > transform.max_pixels {max_pixels}",
+            f"{op_name(op)} would make {w}x{h} pixels > transform.max_pixels {max_pixels}",
         )
 
 
@@ -213,22 +208,7 @@ def keeps_original(image: Image.Image, config: TransformConfig) -> bool:
         return False
     if getattr(image, "is_animated", False):  # an encoder would keep the first frame only
         return False
-    return all(_leaves_alone(op, image) for op in config.ops)
-
-
-def _leaves_alone(op: Op, image: Image.Image) -> bool:
-    size = image.size
-    if isinstance(op, ExifTranspose):
-        return bool(image.getexif().get(_ORIENTATION, 1) == 1)
-    if isinstance(op, Thumbnail | Resize):
-        return output_size(op, size) == size
-    if isinstance(op, CenterCrop):
-        return size[0] <= op.width and size[1] <= op.height
-    if isinstance(op, Rotate):
-        return op.degrees % 360 == 0
-    if isinstance(op, Grayscale):
-        return image.mode in ("L", "LA")
-    return False  # sharpen, blur, and the test-only ops
+    return all(leaves_alone(op, image) for op in config.ops)
 
 
 def draft_size(
@@ -242,48 +222,15 @@ def draft_size(
     upright = (size[1], size[0]) if swaps_axes else size  # as the ops will see it
     for op in config.ops:
         if isinstance(op, Thumbnail | Resize):
-            need = _scaled_size(op, upright)
+            need = scaled_size(op, upright)
             return (need[1], need[0]) if swaps_axes else need
         if not isinstance(op, ExifTranspose | Grayscale | Sleep):
             return None
     return None
 
 
-def output_size(op: Thumbnail | Resize, size: tuple[int, int]) -> tuple[int, int]:
-    """The size ``op`` makes of an image of ``size``."""
-    w, h = size
-    if isinstance(op, Thumbnail):  # Pillow's own rounding may differ by a pixel: not drawn on
-        return size if w <= op.width and h <= op.height else _kept_ratio(op, size, round)
-    box = (op.width, op.height)
-    if op.mode == "pad":
-        return box
-    if op.mode in ("fill", "stretch"):  # not enlarged: the box, cut to the image
-        grows = op.width > w or op.height > h
-        return (min(op.width, w), min(op.height, h)) if grows and not op.enlarge else box
-    return _kept_ratio(op, size, round)  # fit, cover
-
-
-def _scaled_size(op: Thumbnail | Resize, size: tuple[int, int]) -> tuple[int, int]:
-    """The size ``op`` scales an image of ``size`` to, before a crop or a pad: the least a
-    draft must decode (fill and cover scale to cover the box, fit and pad to fit in it)."""
-    if isinstance(op, Resize) and op.mode == "stretch":
-        return output_size(op, size)
-    return _kept_ratio(op, size, math.ceil)
-
-
-def _kept_ratio(
-    op: Thumbnail | Resize, size: tuple[int, int], rounding: Callable[[float], int]
-) -> tuple[int, int]:
-    w, h = size
-    covers = isinstance(op, Resize) and op.mode in ("fill", "cover")
-    scale = max(op.width / w, op.height / h) if covers else min(op.width / w, op.height / h)
-    if not (isinstance(op, Resize) and op.enlarge):
-        scale = min(scale, 1.0)
-    return (max(1, rounding(w * scale)), max(1, rounding(h * scale)))
-
-
 def _swaps_axes(image: Image.Image) -> bool:
-    return image.format == "JPEG" and image.getexif().get(_ORIENTATION) in _SWAPS_AXES
+    return image.format == "JPEG" and image.getexif().get(ORIENTATION) in _SWAPS_AXES
 
 
 def normalize_mode(image: Image.Image) -> Image.Image:
@@ -301,134 +248,10 @@ def normalize_mode(image: Image.Image) -> Image.Image:
     return image.convert("RGBA" if has_alpha else "RGB")
 
 
-def apply_op(image: Image.Image, op: Op, config: TransformConfig) -> Image.Image:
-    """Apply one op; images are always in L, LA, RGB or RGBA mode here."""
-    return _APPLY[type(op)](image, op, config)
-
-
-def _resample(config: TransformConfig) -> Image.Resampling:
-    return Image.Resampling[config.resample.upper()]
-
-
-def _gap(config: TransformConfig) -> float | None:
-    return config.reducing_gap or None
-
-
-def _thumbnail(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    image.thumbnail((op.width, op.height), _resample(config), reducing_gap=_gap(config))
-    return image
-
-
-def _resize(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    if op.mode == "fill":
-        return _fill(image, op, config)
-    size = output_size(op, image.size) if op.mode != "pad" else _kept_ratio(op, image.size, round)
-    if size != image.size:
-        image = image.resize(size, _resample(config), reducing_gap=_gap(config))
-    return _pad(image, op, config) if op.mode == "pad" else image
-
-
-def _pad(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    """Centre the image on a width x height canvas: transparent where it has alpha (JPEG then
-    flattens it onto the background), the background colour where it has none."""
-    if image.size == (op.width, op.height):
-        return image
-    fill = (0,) * len(image.mode) if "A" in image.mode else _background(config, image.mode)
-    canvas = Image.new(image.mode, (op.width, op.height), fill)
-    canvas.paste(image, ((op.width - image.width) // 2, (op.height - image.height) // 2))
-    return canvas
-
-
-def _fill(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    """Crop the source to the box's aspect ratio around the centre, then scale."""
-    w, h = image.size
-    scale = max(op.width / w, op.height / h)
-    if scale > 1 and not op.enlarge:  # the part of the box the image covers, at its own size
-        return _center_crop(image, op, config)
-    cw, ch = op.width / scale, op.height / scale
-    box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
-    return image.resize(
-        (op.width, op.height), _resample(config), box=box, reducing_gap=_gap(config)
-    )
-
-
-def _center_crop(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    w, h = image.size
-    cw, ch = min(op.width, w), min(op.height, h)
-    left, top = (w - cw) // 2, (h - ch) // 2
-    return image.crop((left, top, left + cw, top + ch))
-
-
-def _grayscale(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    return image.convert("LA" if image.mode in ("LA", "RGBA") else "L")
-
-
-def _rotate(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    turns = {
-        90: Image.Transpose.ROTATE_90,
-        180: Image.Transpose.ROTATE_180,
-        270: Image.Transpose.ROTATE_270,
-    }
-    degrees = op.degrees % 360
-    if degrees == 0:
-        return image
-    if degrees in turns:  # lossless and exact
-        return image.transpose(turns[int(degrees)])
-    fill = (0,) * len(image.mode) if "A" in image.mode else _background(config, image.mode)
-    return image.rotate(degrees, Image.Resampling.BICUBIC, expand=True, fillcolor=fill)
-
-
-def _sharpen(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    return image.filter(ImageFilter.UnsharpMask(op.radius, op.percent, op.threshold))
-
-
-def _blur(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    return image.filter(ImageFilter.GaussianBlur(op.radius))
-
-
-def _crash(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    if image.size == (op.width, op.height):
-        os._exit(70)  # as a segfaulting decoder or the OOM killer would: no cleanup, no result
-    return image
-
-
-def _sleep(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    log.debug("_sleep: %g s", op.seconds)  # a test knows a transform is under way
-    time.sleep(op.seconds)
-    return image
-
-
-def _exif_transpose(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    return ImageOps.exif_transpose(image) or image
-
-
-_APPLY: dict[type[Any], Callable[[Image.Image, Any, TransformConfig], Image.Image]] = {
-    ExifTranspose: _exif_transpose,
-    Thumbnail: _thumbnail,
-    Resize: _resize,
-    CenterCrop: _center_crop,
-    Grayscale: _grayscale,
-    Rotate: _rotate,
-    Sharpen: _sharpen,
-    Blur: _blur,
-    Crash: _crash,
-    Sleep: _sleep,
-}
-
-
-def _op_name(op: Op) -> str:
-    return next(name for name, cls in OPS.items() if isinstance(op, cls))
-
-
-def _background(config: TransformConfig, mode: str) -> Any:
-    rgb = Image.new("RGB", (1, 1), config.background)
-    return rgb.convert(mode).getpixel((0, 0))
-
-
 def flatten(image: Image.Image, config: TransformConfig) -> Image.Image:
     """Paste an LA/RGBA image onto the opaque ``background`` colour (for formats without alpha)."""
     mode = image.mode[:-1]  # LA -> L, RGBA -> RGB
-    flat = Image.new(mode, image.size, _background(config, mode))
+    flat = Image.new(mode, image.size, background(config, mode))
     flat.paste(image.convert(mode), mask=image.getchannel("A"))
     return flat
 

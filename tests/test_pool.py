@@ -381,7 +381,7 @@ def test_a_failed_quarantine_submit_strands_no_other_suspect(make_run, monkeypat
 # --- a task that raises -------------------------------------------------------------------------
 
 
-def test_a_task_that_raises_is_one_transform_error_row_per_image(make_run, monkeypatch):
+def test_a_task_that_raises_is_one_retryable_internal_error_row_per_image(make_run, monkeypatch):
     # a local function cannot be pickled: every task fails in the pool's feeder thread
     monkeypatch.setattr(pipeline.pool, "process_many", lambda items: None)
     run = make_run(workers=1)
@@ -395,7 +395,7 @@ def test_a_task_that_raises_is_one_transform_error_row_per_image(make_run, monke
     assert [lines_ for lines_, _ in chunks] == [[0, 1, 2]]
     assert lines(run.outcomes) == [0, 1, 2]  # one task's error, a row for each of its images
     for outcome in run.outcomes:
-        assert (outcome.status, outcome.error_kind) == ("failed", "transform_error")
+        assert (outcome.status, outcome.error_kind) == ("failed", "internal_error")  # a bug
         assert "pickle" in str(outcome.error)
     assert run.pool.in_flight == 0 and run.pool.restarts == 0
     total = run.stage.total()

@@ -17,7 +17,7 @@ import pytest
 from helpers import encode, photo
 from PIL import Image
 
-from pipeline import transform
+from pipeline import ops, transform
 from pipeline.bench.faults import bomb_png
 from pipeline.config import (
     Blur,
@@ -409,7 +409,7 @@ def test_a_bug_in_an_op_is_a_retryable_internal_error(worker: Path, monkeypatch,
     def broken(image, op, config):
         raise RuntimeError("a bug\nover two lines")
 
-    monkeypatch.setitem(transform._APPLY, Thumbnail, broken)
+    monkeypatch.setitem(ops._APPLY, Thumbnail, broken)
     monkeypatch.setattr(transform, "_logged", set())
     with caplog.at_level(logging.DEBUG, logger="pipeline.transform"):
         outcomes = process_many([fetched(JPEG), fetched(JPEG, "http://x/b.jpg")])
