@@ -74,7 +74,7 @@ def _kept_ratio(
 def leaves_alone(op: Op, image: Image.Image) -> bool:
     """True if ``op`` changes no pixel of ``image``, an opened image not yet decoded."""
     size = image.size
-    if isinstance(op, ExifTranspose):
+    if isinstance(op, ExifTranspose):  # read from the header, but a PNG's after its pixels
         return bool(image.getexif().get(ORIENTATION, 1) == 1)
     if isinstance(op, Thumbnail | Resize):
         return output_size(op, size) == size

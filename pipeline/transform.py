@@ -208,7 +208,10 @@ def keeps_original(image: Image.Image, config: TransformConfig) -> bool:
         return False
     if getattr(image, "is_animated", False):  # an encoder would keep the first frame only
         return False
-    return all(leaves_alone(op, image) for op in config.ops)
+    try:
+        return all(leaves_alone(op, image) for op in config.ops)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a PNG's EXIF may follow its
+        raise TransformError("decode_error", f"{image.format} image: {exc}") from None  # pixels
 
 
 def draft_size(
