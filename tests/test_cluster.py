@@ -29,8 +29,17 @@ from pipeline.sink import read_manifest
 
 pytest.importorskip("distributed")
 
-from pipeline.cluster import DAEMON_HELP, INSTALL, connect, run_on_dask, run_shard
+from pipeline.cluster import (
+    DAEMON_HELP,
+    INSTALL,
+    ShardResult,
+    connect,
+    merge,
+    run_on_dask,
+    run_shard,
+)
 from pipeline.records import ShardEnd
+from pipeline.report import Report
 
 SHARD = 25
 
@@ -189,3 +198,14 @@ def test_a_bad_dask_address_is_a_one_line_error(tmp_path):
     (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
     result = pipeline("run", str(tmp_path / "urls.txt"), "--dask", "http://10.0.0.5:8786")
     assert_one_line_error(result, "executor.address", "http://10.0.0.5:8786")
+
+
+def test_the_shards_filtered_counts_are_merged():
+    def shard(name: str, filtered: dict[str, int]) -> ShardResult:
+        report = Report(urls=3, ok=1, failed={"dns": 1}, wall_s=1.0, bytes_in=0, bytes_out=0,
+                        filtered=filtered)  # fmt: skip
+        return ShardResult(name, report, {}, {})
+
+    results = [shard("a", {"too_small": 1}), shard("b", {"too_small": 1, "aspect_ratio": 1})]
+    merged = merge(results, 1.0, skipped=0, cluster_workers=1)
+    assert merged.filtered == {"too_small": 2, "aspect_ratio": 1} and merged.urls == 6
