@@ -132,7 +132,9 @@ def _fill(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
     if scale > 1 and not op.enlarge:  # the part of the box the image covers, at its own size
         return _center_crop(image, op, config)
     cw, ch = op.width / scale, op.height / scale
-    box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+    # clamped: 256 / (256 / 509) is 509.00000000000006, and Pillow refuses a box past the image
+    left, top = max(0.0, (w - cw) / 2), max(0.0, (h - ch) / 2)
+    box = (left, top, min(w, left + cw), min(h, top + ch))
     return image.resize(
         (op.width, op.height), _resample(config), box=box, reducing_gap=_gap(config)
     )

@@ -282,6 +282,11 @@ def test_resize_modes_give_their_size(body, op, size):
     assert out(body, op).size == size
 
 
+def test_fill_survives_a_rounding_error_at_the_edge():
+    # drafted to 679x509, the crop box's height comes out as 509.00000000000006
+    assert out(encode(photo(1358, 1018), "JPEG"), Resize(256, 256, "fill")).size == (256, 256)
+
+
 def test_pad_fills_the_borders_with_the_background_or_keeps_them_transparent():
     padded = out(JPEG, Resize(200, 200, "pad"), format="png", background="#ff0000")
     assert padded.getpixel((100, 5)) == padded.getpixel((100, 194)) == (255, 0, 0)  # 200x150
