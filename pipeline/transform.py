@@ -70,7 +70,7 @@ def transform_bytes(body: bytes, config: TransformConfig) -> Encoded:
     (or Filtered). With ``reencode = false``, a body that no op changes is returned as it came."""
     image = open_image(body, config)
     size_in = image.size
-    if not config.reencode and keeps_original(image, config):
+    if not config.reencode and ends_whole(body, image.format) and keeps_original(image, config):
         return Encoded(body, size_in, size_in)
     image = load(image, config)
     for op in config.ops:
@@ -199,6 +199,18 @@ def screen(size: tuple[int, int], config: TransformConfig) -> None:
             f"{w}x{h} is smaller than transform.min_width x min_height "
             f"({config.min_width}x{config.min_height})",
         )
+
+
+def ends_whole(body: bytes, fmt: str | None) -> bool:
+    """A look at the end of a body to be kept without decoding it: a file cut short at its
+    source is decoded instead, and fails as decode_error, rather than kept broken."""
+    if fmt == "JPEG":
+        return body.rstrip(b"\0").endswith(b"\xff\xd9")  # the end-of-image marker
+    if fmt == "PNG":
+        return body.endswith(b"IEND\xaeB`\x82")  # the IEND chunk and its CRC
+    if fmt == "WEBP":
+        return len(body) >= 8 + int.from_bytes(body[4:8], "little")  # the RIFF size
+    return False
 
 
 def keeps_original(image: Image.Image, config: TransformConfig) -> bool:

@@ -371,9 +371,12 @@ def test_the_original_bytes_are_kept_when_no_op_changes_the_image():
     turned = encode(photo(80, 60), "JPEG", exif=exif)
     assert Image.open(io.BytesIO(transform_bytes(turned, kept).data)).size == (60, 80)
     assert transform_bytes(JPEG, replace(kept, reencode=True)).data != JPEG
-    with pytest.raises(TransformError) as caught:  # its EXIF is looked for past its pixels
-        transform_bytes(png[: len(png) // 2], replace(kept, format="png"))
-    assert caught.value.kind == "decode_error"
+    for body, fmt in ((png, "png"), (JPEG, "jpeg")):  # cut short: decoded, not kept broken
+        with pytest.raises(TransformError) as caught:
+            transform_bytes(body[: len(body) // 2], replace(kept, format=fmt))
+        assert caught.value.kind == "decode_error"
+    webp = encode(photo(80, 60), "WEBP")
+    assert transform_bytes(webp, replace(kept, format="webp")).data == webp
 
 
 def test_rows_carry_the_downloaded_bytes_hash_and_a_mismatch_fails(worker: Path):
