@@ -61,7 +61,7 @@ def make_pool(config: Config, out_dir: Path, workers: int) -> ProcessPoolExecuto
         context.set_forkserver_preload(["pipeline.transform"])
     setup = WorkerSetup(
         config.transform, str(out_dir), config.output.folder_size, os.getpid(),
-        LogSetup.current(), config.output.format,
+        LogSetup.current(), config.output.format, config.output.caption_column,
     )  # fmt: skip
     pool = ProcessPoolExecutor(
         max_workers=workers,
