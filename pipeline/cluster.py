@@ -43,7 +43,7 @@ from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
 from .resume import Plan, Resume
 from .runner import Coordinator, now_utc, open_run
-from .seals import MANIFEST_DIR, TarNames, part_path, shard_path
+from .seals import MANIFEST_DIR, InOrder, part_path, shard_path
 from .sink import read_rows
 from .sources import Source
 
@@ -237,8 +237,8 @@ def _drive(
                 ) from None
             raise
         results.append(result)
-        if names is not None:  # the shard's tars: the next numbers, in the order shards end
-            names.name(result.shard)
+        if names is not None:  # the shard's tars: the next numbers, in the order of the input
+            names.sealed(result.shard)
         log.info("shard %s: %d URLs, %d ok", result.shard, result.report.urls, result.report.ok)
         if on_shard is not None:
             on_shard(result)
@@ -261,27 +261,28 @@ def _drive(
                 )
                 running.add(future)
                 in_flight += 1
+                if names is not None:
+                    names.met(end.shard)
                 while in_flight >= limit:
                     collect_one()
             while in_flight:
                 collect_one()
     except BaseException:
+        if names is not None:  # the shards done are named, as a local run's are
+            with contextlib.suppress(OutputError):
+                names.finish()
         for future in running.futures:
             future.cancel()
         raise
+    if names is not None:
+        names.finish()
     report = merge(results, time.perf_counter() - started, skipped=skipped, cluster_workers=workers)
     return replace(report, started=started_at)
 
 
-def _tar_names(config: Config, out_dir: Path) -> TarNames | None:
-    """webdataset: the tars earlier runs left unnamed, named now; the names to give the rest."""
-    if config.output.format != "webdataset":
-        return None
-    names = TarNames(out_dir)
-    names.load()
-    for shard in names.unnamed:
-        names.name(shard)
-    return names
+def _tar_names(config: Config, out_dir: Path) -> InOrder | None:
+    """webdataset: names for the shards' tars, given here, in the order of the input."""
+    return InOrder.start(out_dir) if config.output.format == "webdataset" else None
 
 
 def merge(

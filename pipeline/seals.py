@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -190,6 +190,43 @@ class TarNames:
         total = sum(int(entry["samples"]) for entry in self.tars)
         index = {"tars": self.tars, "samples": total}
         write_atomic(self.out_dir / INDEX_FILE, _json(index), root=self.out_dir)
+
+
+class InOrder:
+    """Names sealed shards' tars in the order the run met the shards: each once it and every
+    shard before it is sealed (``finish``: the sealed ones left, when the run ends)."""
+
+    def __init__(self, names: TarNames) -> None:
+        self.names = names
+        self._order: deque[str] = deque()
+        self._sealed: set[str] = set()
+
+    def met(self, shard: str) -> None:
+        self._order.append(shard)
+
+    def sealed(self, shard: str) -> None:
+        self._sealed.add(shard)
+        while self._order and self._order[0] in self._sealed:
+            self._name(self._order.popleft())
+
+    def finish(self) -> None:
+        """The run ends with a shard still open: those sealed after it are named too."""
+        for shard in [shard for shard in self._order if shard in self._sealed]:
+            self._name(shard)
+        self._order.clear()
+
+    def _name(self, shard: str) -> None:
+        self._sealed.discard(shard)
+        self.names.name(shard)
+
+    @classmethod
+    def start(cls, out_dir: Path) -> InOrder:
+        """What earlier runs named finished, what they sealed unnamed named now, in name order."""
+        names = TarNames(out_dir)
+        names.load()
+        for shard in names.unnamed:
+            names.name(shard)
+        return cls(names)
 
 
 def _move(packed: int, source: str, named: int, target: str, path: Path) -> None:

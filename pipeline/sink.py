@@ -29,7 +29,7 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -43,7 +43,7 @@ from .errors import OutputError, PipelineError
 from .formats import Packed, make_formats, remove_staged
 from .records import Outcome, Row, ShardEnd
 from .seals import MANIFEST_DIR as MANIFEST_DIR
-from .seals import ShardStats, TarNames, seal_json, stats_path
+from .seals import InOrder, ShardStats, seal_json, stats_path
 from .seals import part_path as part_path
 from .seals import read_seal as read_seal
 from .seals import seal_path as seal_path
@@ -82,9 +82,7 @@ class Sink:
         # webdataset: shards in the order they were met, to name their tars in that order (not
         # with name_tars: a cluster task's, which the driver names)
         self._stats: dict[str, ShardStats] = {}  # of the shards being packed
-        self._names: TarNames | None = None
-        self._order: deque[str] = deque()
-        self._ready: set[str] = set()  # of those, the sealed ones
+        self._names: InOrder | None = None
         self.out_dir = out_dir
         self.folder = out_dir / MANIFEST_DIR
         self.flush_rows = config.flush_rows
@@ -99,10 +97,7 @@ class Sink:
         except OSError as exc:
             raise output_error(self.folder, exc) from None
         if config.format == "webdataset" and name_tars:
-            self._names = TarNames(out_dir)
-            self._names.load()
-            for shard in self._names.unnamed:  # sealed by a run that ended before naming them
-                self._names.name(shard)
+            self._names = InOrder.start(out_dir)
 
     def add(self, outcome: Outcome) -> None:
         """Record one line's outcome."""
@@ -126,7 +121,7 @@ class Sink:
         part = self._part(end.shard)
         part.end = end
         if self._names is not None:
-            self._order.append(end.shard)
+            self._names.met(end.shard)
         self._seal_if_complete(end.shard, part)
 
     def flush_due(self) -> float | None:
@@ -218,19 +213,7 @@ class Sink:
         remove_staged(self.out_dir, packed.staged)
         self.sealed += 1
         if self._names is not None:
-            self._ready.add(shard)
-            self._name(self._ready_prefix())
-
-    def _ready_prefix(self) -> Iterator[str]:
-        """The sealed shards at the head of the order: named now, in order."""
-        while self._order and self._order[0] in self._ready:
-            yield self._order.popleft()
-
-    def _name(self, shards: Iterable[str]) -> None:
-        assert self._names is not None
-        for shard in shards:
-            self._ready.discard(shard)
-            self._names.name(shard)
+            self._names.sealed(shard)
 
     @property
     def open_shards(self) -> list[str]:
@@ -246,7 +229,7 @@ class Sink:
             self.flush()
             self.settle(wait=True)
             if self._names is not None:  # the run stopped with a shard open: name those after it
-                self._name([shard for shard in self._order if shard in self._ready])
+                self._names.finish()
         finally:
             for part in self._parts.values():
                 os.close(part.fd)
