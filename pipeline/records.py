@@ -39,7 +39,7 @@ def caption(columns: Mapping[str, Any] | None, column: str) -> bytes | None:
     if value is None:
         return None
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text.encode("utf-8", "surrogatepass")
+    return text.encode("utf-8", "replace")  # a lone surrogate (from JSON) cannot be UTF-8
 
 
 @dataclass(frozen=True, slots=True)

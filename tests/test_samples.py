@@ -64,8 +64,13 @@ def tar_bytes(out: Path) -> dict[str, bytes]:
 
 
 def members(path: Path) -> dict[str, bytes]:
+    held = {}
     with tarfile.open(path) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+        for member in tar.getmembers():
+            data = tar.extractfile(member)
+            assert data is not None
+            held[member.name] = data.read()
+    return held
 
 
 def check_names_and_index(out: Path) -> dict[str, dict[str, bytes]]:
