@@ -43,7 +43,8 @@ from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
 from .resume import Plan, Resume
 from .runner import Coordinator, now_utc, open_run
-from .sink import MANIFEST_DIR, part_path, read_rows, shard_path
+from .seals import MANIFEST_DIR, InOrder, part_path, shard_path
+from .sink import read_rows
 from .sources import Source
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,10 @@ def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> Shar
     folder, shard = Path(out_dir), items[-1].shard
     # a shard an earlier run left open, or retried after its worker was lost, keeps its final rows
     opened = part_path(folder / MANIFEST_DIR, shard).exists()
-    resume = Resume(Plan(folder, [], partial=frozenset({shard} if opened else ())))
+    resume = Resume(Plan(folder, [], config.output, partial=frozenset({shard} if opened else ())))
     if multiprocessing.current_process().daemon:
         raise PipelineError(DAEMON_HELP)
-    run = Coordinator(config, folder)
+    run = Coordinator(config, folder, name_tars=False)  # the driver names the tars, in order
     report = run.process(resume.pending(iter(items)), resume)
     if run.failure is not None:  # a full disk, ...: the task fails; the driver says it in one line
         raise OutputError(run.failure)
@@ -220,6 +221,7 @@ def _drive(
     running = as_completed()
     in_flight = 0
     token = uuid.uuid4().hex[:12]  # this run's task keys: never a finished task of another run
+    names = _tar_names(config, out_dir)
 
     def collect_one() -> None:
         nonlocal in_flight
@@ -236,6 +238,8 @@ def _drive(
                 ) from None
             raise
         results.append(result)
+        if names is not None:  # the shard's tars: the next numbers, in the order of the input
+            names.sealed(result.shard)
         log.info("shard %s: %d URLs, %d ok", result.shard, result.report.urls, result.report.ok)
         if on_shard is not None:
             on_shard(result)
@@ -258,16 +262,28 @@ def _drive(
                 )
                 running.add(future)
                 in_flight += 1
+                if names is not None:
+                    names.met(end.shard)
                 while in_flight >= limit:
                     collect_one()
             while in_flight:
                 collect_one()
     except BaseException:
+        if names is not None:  # the shards done are named, as a local run's are
+            with contextlib.suppress(OutputError):
+                names.finish()
         for future in running.futures:
             future.cancel()
         raise
+    if names is not None:
+        names.finish()
     report = merge(results, time.perf_counter() - started, skipped=skipped, cluster_workers=workers)
     return replace(report, started=started_at)
+
+
+def _tar_names(config: Config, out_dir: Path) -> InOrder | None:
+    """webdataset: names for the shards' tars, given here, in the order of the input."""
+    return InOrder.start(out_dir) if config.output.format == "webdataset" else None
 
 
 def merge(

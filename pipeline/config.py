@@ -223,9 +223,18 @@ class OutputConfig:
     folder_size: int = 1000
     flush_rows: int = 100
     flush_seconds: float = 1.0
+    caption_column: str = ""  # the input column written as each sample's .txt; "": none
+    sample_columns: tuple[str, ...] = ("*",)  # the input columns in a sample's .json; "*": all
 
     def __post_init__(self) -> None:
         _require(bool(self.dir), "dir", "a non-empty path", self.dir)
+        columns = self.sample_columns
+        _require(
+            columns == ("*",) or all(c and c != "*" for c in columns),
+            "sample_columns",
+            '["*"] (every column) or a list of column names',
+            list(columns),
+        )
         layouts = ", ".join(OUTPUT_LAYOUTS)
         _require(self.format in OUTPUT_LAYOUTS, "format", f"one of {layouts}", self.format)
         _require(

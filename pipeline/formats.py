@@ -3,17 +3,20 @@
     workers: .staging/<file>/<block>/<line>-<hash>.jpg   (output.format = "webdataset")
                       |  the shard's last row is in
                       v
-    packer process: shards/<shard>-00000.tar.part -> .tar   <key>.jpg + <key>.json per ok row,
-                    in line order, at most output.shard_size samples a tar; then the seal, the
-                    manifest, and only then the staged files go (a kill in between: the rerun
-                    packs the same tars again from the same files)
+    packer process: shards/.packed/<shard>-00000.tar.part -> .tar   <key>.jpg + <key>.json
+                    (+ <key>.txt, output.caption_column) per ok row, in line order, at most
+                    output.shard_size samples a tar; then the seal, the manifest, and only then
+                    the staged files go (a kill in between: the rerun packs the same tars again
+                    from the same files); the coordinator then names them shards/NNNNN.tar
+                    (seals.py)
                     manifest/<shard>.parquet                 (output.parquet) the same rows
 
-A sample's ``.json`` is its manifest row, byte for byte. Tars are plain POSIX tars with fixed
-owners and times, so packing the same rows twice gives the same bytes, and both ``tarfile`` and
-the ``webdataset`` package read them (a sample is the members that share a key). The packing runs
-in one process of its own (the sink's), once per shard: a copy of the shard's output bytes, off
-the coordinator's GIL; the coordinator seals the shard when it is done.
+A sample's ``.json`` is its manifest row less what differs from one build to the next (the
+timings), with the input columns ``output.sample_columns`` chooses. Tars are plain POSIX tars
+with fixed owners and times, so packing the same rows twice gives the same bytes, and both
+``tarfile`` and the ``webdataset`` package read them (a sample is the members that share a key).
+The packing runs in one process of its own (the sink's), once per shard: a copy of the shard's
+output bytes, off the coordinator's GIL; the coordinator seals the shard when it is done.
 """
 
 from __future__ import annotations
@@ -22,21 +25,49 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .atomic import open_dir, output_error, read_inside, remove_inside, write_atomic
 from .config import OutputConfig
 from .errors import OutputError, require
-from .records import STAGING_DIR, Job
+from .records import STAGING_DIR, Job, caption
 
 SHARDS_DIR = "shards"
-_FORMAT = tarfile.PAX_FORMAT
+PACKED_DIR = f"{SHARDS_DIR}/.packed"  # a shard's tars until they are named (seals.py)
+# the fields of a sample's .json: the manifest row less its timings, which differ between two
+# builds of the same input (they stay in the manifest)
+SAMPLE_FIELDS = ("key", "shard", "source", "line", "url", "status", "http_status", "bytes_in",
+                 "bytes_out", "width_in", "height_in", "width_out", "height_out", "path",
+                 "sha256", "original_sha256", "columns")  # fmt: skip
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)  # as the manifest's rows
 
 
-def tar_name(shard: str, index: int) -> str:
-    return f"{SHARDS_DIR}/{shard}-{index:05d}.tar"
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """What packing a shard made: its tars' sample counts, and the staged files they hold."""
+
+    samples: tuple[int, ...] = ()
+    staged: tuple[Path, ...] = ()
+
+
+def packed_name(shard: str, index: int) -> str:
+    return f"{PACKED_DIR}/{shard}-{index:05d}.tar"
+
+
+def tar_name(number: int) -> str:
+    return f"{SHARDS_DIR}/{number:05d}.tar"
+
+
+def sample_json(row: Mapping[str, Any], sample_columns: tuple[str, ...]) -> bytes:
+    """A sample's ``.json``: the same for the same input line, whichever build made it."""
+    sample = {name: row.get(name) for name in SAMPLE_FIELDS}
+    columns = sample["columns"]
+    if isinstance(columns, dict) and sample_columns != ("*",):
+        sample["columns"] = {name: columns[name] for name in sample_columns if name in columns}
+    return (_ENCODER.encode(sample) + "\n").encode("utf-8")
 
 
 def staged_path(row: dict[str, Any], folder_size: int) -> str:
@@ -47,15 +78,15 @@ def staged_path(row: dict[str, Any], folder_size: int) -> str:
     return job.output_path(extension, folder_size, STAGING_DIR)
 
 
-def make_formats(out_dir: Path, part: Path, parquet: Path, config: OutputConfig) -> list[Path]:
+def make_formats(out_dir: Path, part: Path, parquet: Path, config: OutputConfig) -> Packed:
     """The tars and the ``parquet`` manifest of a shard whose rows are all in its ``part`` (in
     the packing process); the staged outputs, to remove once the shard is sealed."""
     rows = list(_rows_with_text(part))
     if config.parquet:
         write_parquet(out_dir, parquet, rows)
     if config.format != "webdataset":
-        return []
-    return pack_shard(out_dir, rows, config.folder_size, config.shard_size)
+        return Packed()
+    return pack_shard(out_dir, rows, config)
 
 
 def _rows_with_text(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -65,25 +96,31 @@ def _rows_with_text(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def pack_shard(
-    out_dir: Path, rows: list[tuple[str, dict[str, Any]]], folder_size: int, per_tar: int
-) -> list[Path]:
-    """Write the tars of one shard from its rows (text, parsed); the staged files to remove."""
-    samples = sorted((row["line"], text, row) for text, row in rows if row["status"] == "ok")
-    staged = []
-    for index, start in enumerate(range(0, len(samples), per_tar)):
-        chunk = samples[start : start + per_tar]
-        paths = [out_dir / staged_path(row, folder_size) for _, _, row in chunk]
-        _write_tar(out_dir, tar_name(str(chunk[0][2]["shard"]), index), chunk, paths)
+    out_dir: Path, rows: list[tuple[str, dict[str, Any]]], config: OutputConfig
+) -> Packed:
+    """Write the tars of one shard from its rows (text, parsed) under ``shards/.packed/``."""
+    samples = sorted((row["line"], row) for _, row in rows if row["status"] == "ok")
+    staged: list[Path] = []
+    counts = []
+    for index, start in enumerate(range(0, len(samples), config.shard_size)):
+        chunk = [row for _, row in samples[start : start + config.shard_size]]
+        paths = [out_dir / staged_path(row, config.folder_size) for row in chunk]
+        _write_tar(out_dir, packed_name(str(chunk[0]["shard"]), index), chunk, paths, config)
         staged += paths
-    return staged
+        counts.append(len(chunk))
+    return Packed(tuple(counts), tuple(staged))
 
 
 def _write_tar(
-    out_dir: Path, name: str, chunk: list[tuple[int, str, dict[str, Any]]], paths: list[Path]
+    out_dir: Path,
+    name: str,
+    chunk: list[dict[str, Any]],
+    paths: list[Path],
+    config: OutputConfig,
 ) -> None:
     target = out_dir / name
     part = target.with_name(target.name + ".part")
-    folder = _folder(out_dir, SHARDS_DIR)
+    folder = _folder(out_dir, PACKED_DIR)
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(part.name, flags, 0o644, dir_fd=folder)
@@ -91,10 +128,13 @@ def _write_tar(
             open(fd, "wb") as f,
             tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar,
         ):
-            for (_, text, row), path in zip(chunk, paths, strict=True):
+            for row, path in zip(chunk, paths, strict=True):
                 key, extension = str(row["path"]).rsplit(".", 1)
                 _add(tar, f"{key}.{extension}", _read(out_dir, path))
-                _add(tar, f"{key}.json", text.encode("utf-8"))
+                text = caption(row.get("columns"), config.caption_column)
+                if text is not None:
+                    _add(tar, f"{key}.txt", text)
+                _add(tar, f"{key}.json", sample_json(row, config.sample_columns))
         os.replace(part.name, target.name, src_dir_fd=folder, dst_dir_fd=folder)
     except OSError as exc:
         raise output_error(part, exc) from None
@@ -112,7 +152,9 @@ def _read(out_dir: Path, path: Path) -> bytes:
     try:
         return read_inside(path, root=out_dir)  # through no link: nothing from outside --out
     except OutputError as exc:  # a staged output removed by hand, or a link planted
-        raise OutputError(f"{exc}: the shard cannot be packed") from None
+        raise OutputError(
+            f"{exc}: the shard cannot be packed; a rerun does its URL again"
+        ) from None
 
 
 def _folder(out_dir: Path, name: str) -> int:
@@ -122,9 +164,9 @@ def _folder(out_dir: Path, name: str) -> int:
         raise output_error(out_dir / name, exc) from None
 
 
-def remove_staged(out_dir: Path, paths: list[Path]) -> None:
+def remove_staged(out_dir: Path, paths: tuple[Path, ...]) -> None:
     """After the seal: the packed outputs go (their folders stay, to be reused or left empty)."""
-    remove_inside(paths, root=out_dir)
+    remove_inside(list(paths), root=out_dir)
 
 
 def write_parquet(out_dir: Path, path: Path, rows: list[tuple[str, dict[str, Any]]]) -> None:
@@ -150,6 +192,6 @@ def require_parquet() -> None:
 
 
 def read_shards(out_dir: Path) -> Iterator[Path]:
-    """The webdataset tars of an output folder, in order."""
+    """The webdataset tars of an output folder, in order (those named: sealed shards')."""
     folder = out_dir / SHARDS_DIR
-    return iter(sorted(folder.glob("*.tar")) if folder.is_dir() else [])
+    return iter(sorted(folder.glob("[0-9]*.tar")) if folder.is_dir() else [])

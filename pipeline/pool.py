@@ -62,6 +62,7 @@ def make_pool(config: Config, out_dir: Path, workers: int) -> ProcessPoolExecuto
     setup = WorkerSetup(
         config.transform, str(out_dir), config.output.folder_size, os.getpid(),
         LogSetup.current(), config.output.format, config.input.hash_column,
+        config.output.caption_column,
     )  # fmt: skip
     pool = ProcessPoolExecutor(
         max_workers=workers,

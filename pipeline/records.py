@@ -33,6 +33,16 @@ def make_key(file: int, line: int) -> str:
     return f"{file:05d}-{line:09d}"
 
 
+def caption(columns: Mapping[str, Any] | None, column: str) -> bytes | None:
+    """The caption cell as UTF-8 text, as it is; None when there is none (no column asked for,
+    a line without that column, or null)."""
+    value = columns.get(column) if column and isinstance(columns, Mapping) else None
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text.encode("utf-8", "replace")  # a lone surrogate (from JSON) cannot be UTF-8
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """One input line to process: a URL with its provenance and the input's other columns."""

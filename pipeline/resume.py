@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,11 +28,12 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from .atomic import remove_inside, remove_temporaries, write_atomic
-from .config import Config
+from .config import Config, OutputConfig
 from .errors import PipelineError, SourceError, is_final
-from .formats import SHARDS_DIR
+from .formats import SHARDS_DIR, staged_path
 from .records import STAGING_DIR, Job, ShardEnd, make_key
-from .sink import MANIFEST_DIR, part_path, read_rows, read_seal, seal_path, shard_path
+from .seals import MANIFEST_DIR, part_path, read_seal, seal_path, shard_path
+from .sink import read_rows
 from .sources import (
     Known,
     Record,
@@ -41,6 +44,8 @@ from .sources import (
     read_records,
     shard_records,
 )
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 _NOTES = 4  # files named in a resume summary
@@ -56,8 +61,12 @@ def fingerprint(config: Config) -> dict[str, Any]:
                    transform.reducing_gap, transform.max_pixels],
         "ops": [[type(op).__name__, *dataclasses.astuple(op)] for op in transform.ops],
     }  # fmt: skip
-    if config.output.format != "files":  # (absent for files: folders made before stay valid)
-        settings["layout"] = [config.output.format, config.output.shard_size]
+    output = config.output
+    if output.format != "files":  # (absent for files: folders made before stay valid)
+        settings["layout"] = [output.format, output.shard_size, "numbered"]
+    samples = [output.caption_column, list(output.sample_columns)]
+    if samples != ["", ["*"]]:  # (absent by default, likewise)
+        settings["samples"] = samples
     return settings
 
 
@@ -67,6 +76,7 @@ class Plan:
 
     out_dir: Path
     sources: list[Source]
+    output: OutputConfig = field(default_factory=OutputConfig)
     known: dict[int, list[Known]] = field(default_factory=dict)
     sealed: frozenset[str] = frozenset()
     partial: frozenset[str] = frozenset()
@@ -96,6 +106,8 @@ def plan_run(
 ) -> Plan:
     """Check ``paths`` against what earlier runs did in ``out_dir``; record the inputs (unless
     not ``record``: a dry run, which writes and removes nothing)."""
+    if restart:
+        _check_restart(out_dir)
     if restart and record:
         forget(out_dir)
     state = None if restart else _read_state(out_dir)
@@ -111,7 +123,7 @@ def plan_run(
     sources, new = _number(find_files(paths), root, ids, out_dir)
     for source in sources:
         check_header(source, config.input.url_column)
-    plan = Plan(out_dir, sources)
+    plan = Plan(out_dir, sources, config.output)
     if state is not None:
         _load_known(plan)
         _verify(plan, config, new)
@@ -133,6 +145,19 @@ def _differs(then: Any, now: dict[str, Any]) -> str:
         elif old != value:
             return f"{section} was {old!r}, now {value!r}"
     return "made by an older version"
+
+
+def _check_restart(out_dir: Path) -> None:
+    """--restart removes only what a run of pipeline wrote: a folder without run.json that holds
+    a manifest/ or shards/ of its own is refused."""
+    if (out_dir / RUN_FILE).is_file():
+        return
+    held = [name for name in (MANIFEST_DIR, SHARDS_DIR) if os.path.lexists(out_dir / name)]
+    if held:
+        raise PipelineError(
+            f"{out_dir}: not an output folder of pipeline (no {RUN_FILE}), and --restart would "
+            f"remove its {' and '.join(held)}; move them away, or choose another --out"
+        )
 
 
 def forget(out_dir: Path) -> None:
@@ -270,7 +295,7 @@ def _verify(plan: Plan, config: Config, new: set[int]) -> None:
             if name in plan.sealed:
                 continue
             if name in plan.partial and record.line == _first_line(name):
-                adopted = _final_rows(part_path(plan.out_dir / MANIFEST_DIR, name))
+                adopted = _final_rows(part_path(plan.out_dir / MANIFEST_DIR, name), plan)
             if record.line in adopted:
                 if adopted.pop(record.line) != record.canonical():
                     _changed(plan, source, record.line, "changed")
@@ -289,13 +314,25 @@ def _first_line(name: str) -> int:
     return _parse_name(name)[1]
 
 
-def _final_rows(path: Path) -> dict[int, bytes]:
+def _final_rows(path: Path, plan: Plan) -> dict[int, bytes]:
     """The lines an open shard has final rows for, each with its record's canonical form."""
     rows: dict[int, bytes] = {}
     for _, row in _parse_rows(path):
-        if is_final(row.get("error_kind"), row.get("http_status")):
+        if _kept(row, plan) is None:
             rows[row["line"]] = _as_record(row).canonical()
     return rows
+
+
+def _kept(row: dict[str, Any], plan: Plan) -> str | None:
+    """None when an open shard's row is final and is kept; else why it is done again: a
+    transient failure, or (webdataset) an ok row whose staged output is gone, which its shard
+    could never be packed without (removed by hand, or lost with a crash)."""
+    if not is_final(row.get("error_kind"), row.get("http_status")):
+        return "transient"
+    if plan.output.format != "webdataset" or row.get("status") != "ok":
+        return None
+    staged = plan.out_dir / staged_path(row, plan.output.folder_size)
+    return None if staged.is_file() else f"its staged output {staged} is missing"
 
 
 def _refuse(plan: Plan, source: Source, shard: Known, column: str) -> None:
@@ -327,6 +364,7 @@ class Resume:
     """Filters a run's job stream down to what is not done yet."""
 
     def __init__(self, plan: Plan) -> None:
+        self.plan = plan
         self.folder = plan.out_dir / MANIFEST_DIR
         self.images = plan.out_dir / "images"
         self.sealed = plan.sealed
@@ -354,9 +392,14 @@ class Resume:
         path = part_path(self.folder, shard)
         kept, keys = [], set()
         for text, row in _parse_rows(path):
-            if row["key"] not in keys and is_final(row.get("error_kind"), row.get("http_status")):
+            if row["key"] in keys:
+                continue
+            why = _kept(row, self.plan)
+            if why is None:
                 kept.append(text)
                 keys.add(row["key"])
+            elif why != "transient":
+                log.warning("%s: done again: %s", row["key"], why)
         write_atomic(path, "".join(kept).encode("utf-8"), root=self.folder.parent)
         file, _ = _parse_name(shard)
         out_dir = self.folder.parent

@@ -119,14 +119,14 @@ def now_utc() -> str:
 class Coordinator:
     """The lanes of one run, what they hold, and the sink."""
 
-    def __init__(self, config: Config, out_dir: Path) -> None:
+    def __init__(self, config: Config, out_dir: Path, *, name_tars: bool = True) -> None:
         self.config = config
         self.out_dir = out_dir
         self.stopping = False
         self.interrupted: int | None = None  # the signal that stopped the run
         self.failure: str | None = None  # what stopped the run, when no URL is to blame
         self.lanes = Lanes(config, out_dir)
-        self.sink = Sink(out_dir, config.output, config.transform.start_method)
+        self.sink = Sink(out_dir, config.output, config.transform.start_method, name_tars=name_tars)
         self._writable = True  # False once a manifest write failed: rows after it are dropped
         self.write = Stage("write", 1)
         self.stats = RunStats()

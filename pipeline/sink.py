@@ -5,13 +5,15 @@ They are written (one ``write`` per open shard) every ``output.flush_rows`` rows
 ``output.flush_seconds``: a kill -9 loses at most that many finished rows, so repeated kills still
 make progress. A write that fails (a full disk) is cut back to the last whole row, and raises an
 OutputError: no half line is ever left for a rerun to read. When the source has said how many
-lines the shard holds (``ShardEnd``) and that many rows are in, the shard's seal
-(``<S>.seal.json``: the file id, the lines it covers and their fingerprint) is written, then the
-part is renamed to ``manifest/<S>.jsonl``: a sealed shard's manifest is always whole, and always
-has its seal. With ``output.format = "webdataset"`` or ``output.parquet``, a complete shard is
-first handed to a packing process (formats.py), and sealed once its tars and parquet are written
-(``settle``, called from the coordinator's loop). Nothing here follows a symbolic link
-(atomic.py). Only the thread that owns the Sink calls it, so it needs no lock.
+lines the shard holds (``ShardEnd``) and that many rows are in, its stats (``<S>.stats.json``)
+and its seal (``<S>.seal.json``: the file id, the lines it covers and their fingerprint) are
+written, then the part is renamed to ``manifest/<S>.jsonl``: a sealed shard's manifest is always
+whole, and always has its seal (seals.py). With ``output.format = "webdataset"`` or
+``output.parquet``, a complete shard is first handed to a packing process (formats.py), and
+sealed once its tars and parquet are written (``settle``, called from the coordinator's loop);
+its tars are then named ``shards/NNNNN.tar``, in the order the shards were met (seals.py).
+Nothing here follows a symbolic link (atomic.py). Only the thread that owns the Sink calls it,
+so it needs no lock.
 
 One run at a time may write into an output folder: ``lock`` holds ``.lock`` with ``flock`` for the
 whole run, and a second run is refused with the first one's pid and start time.
@@ -20,7 +22,6 @@ whole run, and a second run is refused with the first one's pid and start time.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import json
@@ -39,11 +40,16 @@ from typing import Any
 from .atomic import open_append, open_dir, output_error, write_all, write_atomic
 from .config import OutputConfig
 from .errors import OutputError, PipelineError
-from .formats import make_formats, remove_staged
+from .formats import Packed, make_formats, remove_staged
 from .records import Outcome, Row, ShardEnd
+from .seals import MANIFEST_DIR as MANIFEST_DIR
+from .seals import InOrder, ShardStats, seal_json, stats_path
+from .seals import part_path as part_path
+from .seals import read_seal as read_seal
+from .seals import seal_path as seal_path
+from .seals import shard_path as shard_path
 from .transform import exit_with
 
-MANIFEST_DIR = "manifest"
 LOCK_FILE = ".lock"
 
 
@@ -54,19 +60,29 @@ class _Part:
     rows: int = 0
     pending: list[str] = field(default_factory=list)  # rows not written yet
     end: ShardEnd | None = None
+    stats: ShardStats = field(default_factory=ShardStats)
 
 
 class Sink:
     """Appends manifest rows per shard and seals each shard's file once it is complete."""
 
     def __init__(
-        self, out_dir: Path, config: OutputConfig | None = None, start_method: str = "spawn"
+        self,
+        out_dir: Path,
+        config: OutputConfig | None = None,
+        start_method: str = "spawn",
+        *,
+        name_tars: bool = True,
     ) -> None:
         config = config or OutputConfig()
         self.config = config
         self.start_method = start_method  # of the process that packs tars and parquet
         self._packer: ProcessPoolExecutor | None = None
-        self._packing: deque[tuple[str, ShardEnd, Future[list[Path]]]] = deque()
+        self._packing: deque[tuple[str, ShardEnd, Future[Packed]]] = deque()
+        # webdataset: shards in the order they were met, to name their tars in that order (not
+        # with name_tars: a cluster task's, which the driver names)
+        self._stats: dict[str, ShardStats] = {}  # of the shards being packed
+        self._names: InOrder | None = None
         self.out_dir = out_dir
         self.folder = out_dir / MANIFEST_DIR
         self.flush_rows = config.flush_rows
@@ -80,6 +96,8 @@ class Sink:
             os.close(open_dir(out_dir, Path(MANIFEST_DIR)))
         except OSError as exc:
             raise output_error(self.folder, exc) from None
+        if config.format == "webdataset" and name_tars:
+            self._names = InOrder.start(out_dir)
 
     def add(self, outcome: Outcome) -> None:
         """Record one line's outcome."""
@@ -90,6 +108,7 @@ class Sink:
         part = self._part(row.shard)
         part.pending.append(row.line)
         part.rows += 1
+        part.stats.add(row.status, row.error_kind, row.bytes_in, row.bytes_out)
         self._pending += 1
         if self._since is None:
             self._since = time.monotonic()
@@ -101,6 +120,8 @@ class Sink:
         """The source has read all ``end.count`` lines of ``end.shard``."""
         part = self._part(end.shard)
         part.end = end
+        if self._names is not None:
+            self._names.met(end.shard)
         self._seal_if_complete(end.shard, part)
 
     def flush_due(self) -> float | None:
@@ -144,8 +165,9 @@ class Sink:
             path = part_path(self.folder, shard)
             fd = open_append(path, root=self.out_dir)
             size = os.fstat(fd).st_size
-            kept = _count_lines(path) if size else 0
-            part = self._parts[shard] = _Part(fd, size, rows=kept)
+            stats = _count_rows(path) if size else ShardStats()
+            kept = sum(stats.statuses.values())
+            part = self._parts[shard] = _Part(fd, size, rows=kept, stats=stats)
         return part
 
     def _seal_if_complete(self, shard: str, part: _Part) -> None:
@@ -156,7 +178,7 @@ class Sink:
         os.close(part.fd)
         del self._parts[shard]
         if self.config.format == "files" and not self.config.parquet:
-            self._seal(shard, part.end, [])
+            self._seal(shard, part.end, part.stats, Packed())
             return
         if self._packer is None:  # one process packs, off the coordinator's GIL; it ends with
             context = multiprocessing.get_context(self.start_method)  # us, even on a kill -9
@@ -167,6 +189,7 @@ class Sink:
         part_file = part_path(self.folder, shard)
         future = self._packer.submit(make_formats, self.out_dir, part_file, parquet, self.config)
         self._packing.append((shard, part.end, future))
+        self._stats[shard] = part.stats
 
     def settle(self, *, wait: bool = False) -> None:
         """Seal the shards whose tars and parquet are written (all of them, with ``wait``), in
@@ -174,19 +197,23 @@ class Sink:
         while self._packing and (wait or self._packing[0][2].done()):
             shard, end, future = self._packing.popleft()
             try:
-                staged = future.result()
+                packed = future.result()
             except BrokenProcessPool:
                 raise OutputError(f"{shard}: the process packing its shards died") from None
-            self._seal(shard, end, staged)
+            self._seal(shard, end, self._stats.pop(shard), packed)
 
-    def _seal(self, shard: str, end: ShardEnd, staged: list[Path]) -> None:
-        write_atomic(seal_path(self.folder, shard), _seal_json(end), root=self.out_dir)
+    def _seal(self, shard: str, end: ShardEnd, stats: ShardStats, packed: Packed) -> None:
+        write_atomic(stats_path(self.folder, shard), stats.to_json(end), root=self.out_dir)
+        more = {"tar_samples": list(packed.samples)} if self.config.format == "webdataset" else {}
+        write_atomic(seal_path(self.folder, shard), seal_json(end, **more), root=self.out_dir)
         try:
             os.replace(part_path(self.folder, shard), shard_path(self.folder, shard))
         except OSError as exc:
             raise output_error(shard_path(self.folder, shard), exc) from None
-        remove_staged(self.out_dir, staged)
+        remove_staged(self.out_dir, packed.staged)
         self.sealed += 1
+        if self._names is not None:
+            self._names.sealed(shard)
 
     @property
     def open_shards(self) -> list[str]:
@@ -201,6 +228,8 @@ class Sink:
         try:
             self.flush()
             self.settle(wait=True)
+            if self._names is not None:  # the run stopped with a shard open: name those after it
+                self._names.finish()
         finally:
             for part in self._parts.values():
                 os.close(part.fd)
@@ -222,33 +251,12 @@ class Sink:
             self.close()
 
 
-def _seal_json(end: ShardEnd) -> bytes:
-    return (json.dumps(dataclasses.asdict(end), indent=1) + "\n").encode("utf-8")
-
-
-def part_path(folder: Path, shard: str) -> Path:
-    return folder / f"{shard}.jsonl.part"
-
-
-def shard_path(folder: Path, shard: str) -> Path:
-    return folder / f"{shard}.jsonl"
-
-
-def seal_path(folder: Path, shard: str) -> Path:
-    return folder / f"{shard}.seal.json"
-
-
-def read_seal(path: Path) -> ShardEnd | None:
-    """A shard's seal, or None when it is missing or damaged."""
-    try:
-        return ShardEnd(**json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _count_lines(path: Path) -> int:
-    with path.open("rb") as f:
-        return sum(1 for _ in f)
+def _count_rows(path: Path) -> ShardStats:
+    """The figures of a resumed part's rows (whole rows only: resume rewrote it)."""
+    stats = ShardStats()
+    for row in read_rows(path):
+        stats.add(row["status"], row.get("error_kind"), row["bytes_in"], row["bytes_out"])
+    return stats
 
 
 def read_manifest(out_dir: Path, *, include_parts: bool = True) -> Iterator[dict[str, Any]]:

@@ -49,7 +49,7 @@ from .config import (
 from .errors import Filtered, ItemError, PipelineError, TransformError
 from .logs import LogSetup, configure_worker
 from .ops import ORIENTATION, apply_op, background, leaves_alone, op_name, output_size, scaled_size
-from .records import STAGING_DIR, Fetched, Job, Outcome
+from .records import STAGING_DIR, Fetched, Job, Outcome, caption
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,7 @@ class WorkerSetup:
     log_setup: LogSetup | None = None  # None: leave this process's logging as it is
     layout: str = "files"  # output.format
     hash_column: str = ""  # input.hash_column: the input column with each body's sha256
+    caption_column: str = ""  # output.caption_column: written beside each file as .txt
 
 
 _setup: WorkerSetup | None = None
@@ -384,6 +385,17 @@ def verify(job: Job, digest: str, column: str) -> None:
         raise TransformError("hash_mismatch", f"sha256 {digest}, but {column} is {expected!r}")
 
 
+def _write_caption(job: Job, out_dir: Path, stored: str) -> None:
+    """The files layout's caption: ``<image name>.txt`` beside the image (the webdataset
+    layout's is packed from the row's columns)."""
+    assert _setup is not None
+    if _setup.layout != "files":
+        return
+    text = caption(job.columns, _setup.caption_column)
+    if text is not None:
+        write_atomic(out_dir / f"{stored.rsplit('.', 1)[0]}.txt", text, root=out_dir)
+
+
 def process(fetched: Fetched) -> Outcome:
     """Transform one downloaded body and write its output file: runs in a pool process."""
     assert _setup is not None, "init_worker was not run in this process"
@@ -405,6 +417,7 @@ def process(fetched: Fetched) -> Outcome:
             stored = path = job.output_path(ext, _setup.folder_size)
         out_dir = Path(_setup.out_dir)
         write_atomic(out_dir / stored, encoded.data, root=out_dir)  # OutputError: stops the run
+        _write_caption(job, out_dir, stored)
     except ItemError as err:
         log.debug("%s: %s: %s", job.key, err.kind, err.message)
         elapsed = round((time.perf_counter() - started) * 1000, 2)

@@ -131,7 +131,29 @@ def test_a_shard_is_sealed_once_all_its_rows_are_in(tmp_path):
                         "digest": f"digest{file}"}  # fmt: skip
         assert read_seal(seal_path(folder, shard)) == end(file, 2)
     assert sorted(p.name for p in folder.iterdir()) == [
-        f"{s0}.jsonl", f"{s0}.seal.json", f"{s1}.jsonl", f"{s1}.seal.json"]  # fmt: skip
+        f"{s0}.jsonl", f"{s0}.seal.json", f"{s0}.stats.json",
+        f"{s1}.jsonl", f"{s1}.seal.json", f"{s1}.stats.json"]  # fmt: skip
+
+
+def test_a_sealed_shard_has_its_stats_counted_from_its_rows_resumed_ones_too(tmp_path):
+    folder = tmp_path / "manifest"
+    shard = make_key(0, 1)
+    with Sink(tmp_path) as sink:  # a first run records two rows, then stops
+        sink.add(ok(0, 1))
+        sink.add(failed(0, 2, "http_4xx", 404))
+    with Sink(tmp_path) as sink:  # the rerun adds the rest to the part, and seals it
+        sink.add(failed(0, 3, "not_image"))
+        sink.add(failed(0, 4, "http_4xx", 410))
+        sink.add(Outcome.duplicate(dataclasses.replace(job(0, 5), duplicate_of=make_key(0, 1))))
+        sink.end_shard(end(0, 5))
+    stats = json.loads((folder / f"{shard}.stats.json").read_text())
+    rows = list(read_rows(shard_path(folder, shard)))
+    assert stats["status"] == {"duplicate": 1, "failed": 3, "ok": 1}
+    assert stats["error_kinds"] == {"http_4xx": 2, "not_image": 1}
+    assert stats["bytes_in"] == sum(row["bytes_in"] for row in rows) == 10
+    assert (stats["shard"], stats["first_line"], stats["last_line"], stats["lines"]) == (
+        shard, 1, 5, 5)  # fmt: skip
+    assert stats["seconds"] >= 0 and stats["started"] <= stats["sealed"]
 
 
 def test_a_missing_or_damaged_seal_reads_as_none(tmp_path):

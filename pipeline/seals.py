@@ -1,0 +1,248 @@
+"""What a sealed shard leaves beside its manifest: its seal, its stats, its tars' names.
+
+    manifest/<S>.jsonl.part   the shard's rows while it is open
+    manifest/<S>.stats.json   written first when it is complete: counts by status and by error
+                              kind, bytes in and out, its lines, the seconds it took
+    manifest/<S>.seal.json    then its seal: file, lines, fingerprint; with webdataset, the
+                              samples of each of its tars ("tar_samples") ...
+    manifest/<S>.jsonl        ... then the part is renamed: the shard is sealed
+
+    webdataset: shards/.packed/<S>-00000.tar (formats.py) -> shards/NNNNN.tar
+      a sealed shard's tars are named in the order the run met its shards, each shard once every
+      shard before it is named: the seal gets "tar_first" (the record, written before any
+      rename), then the tars are renamed, then shards/index.json is written again. Numbers run
+      from 00000 across the whole folder, with no gap and no repeat, whatever appends, new files
+      and kills came between runs: a kill before the record leaves the tars packed, and the next
+      run names them; a kill after it, the next run finishes the renames (``TarNames.load``).
+      Two builds of the same input name the same tars the same way.
+
+A record here is written atomically (atomic.py): whole or absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Any
+
+from .atomic import open_dir, output_error, write_atomic
+from .formats import PACKED_DIR, SHARDS_DIR, packed_name, tar_name
+from .records import ShardEnd
+
+log = logging.getLogger(__name__)
+
+MANIFEST_DIR = "manifest"
+INDEX_FILE = f"{SHARDS_DIR}/index.json"
+
+
+def part_path(folder: Path, shard: str) -> Path:
+    return folder / f"{shard}.jsonl.part"
+
+
+def shard_path(folder: Path, shard: str) -> Path:
+    return folder / f"{shard}.jsonl"
+
+
+def seal_path(folder: Path, shard: str) -> Path:
+    return folder / f"{shard}.seal.json"
+
+
+def stats_path(folder: Path, shard: str) -> Path:
+    return folder / f"{shard}.stats.json"
+
+
+def seal_json(end: ShardEnd, **more: Any) -> bytes:
+    return _json({**dataclasses.asdict(end), **more})
+
+
+def read_seal(path: Path) -> ShardEnd | None:
+    """A shard's seal, or None when it is missing or damaged."""
+    data = _read_json(path)
+    if data is None:
+        return None
+    try:
+        return ShardEnd(**{f.name: data[f.name] for f in dataclasses.fields(ShardEnd)})
+    except (KeyError, TypeError):
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _json(data: Any) -> bytes:
+    return (json.dumps(data, indent=1) + "\n").encode("utf-8")
+
+
+def _utc(wall: float) -> str:
+    return datetime.datetime.fromtimestamp(wall, datetime.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(slots=True)
+class ShardStats:
+    """A shard's figures, counted as its rows are recorded (a resumed part's, when it opens)."""
+
+    statuses: Counter[str] = field(default_factory=Counter)
+    error_kinds: Counter[str] = field(default_factory=Counter)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started: float = field(default_factory=time.time)  # the part opened, in this run
+    clock: float = field(default_factory=time.monotonic)
+
+    def add(self, status: str, error_kind: str | None, bytes_in: int, bytes_out: int) -> None:
+        self.statuses[status] += 1
+        if error_kind is not None:
+            self.error_kinds[error_kind] += 1
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+
+    def to_json(self, end: ShardEnd) -> bytes:
+        """``manifest/<S>.stats.json``: ``seconds`` is the time from the shard's part being
+        opened by the run that sealed it to its seal (an earlier run's share is not in it)."""
+        return _json(
+            {
+                "shard": end.shard,
+                "file": end.file,
+                "first_line": end.first,
+                "last_line": end.last,
+                "lines": end.count,
+                "status": dict(sorted(self.statuses.items())),
+                "error_kinds": dict(sorted(self.error_kinds.items())),
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "started": _utc(self.started),
+                "sealed": _utc(time.time()),
+                "seconds": round(time.monotonic() - self.clock, 3),
+            }
+        )
+
+
+class TarNames:
+    """Names the tars of sealed shards ``shards/NNNNN.tar``, in order; keeps the index."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.folder = out_dir / MANIFEST_DIR
+        self.tars: list[dict[str, Any]] = []  # shards/index.json's entries, by number
+        self.unnamed: list[str] = []  # sealed shards whose tars are packed still, by name
+
+    def load(self) -> None:
+        """What earlier runs named (renames a kill cut short are finished now), and which
+        sealed shards they left unnamed; writes the index."""
+        for path in sorted(self.folder.glob("*.seal.json")):
+            shard = path.name.removesuffix(".seal.json")
+            data = _read_json(path)
+            if data is None or "tar_samples" not in data:
+                continue
+            if not shard_path(self.folder, shard).exists():
+                continue  # not sealed: its tars were never named, and will be packed again
+            if data.get("tar_first") is None:
+                self.unnamed.append(shard)
+            else:
+                self._rename(shard, int(data["tar_first"]), list(data["tar_samples"]))
+        self.tars.sort(key=lambda entry: str(entry["name"]))
+        self._write_index()
+
+    @property
+    def next(self) -> int:
+        return len(self.tars)
+
+    def name(self, shard: str) -> None:
+        """Give the sealed ``shard``'s packed tars the next numbers (none when it has none, or
+        when it is named already)."""
+        path = seal_path(self.folder, shard)
+        data = _read_json(path)
+        if data is None or "tar_samples" not in data or data.get("tar_first") is not None:
+            return
+        first = self.next
+        write_atomic(path, _json({**data, "tar_first": first}), root=self.out_dir)
+        self._rename(shard, first, list(data["tar_samples"]))
+        self._write_index()
+
+    def _rename(self, shard: str, first: int, samples: list[int]) -> None:
+        packed = _folder(self.out_dir, PACKED_DIR)
+        try:
+            named = _folder(self.out_dir, SHARDS_DIR)
+            try:
+                for index, count in enumerate(samples):
+                    source = PurePath(packed_name(shard, index)).name
+                    target = tar_name(first + index)
+                    _move(packed, source, named, PurePath(target).name, self.out_dir / target)
+                    self.tars.append({"name": PurePath(target).name, "samples": count,
+                                      "shard": shard})  # fmt: skip
+            finally:
+                os.close(named)
+        finally:
+            os.close(packed)
+
+    def _write_index(self) -> None:
+        total = sum(int(entry["samples"]) for entry in self.tars)
+        index = {"tars": self.tars, "samples": total}
+        write_atomic(self.out_dir / INDEX_FILE, _json(index), root=self.out_dir)
+
+
+class InOrder:
+    """Names sealed shards' tars in the order the run met the shards: each once it and every
+    shard before it is sealed (``finish``: the sealed ones left, when the run ends)."""
+
+    def __init__(self, names: TarNames) -> None:
+        self.names = names
+        self._order: deque[str] = deque()
+        self._sealed: set[str] = set()
+
+    def met(self, shard: str) -> None:
+        self._order.append(shard)
+
+    def sealed(self, shard: str) -> None:
+        self._sealed.add(shard)
+        while self._order and self._order[0] in self._sealed:
+            self._name(self._order.popleft())
+
+    def finish(self) -> None:
+        """The run ends with a shard still open: those sealed after it are named too."""
+        for shard in [shard for shard in self._order if shard in self._sealed]:
+            self._name(shard)
+        self._order.clear()
+
+    def _name(self, shard: str) -> None:
+        self._sealed.discard(shard)
+        self.names.name(shard)
+
+    @classmethod
+    def start(cls, out_dir: Path) -> InOrder:
+        """What earlier runs named finished, what they sealed unnamed named now, in name order."""
+        names = TarNames(out_dir)
+        names.load()
+        for shard in names.unnamed:
+            names.name(shard)
+        return cls(names)
+
+
+def _move(packed: int, source: str, named: int, target: str, path: Path) -> None:
+    try:
+        os.replace(source, target, src_dir_fd=packed, dst_dir_fd=named)
+    except FileNotFoundError:
+        try:
+            os.stat(target, dir_fd=named, follow_symlinks=False)
+        except FileNotFoundError:  # removed by hand: said, and the numbers stay as they are
+            log.warning("%s: missing (neither named nor packed); its samples are lost", path)
+    except OSError as exc:
+        raise output_error(path, exc) from None
+
+
+def _folder(out_dir: Path, name: str) -> int:
+    try:
+        return open_dir(out_dir, PurePath(name))
+    except OSError as exc:
+        raise output_error(out_dir / name, exc) from None
