@@ -136,12 +136,17 @@ def limit_hint(exc: OSError) -> str:
     return ""
 
 
+#: The distribution's name (pyproject.toml): the import package and the command are "pipeline",
+#: but "pipeline" on a package index is another project.
+DISTRIBUTION: Final = "imagelist-pipeline"
+
+
 def install_hint(module: str, extra: str, feature: str) -> str:
     """What to say when an optional feature's library is missing: the command that installs it
-    for this project (an extra of this checkout, never a same-named distribution elsewhere)."""
+    for this project, installed or in a checkout (never a same-named project elsewhere)."""
     return (
         f"{feature} needs {module.partition('.')[0]}, which is not installed: "
-        f'pip install -e ".[{extra}]" (in a checkout of pipeline)'
+        f'pip install "{DISTRIBUTION}[{extra}]" (or pip install -e ".[{extra}]" in a checkout)'
     )
 
 

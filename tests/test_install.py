@@ -35,7 +35,7 @@ def test_a_wheel_in_a_fresh_venv_runs_the_demo_and_init_from_any_folder(tmp_path
     shutil.copytree(ROOT, source, symlinks=True, ignore=ignore)
     run(sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation",
         "--quiet", "--wheel-dir", tmp_path / "dist")  # fmt: skip
-    (wheel,) = (tmp_path / "dist").glob("pipeline-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("imagelist_pipeline-*.whl")
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", venv)
     run(
@@ -49,6 +49,13 @@ def test_a_wheel_in_a_fresh_venv_runs_the_demo_and_init_from_any_folder(tmp_path
     where = run(venv / "bin" / "python", "-c", "import pipeline; print(pipeline.__file__)",
                 cwd=elsewhere, env=env)  # fmt: skip
     assert where.stdout.strip().startswith(str(venv))  # the installed copy, not the checkout
+    # a name no other project uses: the install hints name it
+    named = run(venv / "bin" / "python", "-c",
+                "import importlib.metadata as m, pipeline.errors as e; "
+                "print(m.version(e.DISTRIBUTION), e.install_hint('distributed', 'dask', 'x'))",
+                cwd=elsewhere, env=env)  # fmt: skip
+    assert named.stdout.startswith("0.1.0 ")
+    assert 'pip install "imagelist-pipeline[dask]"' in named.stdout
 
     run(venv / "bin" / "pipeline", "demo", "--out", "demo", "-q", cwd=elsewhere, env=env)
     report = json.loads((elsewhere / "demo" / "report.json").read_text())
