@@ -16,7 +16,6 @@ A file that earlier runs read but that is not given now keeps its rows; nothing 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ from .errors import PipelineError, SourceError, is_final
 from .formats import SHARDS_DIR, staged_path
 from .records import STAGING_DIR, Job, ShardEnd, make_key
 from .seals import MANIFEST_DIR, part_path, read_seal, seal_path, shard_path
+from .settings import OLDER, differences, pinned
 from .sink import read_rows
 from .sources import (
     Known,
@@ -49,25 +49,6 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 _NOTES = 4  # files named in a resume summary
-
-
-def fingerprint(config: Config) -> dict[str, Any]:
-    """The settings that decide keys and output bytes: a resume must use the same ones."""
-    transform = config.transform
-    settings = {
-        "input": dataclasses.asdict(config.input),
-        "folder_size": config.output.folder_size,
-        "output": [transform.format, transform.quality, transform.background, transform.resample,
-                   transform.reducing_gap, transform.max_pixels],
-        "ops": [[type(op).__name__, *dataclasses.astuple(op)] for op in transform.ops],
-    }  # fmt: skip
-    output = config.output
-    if output.format != "files":  # (absent for files: folders made before stay valid)
-        settings["layout"] = [output.format, output.shard_size, "numbered"]
-    samples = [output.caption_column, list(output.sample_columns)]
-    if samples != ["", ["*"]]:  # (absent by default, likewise)
-        settings["samples"] = samples
-    return settings
 
 
 @dataclass(slots=True)
@@ -111,12 +92,14 @@ def plan_run(
     if restart and record:
         forget(out_dir)
     state = None if restart else _read_state(out_dir)
-    settings = fingerprint(config)
-    if state is not None and state.get("settings") != settings:
+    settings = pinned(config)
+    differ = None if state is None else differences(state.get("settings"), settings)
+    if differ == OLDER:
+        raise PipelineError(f"{out_dir}: this output folder was {OLDER}")
+    if differ is not None:
         raise PipelineError(
-            f"{out_dir}: this output folder was made with other settings "
-            f"({_differs(state.get('settings'), settings)}); rerun with --restart to start "
-            "over, or choose another --out"
+            f"{out_dir}: this output folder was made with other settings ({differ}); rerun "
+            "with the same ones, or with --restart to start over, or choose another --out"
         )
     root = Path(state["root"]) if state else input_root(paths)
     ids: dict[str, int] = {f["path"]: f["id"] for f in state["files"]} if state else {}
@@ -130,21 +113,6 @@ def plan_run(
     if record:
         _write_state(out_dir, settings, root, ids, sources)
     return plan
-
-
-def _differs(then: Any, now: dict[str, Any]) -> str:
-    """Which setting differs from the one earlier runs used, in words."""
-    if not isinstance(then, dict):
-        return "made by an older version"
-    for section, value in now.items():
-        old = then.get(section)
-        if isinstance(value, dict) and isinstance(old, dict):
-            for key, setting in value.items():
-                if old.get(key) != setting:
-                    return f"{section}.{key} was {old.get(key)!r}, now {setting!r}"
-        elif old != value:
-            return f"{section} was {old!r}, now {value!r}"
-    return "made by an older version"
 
 
 def _check_restart(out_dir: Path) -> None:
@@ -183,6 +151,13 @@ def _read_state(out_dir: Path) -> dict[str, Any] | None:
         raise PipelineError(f"{path}: unreadable ({exc}); rerun with --restart") from None
     if not isinstance(state, dict) or not {"settings", "root", "files"} <= state.keys():
         return {}  # an older layout: refused by the settings check
+    files = state["files"]
+    if not (
+        isinstance(state["root"], str)
+        and isinstance(files, list)
+        and all(isinstance(f, dict) and {"path", "id"} <= f.keys() for f in files)
+    ):
+        raise PipelineError(f"{path}: damaged (its list of input files); rerun with --restart")
     return state
 
 
