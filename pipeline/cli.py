@@ -24,7 +24,7 @@ from .bench.faults import FaultServer
 from .bench.server import StaticServer
 from .config import Config, lane_count, load_config, with_overrides
 from .errors import PipelineError, limit_hint, require
-from .logs import configure
+from .logs import configure, printable
 from .preview import dry_run, write_default_config
 from .progress import terminal
 from .report import (
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(args)
         return int(args.command(args))
     except PipelineError as err:
-        print(f"pipeline: error: {err}", file=sys.stderr)
+        print(f"pipeline: error: {printable(str(err))}", file=sys.stderr)  # may quote an input
         return 2
     except KeyboardInterrupt:
         print("pipeline: interrupted", file=sys.stderr)
@@ -59,13 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except OSError as err:  # the machine's, not ours: a path we cannot use, a limit reached
         log.debug("OS error", exc_info=True)
-        where = f"{err.filename}: " if err.filename else ""
+        where = f"{printable(str(err.filename))}: " if err.filename else ""
         print(f"pipeline: error: {where}{err.strerror or err}{limit_hint(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # a bug: one line for the user, the traceback with -v
         log.debug("internal error", exc_info=True)
         print(
-            f"pipeline: internal error: {type(err).__name__}: {err} (run with -v for details)",
+            f"pipeline: internal error: {type(err).__name__}: {printable(str(err))} "
+            "(run with -v for details)",
             file=sys.stderr,
         )
         return 1
@@ -76,7 +77,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.dask is not None:
         config = with_overrides(config, "executor", kind="dask", address=args.dask)
     if args.dry_run:
-        print("\n".join(fit(line) for line in dry_run(args.sources, config, restart=args.restart)))
+        print(
+            "\n".join(
+                fit(printable(line)) for line in dry_run(args.sources, config, restart=args.restart)
+            )
+        )
         return 0
     if config.executor.kind == "dask":
         from .cluster import run_on_dask  # only then: it imports dask

@@ -31,11 +31,13 @@ import logging.handlers
 import multiprocessing
 import os
 import pickle
+import re
 import secrets
 import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from tqdm import tqdm
 
@@ -46,6 +48,32 @@ DATE_FORMAT = "%H:%M:%S"
 PROJECT = "pipeline"  # the loggers -v raises
 _LARGEST = 1 << 16  # bytes of a record at most (a long traceback is cut)
 _END = b"end"
+# C0 and C1 control characters, DEL, and the bidirectional overrides: a URL or a server's message
+# holding them could move the cursor, recolour or rewrite the terminal, or forge a log line
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL_BUT_NEWLINE = re.compile(_CONTROL.pattern.replace("\x00-\x1f", "\x00-\x09\x0b-\x1f"))
+
+
+def printable(text: str, *, newlines: bool = False) -> str:
+    """``text`` safe for a terminal: control characters escaped as Python writes them (``\\x1b``);
+    line breaks kept with ``newlines`` (a traceback)."""
+    pattern = _CONTROL_BUT_NEWLINE if newlines else _CONTROL
+    return pattern.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+class PrintableFormatter(logging.Formatter):
+    """The one format, with what came from the network or an input escaped: a log line is one
+    line, whatever a URL or a server's message holds."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return printable(super().formatException(ei), newlines=True)
 
 
 class AboveBars(io.TextIOBase):
@@ -158,7 +186,7 @@ def configure(
     """Set up the coordinator's logging: ``level`` on the terminal (above the bars), and at least
     INFO into ``file``. ``level`` applies to the project's loggers; the libraries' stay at
     WARNING unless ``debug_libraries``."""
-    formatter = logging.Formatter(FORMAT, DATE_FORMAT)
+    formatter = PrintableFormatter(FORMAT, DATE_FORMAT)
     root = logging.getLogger()
     _reset(root)
     terminal = logging.StreamHandler(AboveBars())
@@ -189,7 +217,7 @@ def configure_child(setup: LogSetup, name: str | None = None) -> None:
         root.addHandler(logging.handlers.QueueHandler(RecordPipe(setup.address)))
     else:  # no relay (a Dask worker's own process): the terminal, as the coordinator would
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+        handler.setFormatter(PrintableFormatter(FORMAT, DATE_FORMAT))
         root.addHandler(handler)
     logging.getLogger(PROJECT).setLevel(setup.level)
     root.setLevel(setup.library_level)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -178,7 +179,11 @@ class Outcome:
 
     def encode(self) -> Row:
         """The manifest line, and what the coordinator needs to file and count it."""
-        line = _ROW_ENCODER.encode(self.to_row()) + "\n"
+        row = self.to_row()
+        try:
+            line = _ROW_ENCODER.encode(row) + "\n"
+        except ValueError:  # a NaN or an infinity in an input column: no JSON parser reads them
+            line = _ROW_ENCODER.encode(_finite(row)) + "\n"
         return Row(self.key, self.shard, self.status, self.error_kind, self.url,
                    self.bytes_in, self.bytes_out, line)  # fmt: skip
 
@@ -201,5 +206,17 @@ class Row(NamedTuple):
 
 
 _OUTCOME_FIELDS = tuple(f.name for f in dataclasses.fields(Outcome))
-# one encoder: json.dumps makes one per call; default=str for a parquet column's dates or decimals
-_ROW_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+# one encoder: json.dumps makes one per call; default=str for a parquet column's dates or decimals;
+# strict JSON (no bare NaN), which every parser reads
+_ROW_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN and infinity made null (only for the rare row that holds one)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value

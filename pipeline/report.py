@@ -23,6 +23,7 @@ from typing import Any
 from .atomic import write_atomic
 from .config import available_cores
 from .errors import PipelineError
+from .logs import printable
 from .metrics import TOP_HOSTS, Meter, RunStats, Stage
 from .sink import MANIFEST_DIR, read_manifest
 
@@ -315,7 +316,7 @@ def format_report(report: Report) -> str:
         lines.append(f"restarts    the transform pool was restarted {report.pool_restarts} times")
     if report.lane_restarts:
         lines.append(f"restarts    a lane died and was replaced {report.lane_restarts} times")
-    return "\n".join(fit(line) for line in lines)
+    return "\n".join(fit(printable(line)) for line in lines)  # hosts, file names: escaped
 
 
 def fit(line: str, width: int = WIDTH) -> str:
@@ -331,7 +332,7 @@ def _stragglers(slow: dict[str, Any] | None) -> list[str]:
     """How many downloads waited long, how long, and where: a slow server is visible here."""
     if not slow or not slow.get("count"):
         return []
-    hosts = ", ".join(f"{host} {count}" for host, count in slow.get("hosts", ()))
+    hosts = ", ".join(f"{printable(host)} {count}" for host, count in slow.get("hosts", ()))
     lines = [
         f"stragglers  {slow['count']} downloads over {slow['after_s']:g} s: median "
         f"{slow['median_s']:.1f} s, longest {slow['longest_s']:.1f} s, {slow['peak']} at once",
@@ -356,7 +357,7 @@ def _failures(failed: dict[str, int], hosts: tuple[tuple[str, int], ...]) -> lis
     lines = ["failed by kind"] if failed else []
     lines += [f"  {kind:<20}{count:>8}" for kind, count in failed.items()]
     lines += ["top failing hosts"] if hosts else []
-    lines += [f"  {host:<30}{count:>8}" for host, count in hosts]
+    lines += [f"  {printable(host):<30}{count:>8}" for host, count in hosts]  # from URLs
     return lines
 
 
@@ -446,7 +447,7 @@ def format_history(reports: Sequence[Report]) -> str:
     """One line per run into a folder: when, how many URLs, how fast."""
     lines = [f"{'runs':<12}{'started (UTC)':<21}{'urls':>8}{'ok':>8}{'failed':>8}{'images/s':>10}"]
     for r in reports:
-        when = r.started[:19].replace("T", " ") or "?"
+        when = printable(r.started[:19].replace("T", " ")) or "?"
         note = f"  {r.interrupted}" if r.interrupted else ""
         failed = sum(r.failed.values())
         lines.append(

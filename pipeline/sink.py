@@ -269,11 +269,18 @@ def read_manifest(out_dir: Path, *, include_parts: bool = True) -> Iterator[dict
 
 
 def read_rows(path: Path) -> Iterator[dict[str, Any]]:
-    """The rows of one manifest file (a half-written last line is not a row)."""
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.endswith("\n"):
-                yield json.loads(line)
+    """The rows of one manifest file (a half-written last line is not a row); a damaged line
+    stops the reader with one line naming the file and the line."""
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.endswith(b"\n"):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    row = None
+                if not isinstance(row, dict):
+                    raise OutputError(f"{path}: line {number} is damaged (not a manifest row)")
+                yield row
 
 
 @contextlib.contextmanager

@@ -134,9 +134,12 @@ def test_an_optional_feature_without_its_library_fails_before_any_work(
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(tmp_path / "shadow")},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), str(ROOT)])},
     )  # fmt: skip
-    assert_one_line_error(result, f"pip install -e {says}", "in a checkout of pipeline")
+    extra = says.strip('".[]')
+    assert_one_line_error(
+        result, f'pip install "imagelist-pipeline[{extra}]"', f"pip install -e {says} in a checkout"
+    )
     assert not (tmp_path / "out").exists()  # nothing was read, fetched or written
     assert not (tmp_path / "x.png").exists() and "images/s" not in result.stdout
 
@@ -185,3 +188,85 @@ def test_a_dry_run_says_what_would_run_and_touches_nothing(tmp_path, server):
     assert_one_line_error(
         pipeline("run", "urls", "--out", "out", "--dry-run", cwd=tmp_path), "line 1 changed"
     )
+
+
+QUICK = "[download]\nretries = 0\n[transform]\nworkers = 1\n"  # refused URLs: no retry, no wait
+
+
+def test_a_changed_setting_is_named_with_both_values_older_folders_too(tmp_path):
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    (tmp_path / "config.toml").write_text(QUICK)
+    assert pipeline("run", "urls.txt", "-q", cwd=tmp_path).returncode == 0
+    (tmp_path / "config.toml").write_text(QUICK + "quality = 95\n")
+    assert_one_line_error(
+        pipeline("run", "urls.txt", "-q", cwd=tmp_path), "transform.quality was 85, now 95"
+    )
+
+    state_file = tmp_path / "out" / "run.json"
+    state = json.loads(state_file.read_text())
+    state["settings"] = {  # as run.json held them before the settings were named
+        "input": {"shard_size": 10000, "url_column": "url", "dedupe": False},
+        "folder_size": 1000,
+        "output": ["jpeg", 85, "#ffffff", "bicubic", 2.0, 89478485],
+        "ops": [["ExifTranspose"], ["Thumbnail", 256, 256]],
+    }
+    state_file.write_text(json.dumps(state))
+    assert_one_line_error(
+        pipeline("run", "urls.txt", "-q", cwd=tmp_path), "transform.quality was 85, now 95"
+    )
+    (tmp_path / "config.toml").write_text(QUICK)
+    resumed = pipeline("run", "urls.txt", "-q", cwd=tmp_path)  # the same settings: it resumes
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 URLs done by earlier runs (1 shard sealed); nothing left to do" in resumed.stdout
+    assert "transform.quality" in state_file.read_text()  # rewritten in the named form
+
+    state["settings"] = ["jpeg", 85]  # a form no version wrote: said so, in one line
+    state_file.write_text(json.dumps(state))
+    assert_one_line_error(
+        pipeline("run", "urls.txt", "-q", cwd=tmp_path), "made by an older version", "--restart"
+    )
+
+
+def test_damaged_files_of_the_output_folder_are_named_in_one_line(tmp_path):
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    (tmp_path / "config.toml").write_text(QUICK)
+    assert pipeline("run", "urls.txt", "-q", cwd=tmp_path).returncode == 0
+    out = tmp_path / "out"
+    state, (manifest,) = (out / "run.json").read_text(), (out / "manifest").glob("*.jsonl")
+    (seal,) = (out / "manifest").glob("*.seal.json")
+
+    (out / "run.json").write_text(state[: len(state) // 2])  # cut short
+    assert_one_line_error(pipeline("run", "urls.txt", "-q", cwd=tmp_path), "run.json")
+    (out / "run.json").write_text(state)
+
+    seal.write_text("{not json")  # a damaged seal is made again from the shard's rows
+    again = pipeline("run", "urls.txt", "-q", cwd=tmp_path)
+    assert again.returncode == 0 and "nothing left to do" in again.stdout, again.stderr
+
+    with manifest.open("a") as f:
+        f.write('{"key": oops\n')
+    assert_one_line_error(pipeline("report", "out", cwd=tmp_path), manifest.name, "line 2")
+    seal.unlink()  # the run must read the rows to make the seal again
+    assert_one_line_error(pipeline("run", "urls.txt", "-q", cwd=tmp_path), manifest.name)
+
+
+def test_input_reaches_the_terminal_escaped_and_the_manifest_as_strict_json(tmp_path):
+    rows = [
+        {"url": "http://127.0.0.1:9/\x1b[31mred\x07.jpg", "score": float("nan"), "n": [1e999]},
+        {"url": "http://127.0.0.1:9/\x1b]0;title\x07\r\x9b2J.jpg"},
+    ]
+    (tmp_path / "urls.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "config.toml").write_text(QUICK)
+    done = pipeline("run", "urls.jsonl", "-vv", cwd=tmp_path)  # -vv: every failure logged
+    assert done.returncode == 0, done.stderr
+    for stream in (done.stdout, done.stderr):
+        assert not any(c in stream for c in "\x1b\x07\r\x9b"), stream
+    assert "\\x1b[31mred\\x07.jpg" in done.stderr  # the URL is there, escaped
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    (manifest,) = (tmp_path / "out" / "manifest").glob("*.jsonl")
+    lines = manifest.read_text().splitlines()
+    parsed = [json.loads(line, parse_constant=strict) for line in lines]
+    assert {row["line"]: row["columns"] for row in parsed}[1] == {"score": None, "n": [None]}

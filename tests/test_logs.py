@@ -135,3 +135,22 @@ def test_verbose_raises_our_loggers_and_debug_libs_the_rest(tmp_path, server, fl
     assert done.returncode == 0, done.stderr
     assert "pipeline.lane: 00000-000000001" in done.stderr  # ours, from the lane, at DEBUG
     assert ("urllib3.connectionpool" in done.stderr) is libraries
+
+
+def test_control_characters_in_a_logged_message_are_escaped(tmp_path):
+    from pipeline.logs import printable
+
+    assert printable("a\x1b[31mb\x07\r\n\x9b\u202ec é") == "a\\x1b[31mb\\x07\\r\\n\\x9b\\u202ec é"
+    assert printable("one\ntwo\x1b", newlines=True) == "one\ntwo\\x1b"
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("pipeline").level
+    try:
+        configure(logging.CRITICAL, str(tmp_path / "run.log"))
+        logging.getLogger("pipeline.test").warning("fetched %s", "http://h/\x1b]0;owned\x07\nfake")
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("pipeline").setLevel(saved[2])
+    text = (tmp_path / "run.log").read_text()
+    assert "fetched http://h/\\x1b]0;owned\\x07\\nfake\n" in text and "\x1b" not in text

@@ -158,3 +158,17 @@ def test_the_report_fits_80_columns_with_every_line_it_can_have():
     assert "filtered    2000000 left out by the filters: too_small 1000000, aspect_ratio" in text
     for line in text.splitlines():
         assert len(line) <= 79, line
+
+
+def test_hosts_and_names_from_the_input_are_printed_escaped():
+    hostile = replace(
+        report(10.0, 10.0),
+        failing_hosts=(("evil\x1b[2J.test", 3),),
+        resume="1 URLs done by earlier runs; to do: 1 in a\rb.txt from line 2",
+        failed={"dns": 3},
+        stragglers={"count": 1, "after_s": 2.0, "median_s": 3.0, "longest_s": 3.0, "peak": 1,
+                    "hosts": [["slow\x07.test", 1]]},
+    )  # fmt: skip
+    text = format_report(hostile)
+    assert "evil\\x1b[2J.test" in text and "slow\\x07.test" in text and "a\\rb.txt" in text
+    assert not any(c in text for c in "\x1b\x07\r")
