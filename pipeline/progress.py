@@ -1,8 +1,11 @@
 """Progress bars: one per stage, stacked, redrawn a few times a second by the sampler thread.
 
-    downloaded:  61%|██████      | 1220/2000 [00:06<00:04, 196 url/s, failed=3]
-    transformed: 60%|██████      | 1201/1997 [00:06<00:04, 193 url/s, fetched=32/32, pool=4/4]
-    written:     60%|██████      | 1199/2000 [00:06<00:04, 193 url/s, jobs=180/240, failed=3]
+    downloaded   61% 1220/2000 failed=51 196.12 url/s |████    | 00:06<00:04
+    transformed  60% 1201/1949 failed=0 193.40 url/s |████    | 00:06<00:04 fetched=32/32 pool=4/4
+    written      60% 1199/2000 failed=51 193.01 url/s |████    | 00:06<00:04 jobs=180/240
+
+The figures come before the bar and the queue depths last: a narrow terminal (tqdm cuts a line
+at its width) shortens the bar and loses the depths, never a count.
 
 The stages never touch the bars: they count into their meters, and ``Bars.refresh`` (called from
 the sampler thread, and once at the end) copies the counts over, so drawing costs the hot path
@@ -24,6 +27,12 @@ from .metrics import Counts, Gauge
 from .sources import Source, read_records
 
 _CHECK_EVERY = 65536  # URLs counted between looks at the stop flag
+# tqdm's fields in double braces; what matters most first, as a narrow terminal cuts the end
+_FORMAT = (
+    "{{desc}} {{percentage:3.0f}}% {{n_fmt}}/{{total_fmt}} failed={failed} {{rate_fmt}} "
+    "|{{bar:12}}| {{elapsed}}<{{remaining}} {depths}"
+)
+_UNTOLD = "{{desc}} {{n_fmt}} failed={failed} {{rate_fmt}} {{elapsed}} {depths}"  # no total yet
 
 
 class Bar(tqdm):  # type: ignore[misc]
@@ -62,6 +71,7 @@ class Bars:
                 dynamic_ncols=True,
                 mininterval=0,
                 file=sys.stderr,
+                bar_format=_UNTOLD.format(failed=0, depths=""),
             )
             for i, name in enumerate(names)
         ]
@@ -73,16 +83,14 @@ class Bars:
             failed_downloads = download.failed
             counts = (download.items, transform.items, write.items)
             totals = (total, None if total is None else total - failed_downloads, total)
-            postfixes = (
-                f"failed={failed_downloads}",
-                f"{self._depth('fetched')}, {self._depth('pool')}, failed={transform.failed}",
-                f"{self._depth('jobs')}, failed={failed_downloads + transform.failed}",
-            )
-            for bar, count, bar_total, postfix in zip(
-                self._bars, counts, totals, postfixes, strict=True
+            failed = (failed_downloads, transform.failed, failed_downloads + transform.failed)
+            depths = ("", f"{self._depth('fetched')} {self._depth('pool')}", self._depth("jobs"))
+            for bar, count, bar_total, fails, depth in zip(
+                self._bars, counts, totals, failed, depths, strict=True
             ):
                 bar.total = bar_total
-                bar.set_postfix_str(postfix, refresh=False)
+                layout = _UNTOLD if bar_total is None else _FORMAT
+                bar.bar_format = layout.format(failed=fails, depths=depth).rstrip()
                 bar.update(count - bar.n)  # keeps tqdm's smoothed rate right
 
     def _depth(self, name: str) -> str:
