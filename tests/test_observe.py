@@ -22,12 +22,11 @@ from test_cli import ROOT, pipeline
 
 from pipeline.bench.server import StaticServer
 from pipeline.config import (
-    Blur,
     Config,
     DownloadConfig,
     OutputConfig,
     QueuesConfig,
-    Resize,
+    Sleep,
     Thumbnail,
     TransformConfig,
 )
@@ -82,13 +81,20 @@ def test_the_report_agrees_with_the_manifest(tmp_path, mixed):
 
 
 def test_slow_transforms_are_named_the_bottleneck(tmp_path, mixed):
+    # one worker that sleeps 0.25 s an image: slower than anything else by far whatever the
+    # machine's load, and always at work (a CPU-bound op would share the cores with others)
+    nap = 0.25
     with StaticServer(mixed) as server:
         url_file(tmp_path / "urls.txt", server, mixed)
-        heavy = (Resize(1200, 1200, "stretch"), Blur(12.0))  # CPU, not sleep: utilization is CPU
-        slow = replace(config(tmp_path / "out", 4, 2, *heavy), queues=QueuesConfig(fetched=2))
-        report = run([tmp_path / "urls.txt"], slow)  # bodies wait for the workers: backed up
-    assert report.verdict is not None and report.verdict.stage == "transform", report.verdict
-    assert report.stage("transform").utilization > report.stage("download").utilization
+        slow = replace(config(tmp_path / "out", 4, 1, Sleep(nap)), queues=QueuesConfig(fetched=2))
+        report = run([tmp_path / "urls.txt"], slow)
+    transform = report.stage("transform")
+    assert transform.items == 12 + 1 and transform.busy_s >= 12 * nap  # every image slept
+    assert transform.p50_ms >= 1000 * nap
+    assert report.verdict is not None and report.verdict.stage == "transform", (
+        report.verdict,
+        transform,
+    )
 
 
 def test_slow_downloads_are_named_the_bottleneck(tmp_path, mixed):
