@@ -14,15 +14,16 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .bench.demo import SAMPLES, run_demo
 from .bench.faults import FaultServer
 from .bench.server import StaticServer
-from .config import Config, lane_count, load_config, with_overrides
+from .config import Config, available_cores, lane_count, load_config, with_overrides
 from .errors import PipelineError, limit_hint, require
 from .logs import configure, printable
 from .preview import dry_run, write_default_config
@@ -38,6 +39,9 @@ from .report import (
     load_report,
 )
 from .runner import run
+
+if TYPE_CHECKING:
+    from .bench.sweep import Choice
 
 log = logging.getLogger("pipeline")
 DEFAULT_CONFIG = Path("config.toml")
@@ -229,14 +233,32 @@ def _bench(args: argparse.Namespace) -> int:
             )
             if args.write_config:
                 assert path is not None
-                bench.write_config(path, top.setting)
-                show(f"written     into {path}")
+                _write_winner(bench.choose(rows, available_cores()), path, result, show)
             if args.plot:
                 bench.plot(rows, args.plot)
                 show(f"plot        {args.plot}")
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
+
+
+def _write_winner(
+    choice: Choice, path: Path, result: dict[str, object], show: Callable[[str], None]
+) -> None:
+    """--write-config: the sweep's winner, only when it won beyond the noise."""
+    from .bench import sweep as bench
+
+    result["written"] = None if choice.setting is None else asdict(choice.setting)
+    result["decision"] = choice.reason
+    if choice.setting is None:
+        show(f"written     nothing: no clear winner ({choice.reason}); {path} unchanged")
+        return
+    bench.write_config(path, choice.setting)
+    auto = " (0: auto, one per core)" if choice.setting.transform_workers == 0 else ""
+    show(
+        f"written     into {path}: download.workers = {choice.setting.download_workers}, "
+        f"transform.workers = {choice.setting.transform_workers}{auto} ({choice.reason})"
+    )
 
 
 def _say(line: str) -> None:

@@ -26,14 +26,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import tomlkit
 
 from ..atomic import write_atomic
-from ..config import available_cores, load_config
+from ..config import CORES_PER_LANE, available_cores, load_config
 from ..errors import PipelineError, require
 from ..report import REPORT_FILE, load_report
 from .baselines import STRATEGIES
@@ -170,6 +170,7 @@ class Row:
     setting: Setting | None = None
     run_s: float | None = None  # the run's own wall time, without the interpreter's start-up
     phases: dict[str, float] = field(default_factory=dict)  # two-phase: each phase's time
+    rates: tuple[float, ...] = ()  # a sweep's median row: the images/s of each of its runs
 
     @property
     def images_per_s(self) -> float:
@@ -337,7 +338,8 @@ def sweep(
     """Each setting ``repeat`` times; its median run."""
     rows = []
     for setting in settings:
-        row = median([bench.staged(setting) for _ in range(repeat)])
+        runs = [bench.staged(setting) for _ in range(repeat)]
+        row = replace(median(runs), rates=tuple(round(r.images_per_s, 2) for r in runs))
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -412,6 +414,47 @@ def best(rows: Sequence[Row]) -> Row:
             -r.images_per_s,
         ),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """What ``--write-config`` writes: a setting (0 where auto is as good), or None and why."""
+
+    setting: Setting | None
+    reason: str
+
+
+def choose(rows: Sequence[Row], cores: int) -> Choice:
+    """The best setting, if it won beyond the noise: its slowest run faster than the fastest run
+    of every other setting (so ``--repeat`` >= 2). ``transform.workers`` (and the lanes) stay 0,
+    auto, when auto's value for ``cores`` won."""
+    swept = [r for r in rows if r.setting is not None]
+    if len(swept) < 2:
+        return Choice(None, "one setting measured, nothing to beat")
+    if any(len(r.rates) < 2 for r in swept):
+        return Choice(None, "one run per setting cannot tell a winner from the noise (--repeat 3)")
+    top = best(swept)
+    rival = max((r for r in swept if r is not top), key=lambda r: max(r.rates))
+    if min(top.rates) <= max(rival.rates):
+        return Choice(
+            None,
+            f"{top.name} ({_spread(top)}) and {rival.name} ({_spread(rival)} images/s) are "
+            "within the noise of each other",
+        )
+    setting = top.setting
+    assert setting is not None
+    workers = setting.transform_workers
+    if workers == cores:  # what auto (0) gives on this machine: keep it auto, for any machine
+        setting = replace(setting, transform_workers=0)
+    if setting.lanes is not None and setting.lanes == max(
+        1, min(-(-cores // CORES_PER_LANE), workers)
+    ):
+        setting = replace(setting, lanes=0)
+    return Choice(setting, f"{top.name}: every run faster than any run of another setting")
+
+
+def _spread(row: Row) -> str:
+    return f"{min(row.rates):.1f}-{max(row.rates):.1f}"
 
 
 def write_config(path: Path, setting: Setting) -> None:
