@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -308,3 +309,54 @@ def test_the_hostile_benchmark_spreads_every_fault_evenly(image_dir):
     assert kinds == dict.fromkeys(FAULTS, 3)  # each of the ten, as often as the others
     positions = [i for i, line in enumerate(lines) if "/_fault/" in line]
     assert max(b - a for a, b in itertools.pairwise(positions)) <= 4  # spread, not bunched
+
+
+def test_readback_evicts_its_own_files_only_and_never_the_whole_page_cache(tmp_path, monkeypatch):
+    from pipeline.bench import readback
+
+    out = tmp_path / "out"
+    (out / "images" / "00000").mkdir(parents=True)
+    for name in ("images/00000/a.jpg", "images/00000/b.jpg", "manifest.jsonl"):
+        (out / name).write_bytes(b"x" * 10_000)
+    advised, opened = [], []
+    real_fadvise, real_open = os.posix_fadvise, os.open
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), advice))
+        real_fadvise(fd, offset, length, advice)
+
+    def spy_open(path, *args, **kwargs):  # every open of the module, by os.open or by Path
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    real_io_open = io.open
+
+    def spy_io_open(file, *args, **kwargs):  # open(), Path.open, Path.write_text
+        opened.append(str(file))
+        return real_io_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(io, "open", spy_io_open)
+    monkeypatch.setattr("builtins.open", spy_io_open)
+    count, _ = readback.timed(lambda folder: len(list(folder.rglob("*.jpg"))), out, cold=True)
+    assert count == 2
+    files = sorted(str(p) for p in out.rglob("*") if p.is_file())
+    assert sorted(advised) == [(path, os.POSIX_FADV_DONTNEED) for path in files]
+    assert not [path for path in opened if path.startswith("/proc/sys")]
+    assert not hasattr(readback, "drop_caches")
+
+
+def test_readback_without_webdataset_is_one_line_before_any_work(tmp_path):
+    script = (
+        "import sys; sys.modules['webdataset'] = None\n"  # an import of it fails
+        "from pipeline.bench.readback import main\n"
+        f"raise SystemExit(main(['--samples', '2', '--cache', {str(tmp_path)!r}]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "imagelist-pipeline[webdataset]"' in lines[0], lines
+    assert not (tmp_path / "workload").exists()  # no image was drawn
