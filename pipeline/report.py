@@ -405,7 +405,7 @@ def load_history(out_dir: Path) -> list[Report]:
 def _read_report(path: Path) -> Report:
     try:
         return Report.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise PipelineError(f"{path}: not a report of pipeline run ({exc})") from None
 
 

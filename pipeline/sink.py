@@ -268,6 +268,9 @@ def read_manifest(out_dir: Path, *, include_parts: bool = True) -> Iterator[dict
         yield from read_rows(path)
 
 
+_ROW_KEYS = frozenset({"key", "line", "url", "status"})  # what readers of rows rely on
+
+
 def read_rows(path: Path) -> Iterator[dict[str, Any]]:
     """The rows of one manifest file (a half-written last line is not a row); a damaged line
     stops the reader with one line naming the file and the line."""
@@ -278,7 +281,7 @@ def read_rows(path: Path) -> Iterator[dict[str, Any]]:
                     row = json.loads(line)
                 except ValueError:
                     row = None
-                if not isinstance(row, dict):
+                if not isinstance(row, dict) or not row.keys() >= _ROW_KEYS:
                     raise OutputError(f"{path}: line {number} is damaged (not a manifest row)")
                 yield row
 

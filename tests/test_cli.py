@@ -243,9 +243,13 @@ def test_damaged_files_of_the_output_folder_are_named_in_one_line(tmp_path):
     again = pipeline("run", "urls.txt", "-q", cwd=tmp_path)
     assert again.returncode == 0 and "nothing left to do" in again.stdout, again.stderr
 
-    with manifest.open("a") as f:
-        f.write('{"key": oops\n')
-    assert_one_line_error(pipeline("report", "out", cwd=tmp_path), manifest.name, "line 2")
+    (out / "report.json").write_text("[1]")
+    assert_one_line_error(pipeline("report", "out", cwd=tmp_path), "report.json")
+    (out / "report.json").unlink()
+    rows = manifest.read_text()
+    for damage in ('{"key": oops\n', '{"key": "00000-000000002"}\n'):  # not JSON; not a row
+        manifest.write_text(rows + damage)
+        assert_one_line_error(pipeline("report", "out", cwd=tmp_path), manifest.name, "line 2")
     seal.unlink()  # the run must read the rows to make the seal again
     assert_one_line_error(pipeline("run", "urls.txt", "-q", cwd=tmp_path), manifest.name)
 
