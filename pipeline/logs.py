@@ -70,10 +70,24 @@ class PrintableFormatter(logging.Formatter):
     line, whatever a URL or a server's message holds."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return printable(super().formatMessage(record))
+        # a child's record comes escaped already, with its traceback's line breaks
+        escaped = getattr(record, "escaped", False)
+        return printable(super().formatMessage(record), newlines=escaped)
 
     def formatException(self, ei: Any) -> str:
         return printable(super().formatException(ei), newlines=True)
+
+
+class _ChildFormatter(PrintableFormatter):
+    """A child's records as the relay sends them: the message escaped, then any traceback."""
+
+    def __init__(self) -> None:
+        super().__init__("%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        record.escaped = True  # for the coordinator's formatter (the relay sends a copy)
+        return text
 
 
 class AboveBars(io.TextIOBase):
@@ -214,7 +228,9 @@ def configure_child(setup: LogSetup, name: str | None = None) -> None:
     root = logging.getLogger()
     _reset(root)
     if setup.address is not None:
-        root.addHandler(logging.handlers.QueueHandler(RecordPipe(setup.address)))
+        relayed = logging.handlers.QueueHandler(RecordPipe(setup.address))
+        relayed.setFormatter(_ChildFormatter())
+        root.addHandler(relayed)
     else:  # no relay (a Dask worker's own process): the terminal, as the coordinator would
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(PrintableFormatter(FORMAT, DATE_FORMAT))

@@ -160,3 +160,32 @@ def test_control_characters_in_a_logged_message_are_escaped(tmp_path):
         logging.getLogger("pipeline").setLevel(saved[2])
     text = (tmp_path / "run.log").read_text()
     assert "fetched http://h/\\x1b]0;owned\\x07\\nfake\n" in text and "\x1b" not in text
+
+
+def _hostile_child(setup: LogSetup) -> None:
+    configure_child(setup, "child-2")
+    try:
+        raise ValueError("bad \x1b[2J")
+    except ValueError:
+        logging.getLogger("pipeline.test").exception("at http://h/\x1b[31m\nforged")
+
+
+def test_a_childs_message_is_escaped_and_its_traceback_kept(tmp_path):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("pipeline").level
+    try:
+        configure(logging.CRITICAL, str(tmp_path / "run.log"))
+        with relay():
+            child = multiprocessing.get_context("spawn").Process(
+                target=_hostile_child, args=(LogSetup.current(),)
+            )
+            child.start()
+            child.join(30)
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("pipeline").setLevel(saved[2])
+    text = (tmp_path / "run.log").read_text()
+    assert "pipeline.test: at http://h/\\x1b[31m\\nforged\nTraceback" in text, text
+    assert "ValueError: bad \\x1b[2J" in text and "\x1b" not in text
