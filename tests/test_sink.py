@@ -33,7 +33,7 @@ from pipeline.sources import iter_jobs
 FIELDS = [
     "key", "shard", "source", "line", "url", "status", "error_kind", "error", "http_status",
     "bytes_in", "bytes_out", "width_in", "height_in", "width_out", "height_out", "path",
-    "sha256", "download_ms", "transform_ms", "cpu_ms", "duplicate_of", "columns",
+    "sha256", "original_sha256", "download_ms", "transform_ms", "cpu_ms", "duplicate_of", "columns",
 ]  # fmt: skip
 
 
