@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -89,7 +90,7 @@ class Tagged(QuietHandler):
     sent only when the test opens ``gate``: a client that read it would wait."""
 
     gate = threading.Event()
-    agents: list[str] = []
+    agents: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         type(self).agents.append(self.headers.get("User-Agent", ""))
@@ -242,7 +243,7 @@ def test_retry_warnings_reach_the_terminal_only_at_vv(tmp_path):
 class Proxy(QuietHandler):
     """A forward proxy for the test: answers absolute-URI GETs from its own folder."""
 
-    seen: list[str] = []
+    seen: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         if self.path.startswith("http://"):
@@ -255,9 +256,10 @@ class Proxy(QuietHandler):
 def test_the_environments_proxy_is_used_and_no_proxy_honoured(
     tmp_path, image_dir, images, monkeypatch
 ):
-    with StaticServer(image_dir, handler=Proxy) as proxy, StaticServer(
-        image_dir, host="127.0.0.2"
-    ) as direct:
+    with (
+        StaticServer(image_dir, handler=Proxy) as proxy,
+        StaticServer(image_dir, host="127.0.0.2") as direct,
+    ):
         monkeypatch.setenv("HTTP_PROXY", proxy.url().rstrip("/"))
         monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.2")
         proxied = [f"http://images.invalid/{name}" for name in images[:3]]  # no DNS: the proxy's
@@ -273,3 +275,52 @@ def test_the_environments_proxy_is_used_and_no_proxy_honoured(
         assert code == 0, stderr
         assert off.complete()[proxied[0]]["error_kind"] == "dns"
         assert len(Proxy.seen) == len(proxied)
+
+
+# --- per_host holds across lanes ------------------------------------------------------------------
+
+
+class Concurrency(QuietHandler):
+    """Counts requests at once; the first is held until a second overlaps it or ``gate`` opens."""
+
+    lock = threading.Lock()
+    active = peak = 0
+    first = threading.Event()
+    overlap = threading.Event()
+    gate = threading.Event()
+
+    def do_GET(self) -> None:
+        cls = type(self)
+        with cls.lock:
+            cls.active += 1
+            cls.peak = max(cls.peak, cls.active)
+            if cls.active > 1:
+                cls.overlap.set()
+        cls.first.set()
+        cls.gate.wait(30)
+        try:
+            super().do_GET()
+        finally:
+            with cls.lock:
+                cls.active -= 1
+
+
+def test_per_host_holds_across_lanes(tmp_path, image_dir, images):
+    with StaticServer(image_dir, handler=Concurrency) as server:
+        # a lane holds at most 1 + 1 + 1 + 64 jobs here: 150 URLs reach both lanes
+        urls = [f"{server.url(images[i % len(images)])}?n={i}" for i in range(150)]
+        config = "[download]\nper_host = 1\nworkers = 1\nmax_stragglers = 0\n"
+        config += "[queues]\nfetched = 1\n"
+        config += "[transform]\nmax_in_flight = 1\n"
+        run = Run(tmp_path, urls, config)
+        proc = run.start("--lanes", "2", "--transform-workers", "2")
+        try:
+            assert Concurrency.first.wait(30), "no request arrived"
+            overlapped = Concurrency.overlap.wait(1.0)  # the other lane's, were it let through
+        finally:
+            Concurrency.gate.set()
+        proc.communicate(timeout=120)
+    assert proc.returncode == 0, run.stderr.read_text()
+    assert not overlapped and Concurrency.peak == 1
+    assert all(row["status"] == "ok" for row in run.complete().values())
+    assert json.loads((run.out / "report.json").read_text())["lanes"] == 2
