@@ -6,7 +6,7 @@ tried again by this lane, so a list full of one dead host's URLs costs no downlo
                      v
                    download --> connected(host): its count is reset
                             \\-> failed(host, exc): a refused or timed-out connect, or no address,
-                                 counts one more
+                                 counts one more; any other failure resets it too
 
 Memory is per lane and bounded (``KEPT`` hosts with failures, the oldest forgotten first). Skipped
 URLs are failed as ``connect``, a transient kind: a rerun tries them again.
@@ -55,7 +55,10 @@ class DeadHosts:
     def failed(self, host: str, exc: BaseException) -> None:
         """Count ``exc`` against ``host`` if it is a connection that was never made to it (and
         not to a host a redirect led to, which fails on its own account)."""
-        if not self.limit or not _never_connected(exc, host):
+        if not self.limit:
+            return
+        if not _never_connected(exc, host):  # it answered (a 404, a read timeout): alive
+            self.connected(host)
             return
         with self._lock:
             self._failures[host] = self._failures.pop(host, 0) + 1  # now the newest

@@ -17,8 +17,9 @@ from pipeline.config import DownloadConfig
 from pipeline.download import Downloader, _ours, check_url, translate
 from pipeline.errors import ConfigError, FetchError, is_final
 from pipeline.optout import refusal
+from pipeline.proxies import Proxies
 from pipeline.records import Job
-from pipeline.transport import AddressGuard, InterimFlood
+from pipeline.transport import AddressGuard, InterimFlood, new_session
 
 URL = "http://images.test/a.jpg"
 
@@ -349,3 +350,49 @@ def test_a_success_resets_a_hosts_count_and_zero_turns_it_off():
     with Downloader(DownloadConfig(retries=0, host_failures=0)) as downloader:
         for _ in range(5):
             assert "not tried" not in fetch_error(downloader).message
+
+
+@responses.activate
+def test_an_answer_of_any_status_resets_a_hosts_count():
+    for body, status in ((refused(), 200), (refused(), 200), (b"", 404), (refused(), 200)):
+        responses.get(URL, body=body, status=status)
+    with Downloader(DownloadConfig(retries=0, host_failures=3)) as downloader:
+        kinds = [fetch_error(downloader).kind for _ in range(5)]
+    assert kinds == ["connect", "connect", "http_4xx", "connect", "connect"]
+    assert len(responses.calls) == 5  # the host answered: every URL was tried
+
+
+# --- proxies ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "host", "bypass"),
+    [
+        ("example.com", "example.com", True),
+        ("example.com", "img.example.com", True),  # its subdomains
+        (".example.com", "img.example.com", True),
+        ("example.com", "badexample.com", False),
+        ("example.com:8080", "example.com", True),  # a port is ignored
+        ("10.0.0.0/8, 127.0.0.2", "10.1.2.3", True),  # CIDR, spaces
+        ("10.0.0.0/8,127.0.0.2", "127.0.0.2", True),
+        ("10.0.0.0/8", "11.0.0.1", False),
+        ("[::1]:8080", "[::1]", True),
+        ("*", "anything.test", True),
+        ("", "example.com", False),
+    ],
+)
+def test_no_proxy_entries(monkeypatch, no_proxy, host, bypass):
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    proxies = Proxies.resolve("env")
+    assert proxies.proxies["https"] == "http://127.0.0.1:3128"
+    assert proxies.bypass(host) is bypass
+
+
+def test_a_proxy_setting_is_read_once_per_session(monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:3128")
+    assert new_session(DownloadConfig()).proxies == {"http": "http://127.0.0.1:3128"}
+    assert new_session(DownloadConfig(proxy="none")).proxies == {}
+    named = new_session(DownloadConfig(proxy="http://127.0.0.1:8080"))
+    assert named.proxies == {"http": "http://127.0.0.1:8080", "https": "http://127.0.0.1:8080"}
+    assert not named.trust_env  # requests never looks at the environment per request
