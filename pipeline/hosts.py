@@ -6,7 +6,7 @@ tried again by this lane, so a list full of one dead host's URLs costs no downlo
                      v
                    download --> connected(host): its count is reset
                             \\-> failed(host, exc): a refused or timed-out connect, or no address,
-                                 counts one more; any other failure resets it too
+                                 counts one more; an answer (a 404) resets it too
 
 Memory is per lane and bounded (``KEPT`` hosts with failures, the oldest forgotten first). Skipped
 URLs are failed as ``connect``, a transient kind: a rerun tries them again.
@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import urllib3.exceptions
 
-from .errors import FetchError
+from .errors import FetchError, ItemError
 
 KEPT = 100_000  # hosts remembered with failures, per lane (a host's key is a few dozen bytes)
 # a connection that was never made: refused, unreachable, silent, or no address for the name
@@ -57,9 +57,10 @@ class DeadHosts:
         not to a host a redirect led to, which fails on its own account)."""
         if not self.limit:
             return
-        if not _never_connected(exc, host):  # it answered (a 404, a read timeout): alive
-            self.connected(host)
-            return
+        if not _never_connected(exc, host):
+            if isinstance(exc, ItemError) and exc.http_status is not None:  # it answered: alive
+                self.connected(host)
+            return  # (connected, then no answer: neither alive nor dead)
         with self._lock:
             self._failures[host] = self._failures.pop(host, 0) + 1  # now the newest
             if len(self._failures) > KEPT:
