@@ -8,6 +8,7 @@ Sessions run with ``trust_env = False`` (requests would otherwise read the envir
 netrc, on every request), so the environment is read here, once, and NO_PROXY is matched by the
 adapter against each request's host: ``*``, host names (``example.com`` also matches its
 subdomains; a leading ``.`` is the same), IP addresses and CIDR networks; a ``:port`` is ignored.
+Loopback hosts (``localhost``, 127.0.0.0/8, ::1) always go direct.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ class Proxies:
         return cls(proxies, tuple(_entry(item) for item in entries if item.strip()))
 
     def bypass(self, host: str) -> bool:
-        """True if requests to ``host`` go direct (NO_PROXY names it)."""
+        """True if requests to ``host`` go direct: NO_PROXY names it, or it is loopback."""
         host = host.strip("[]").lower()
         try:
             ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
         except ValueError:
             ip = None
+        if host == "localhost" or (ip is not None and ip.is_loopback):
+            return True  # (as Go's http.ProxyFromEnvironment: a proxy would reach its own)
         for entry in self.no_proxy:
             if entry == "*" or host == entry or host.endswith("." + entry):
                 return True

@@ -7,9 +7,11 @@ watchdog can cut, and urllib3 retries that respect the deadline.
                   _new_conn(): the connected address is checked by the AddressGuard
                   connect()/request(): register the socket with this thread's deadline Ticket
 
-Retries are urllib3's: connect and read errors (not read timeouts), and 429/500/502/503/504, with
-exponential backoff and jitter. ``Retry-After`` is honoured up to ``download.retry_after_max``, and
-no backoff sleeps past the download's deadline.
+Retries are urllib3's: dropped or reset connections and 429/500/502/503/504, with exponential
+backoff and jitter (not a refused or silent connect, a read timeout or a malformed answer).
+``Retry-After`` is honoured up to ``download.retry_after_max``, and no backoff sleeps past the
+download's deadline. http.client's responses read at most MAX_INTERIM ``100 Continue`` answers.
+The adapter sends through ``download.proxy`` (proxies.py), except to NO_PROXY and loopback hosts.
 """
 
 from __future__ import annotations
@@ -63,9 +65,7 @@ class DeadlineRetry(Retry):
         said no, or is silent, and each backoff would hold a thread; a rerun tries again. Nor is a
         malformed answer, which the same server sends again. A dropped or reset connection is
         retried (a kept-alive socket closed by the server, usually)."""
-        if isinstance(error, ReadTimeoutError | ConnectTimeoutError | ProtocolError) and (
-            not isinstance(error, ProtocolError) or _malformed(error)
-        ):
+        if isinstance(error, ReadTimeoutError | ConnectTimeoutError) or _malformed(error):
             raise MaxRetryError(_pool, url or "", error) from error
         retry = super().increment(method, url, response, error, _pool, _stacktrace)
         assert isinstance(retry, DeadlineRetry)
@@ -136,8 +136,10 @@ class BoundedResponse(http.client.HTTPResponse):
         return status
 
 
-def _malformed(error: ProtocolError) -> bool:
+def _malformed(error: Exception | None) -> bool:
     """A ProtocolError wrapping a broken answer (not a connection closed early)."""
+    if not isinstance(error, ProtocolError):
+        return False
     inner = next((a for a in error.args if isinstance(a, BaseException)), None)
     cut_short = (http.client.IncompleteRead, http.client.RemoteDisconnected)
     return isinstance(inner, http.client.HTTPException) and not isinstance(inner, cut_short)
@@ -153,10 +155,11 @@ class _Watched:
     response_class: type[http.client.HTTPResponse] = BoundedResponse
 
     def _new_conn(self) -> socket.socket:
-        guard = None if getattr(self, "proxy", None) else self.guard  # to the proxy: the
-        if guard is not None:  # adapter checked the URL (send). An address in the URL is refused
-            with contextlib.suppress(ValueError):  # before connecting (on Linux, 0.0.0.0 reaches
-                guard.check(str(ipaddress.ip_address(self._dns_host.strip("[]"))))  # 127.0.0.1)
+        # a connection to download.proxy is not checked (the adapter checked the URL, in send)
+        guard = None if getattr(self, "proxy", None) else self.guard
+        if guard is not None:  # an address in the URL: refused before connecting (on
+            with contextlib.suppress(ValueError):  # Linux, 0.0.0.0 reaches 127.0.0.1 itself)
+                guard.check(str(ipaddress.ip_address(self._dns_host.strip("[]"))))
         sock: socket.socket = super()._new_conn()  # type: ignore[misc]
         if guard is not None:
             try:

@@ -373,10 +373,13 @@ def test_an_answer_of_any_status_resets_a_hosts_count():
         (".example.com", "img.example.com", True),
         ("example.com", "badexample.com", False),
         ("example.com:8080", "example.com", True),  # a port is ignored
-        ("10.0.0.0/8, 127.0.0.2", "10.1.2.3", True),  # CIDR, spaces
-        ("10.0.0.0/8,127.0.0.2", "127.0.0.2", True),
+        ("10.0.0.0/8, 192.168.1.2", "10.1.2.3", True),  # CIDR, spaces
+        ("10.0.0.0/8,192.168.1.2", "192.168.1.2", True),
         ("10.0.0.0/8", "11.0.0.1", False),
-        ("[::1]:8080", "[::1]", True),
+        ("[fd00::1]:8080", "[fd00::1]", True),
+        ("", "127.0.0.2", True),  # loopback: always direct
+        ("", "[::1]", True),
+        ("", "localhost", True),
         ("*", "anything.test", True),
         ("", "example.com", False),
     ],
