@@ -264,6 +264,12 @@ class DownloadConfig:
     per_host: int = 0
     chunk_size: int = 1_048_576
     user_agent: str = "pipeline/0.1"
+    # a name publishers can address in X-Robots-Tag ("mytoken: noai"); sent in the User-Agent
+    user_agent_token: str = ""
+    # X-Robots-Tag directives that refuse a response unread (opted_out); () = ignore them all
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    host_failures: int = 3  # connect failures in a row after which a host's URLs are not tried
+    proxy: str = "env"  # "env": HTTP(S)_PROXY and NO_PROXY; a URL; "" or "none": no proxy
     # link-local (cloud metadata at 169.254.169.254), and "this network": never an image host
     deny_networks: tuple[str, ...] = ("169.254.0.0/16", "fe80::/10", "0.0.0.0/8")
     allow_private: bool = True
@@ -321,6 +327,39 @@ class DownloadConfig:
             "printable ASCII, without line breaks or control characters (an HTTP header value)",
             self.user_agent,
         )
+        token = self.user_agent_token
+        _require(not token or bool(_TOKEN.fullmatch(token)), "user_agent_token", _TOKEN_RULE, token)
+        for directive in self.disallowed_header_directives:
+            ok = bool(_TOKEN.fullmatch(directive))
+            _require(ok, "disallowed_header_directives", "directives such as noai", directive)
+        _require(
+            0 <= self.host_failures <= 1000, "host_failures", "in [0, 1000]", self.host_failures
+        )
+        _check_proxy(self.proxy)
+
+    @property
+    def full_user_agent(self) -> str:
+        """The User-Agent sent: ``pipeline/0.1 (compatible; mytoken)`` when a token is set."""
+        token = self.user_agent_token
+        return f"{self.user_agent} (compatible; {token})" if token else self.user_agent
+
+
+# a robots token: what a publisher names in "X-Robots-Tag: mytoken: noai" (RFC 9309 product token)
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_TOKEN_RULE = "a name of letters, digits, '-', '_' or '.' (at most 64), such as mybot"
+PROXY_OFF = ("", "none")
+
+
+def _check_proxy(proxy: str) -> None:
+    if proxy in ("env", *PROXY_OFF):
+        return
+    match = re.fullmatch(r"https?://([^/?#\s]+)/?", proxy)
+    _require(
+        match is not None and bool(_HEADER_VALUE.fullmatch(proxy)),
+        "proxy",
+        '"env", "" (none) or a proxy URL such as http://10.0.0.1:3128',
+        proxy,
+    )
 
 
 @dataclass(frozen=True, slots=True)

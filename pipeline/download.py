@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import http.client
 import threading
 import time
 from collections import Counter
@@ -25,6 +26,8 @@ import urllib3.exceptions
 from .config import DownloadConfig
 from .deadline import DeadlineExceeded, Watchdog
 from .errors import ConfigError, FetchError
+from .hosts import DeadHosts
+from .optout import refusal
 from .records import Fetched, Job
 from .transport import new_session
 
@@ -46,22 +49,26 @@ class Downloader:
         self._hosts: Counter[str] = Counter()  # downloads running per host (per_host)
         self._slots = threading.Condition()
         self._cancelled = False
+        self._dead = DeadHosts(config.host_failures)
 
     def fetch(self, job: Job) -> Fetched:
         """Download ``job.url`` whole, within the deadline, or raise a FetchError."""
         if job.problem is not None:
             raise FetchError("invalid_url", job.problem)
         check_url(job.url)
+        host = self._dead.check(job.url)
         started = time.perf_counter()
         with self._host_slot(job.url), self._watchdog.deadline(self.config.deadline) as ticket:
             try:
                 response, body = self._get(job.url)
-            except requests.exceptions.InvalidHeader as exc:  # ours: the URL is not to blame
-                raise ConfigError("download.user_agent", f"is refused: {exc}") from None
             except (FetchError, DeadlineExceeded, *_TRANSPORT_ERRORS) as exc:
+                self._dead.failed(host, exc)
+                if _ours(exc):  # a header we send that the HTTP library refuses: no URL's fault
+                    raise ConfigError("download.user_agent", f"is refused: {exc}") from None
                 if ticket.fired or isinstance(exc, DeadlineExceeded):
                     raise self._past_deadline() from None
                 raise exc if isinstance(exc, FetchError) else translate(exc) from exc
+            self._dead.connected(host)
             if ticket.fired:  # a cut socket can look like a clean end: trust nothing read
                 raise self._past_deadline()
         return Fetched(
@@ -161,9 +168,11 @@ def check_url(url: str) -> None:
 
 
 def _check_response(response: requests.Response, config: DownloadConfig) -> None:
-    """Reject an error status, or a Content-Type outside ``download.content_types``."""
+    """Reject an error status, a publisher's opt-out (X-Robots-Tag), or a Content-Type outside
+    ``download.content_types``: all before a byte of the body is read."""
     code = response.status_code
     if 200 <= code < 300:
+        _check_opt_out(response, config, code)
         _check_content_type(response.headers.get("Content-Type", ""), config.content_types, code)
         return
     message = f"HTTP {code} {response.reason or ''}".strip()
@@ -172,6 +181,18 @@ def _check_response(response: requests.Response, config: DownloadConfig) -> None
     if code >= 400:
         raise FetchError("http_4xx", message, code)
     raise FetchError("network", f"unexpected {message}", code)
+
+
+def _check_opt_out(response: requests.Response, config: DownloadConfig, code: int) -> None:
+    raw_headers = getattr(response.raw, "headers", None)
+    if isinstance(raw_headers, urllib3.HTTPHeaderDict):  # each header on its own, not merged
+        values = raw_headers.getlist("X-Robots-Tag")
+    else:
+        values = [response.headers.get("X-Robots-Tag", "")]
+    directive = refusal(values, config.user_agent_token, config.disallowed_header_directives)
+    if directive is not None:
+        message = f"X-Robots-Tag {directive} (download.disallowed_header_directives)"
+        raise FetchError("opted_out", message, code)
 
 
 def _check_content_type(header: str, allowed: tuple[str, ...], code: int) -> None:
@@ -230,6 +251,8 @@ def translate(exc: BaseException) -> FetchError:
     if _has(chain, _TIMEOUTS):
         phase = "connect" if _has(chain, urllib3.exceptions.ConnectTimeoutError) else "read"
         return FetchError("timeout", f"no answer within the {phase} timeout")
+    if _has(chain, _MALFORMED) and not _has(chain, _CUT_SHORT):
+        return FetchError("protocol", f"a malformed answer: {detail}")
     if isinstance(exc, requests.exceptions.ChunkedEncodingError | urllib3.exceptions.ProtocolError):
         return FetchError("truncated", f"the body was cut short: {detail}")
     socket_error = isinstance(exc, OSError) and not isinstance(exc, requests.RequestException)
@@ -240,12 +263,23 @@ def translate(exc: BaseException) -> FetchError:
 
 # raised by requests, by urllib3 when a raw read escapes requests' wrapping, and by sockets
 _TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+# the server broke HTTP (a bad status line, too many headers, contradictory Content-Lengths,
+# endless 1xx answers); but a connection closed early is no malformed answer
+_MALFORMED = (http.client.HTTPException, urllib3.exceptions.InvalidHeader)
+_CUT_SHORT = (http.client.IncompleteRead, http.client.RemoteDisconnected)
 _BAD_URL = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)
 _TIMEOUTS = (
     requests.exceptions.Timeout,
     urllib3.exceptions.TimeoutError,
     TimeoutError,
 )
+
+
+def _ours(exc: BaseException) -> bool:
+    """A header of our request refused by requests (the response's come wrapped from urllib3)."""
+    return isinstance(exc, requests.exceptions.InvalidHeader) and not _has(
+        _chain(exc), urllib3.exceptions.InvalidHeader
+    )
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -46,6 +46,8 @@ ERROR_KINDS: Final[dict[str, str]] = {
     "internal_error": "the transform raised an unexpected exception (a bug): a rerun retries it",
     "too_small": "(filtered) narrower than transform.min_width or lower than min_height",
     "aspect_ratio": "(filtered) more elongated than transform.max_aspect_ratio",
+    "opted_out": "the server's X-Robots-Tag opts out (download.disallowed_header_directives)",
+    "protocol": "the server's answer breaks HTTP: a malformed or contradictory header, endless 1xx",
 }
 #: The kinds of a row with status "filtered": the image is fine, the config leaves it out.
 FILTER_KINDS: Final[frozenset[str]] = frozenset({"too_small", "aspect_ratio"})

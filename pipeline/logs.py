@@ -19,7 +19,8 @@ every other writer; a datagram is sent whole or not at all, and nothing is share
 address. Should the coordinator fall behind, a child drops a record rather than wait.
 
 ``-v`` and ``-vv`` raise the project's own loggers (``pipeline.*``); the libraries' stay at
-WARNING unless ``--debug-libs`` asks for them too.
+WARNING unless ``--debug-libs`` asks for them too. urllib3's warnings (a retry, a full pool) reach
+the terminal only at ``-vv`` or with ``--debug-libs``; the log file has them.
 """
 
 from __future__ import annotations
@@ -205,6 +206,8 @@ def configure(
     _reset(root)
     terminal = logging.StreamHandler(AboveBars())
     terminal.setLevel(level)
+    if level > logging.DEBUG and not debug_libraries:
+        terminal.addFilter(quiet_http_library)
     handlers: list[logging.Handler] = [terminal]
     if file is not None:
         to_file = logging.FileHandler(file, encoding="utf-8", delay=True)
@@ -217,6 +220,13 @@ def configure(
     logging.getLogger(PROJECT).setLevel(lowest)
     root.setLevel(lowest if debug_libraries else max(lowest, logging.WARNING))
     logging.captureWarnings(True)  # Pillow's and urllib3's warnings become log lines too
+
+
+def quiet_http_library(record: logging.LogRecord) -> bool:
+    """False for urllib3's warnings (``Retrying (Retry(total=1, ...)) after connection broken
+    by ...``, a full connection pool): routine on the open web, each URL's outcome is its row.
+    The terminal shows them at -vv or with --debug-libs; the --log-file keeps them."""
+    return not (record.name.startswith("urllib3") and record.levelno < logging.ERROR)
 
 
 def configure_child(setup: LogSetup, name: str | None = None) -> None:

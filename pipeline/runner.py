@@ -56,11 +56,13 @@ from .progress import Bars, LaneCounts, UrlCount
 from .records import Job, Outcome, Row, ShardEnd
 from .report import QueueStat, Report, StageStat, build_report, cpu_stage, meter_stage
 from .resume import Plan, Resume, plan_run
+from .routes import Routes
 from .sink import Sink, lock
 from .sources import Source
 
 log = logging.getLogger(__name__)
 
+ROUTED = 16 * BATCH  # jobs read ahead for one lane at most, when routing by host (routes.py)
 LANE_DEATHS = 2  # a job whose lane died this many times is recorded as worker_crash
 
 
@@ -138,6 +140,9 @@ class Coordinator:
         self._items: Iterator[Job | ShardEnd] = iter(())
         self._exhausted = False
         self._jobs_peak = 0
+        # per_host across lanes: every URL of a host is dealt to one lane (routes.py)
+        several = self.lanes.wanted > 1 and config.download.per_host > 0
+        self._routes = Routes(self.lanes.wanted, ROUTED) if several else None
         self.sampler = Sampler(self.lanes.gauges)
 
     def execute(self, plan: Plan, *, progress: bool) -> Report:
@@ -199,15 +204,32 @@ class Coordinator:
             return
         for handle in sorted(self.lanes.running, key=lambda h: -h.room):
             while handle.told is None and handle.room >= min(BATCH, handle.credit // 2):
-                batch = self._take(min(handle.room, BATCH))
+                batch = self._next(handle.index, min(handle.room, BATCH))
                 if batch:
                     handle.deal(batch)
                     self._jobs_peak = max(self._jobs_peak, len(handle.outstanding))
-                if self._exhausted and not self._redo:
+                if not batch or self._drained(handle.index):
                     break
-        if self._exhausted and not self._redo:
-            for handle in self.lanes.running:
+        for handle in self.lanes.running:
+            if self._drained(handle.index):
                 handle.tell(END)
+
+    def _drained(self, lane: int) -> bool:
+        """Nothing is left to deal to ``lane``."""
+        routed = self._routes is not None and self._routes.waiting(lane) > 0
+        return self._exhausted and not self._redo and not routed
+
+    def _next(self, lane: int, count: int) -> list[Job]:
+        """Up to ``count`` jobs for ``lane``: any, or with routes, those of its hosts."""
+        routes = self._routes
+        if routes is None:
+            return self._take(count)
+        while routes.waiting(lane) < count and not routes.full():
+            jobs = self._take(BATCH)
+            if not jobs:
+                break
+            routes.add(jobs)
+        return routes.take(lane, count)
 
     def _take(self, count: int) -> list[Job]:
         """Up to ``count`` jobs for a lane; what needs no lane is recorded on the way."""

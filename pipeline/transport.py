@@ -7,30 +7,35 @@ watchdog can cut, and urllib3 retries that respect the deadline.
                   _new_conn(): the connected address is checked by the AddressGuard
                   connect()/request(): register the socket with this thread's deadline Ticket
 
-Retries are urllib3's: connect and read errors (not read timeouts), and 429/500/502/503/504, with
-exponential backoff and jitter. ``Retry-After`` is honoured up to ``download.retry_after_max``, and
-no backoff sleeps past the download's deadline.
+Retries are urllib3's: dropped or reset connections and 429/500/502/503/504, with exponential
+backoff and jitter (not a refused or silent connect, a read timeout or a malformed answer).
+``Retry-After`` is honoured up to ``download.retry_after_max``, and no backoff sleeps past the
+download's deadline. http.client's responses read at most MAX_INTERIM ``100 Continue`` answers.
+The adapter sends through ``download.proxy`` (proxies.py), except to NO_PROXY and loopback hosts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import ipaddress
 import socket
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.exceptions import MaxRetryError, ReadTimeoutError
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ProtocolError, ReadTimeoutError
 from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
 from . import deadline
 from .config import DownloadConfig
 from .errors import FetchError
+from .proxies import Proxies
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -56,8 +61,11 @@ class DeadlineRetry(Retry):
     ) -> DeadlineRetry:
         """As Retry's, but a read timeout is never retried: a server that did not answer within
         read_timeout rarely answers the next time, and each try would hold a thread as long again.
-        A dropped or reset connection is (a kept-alive socket closed by the server, usually)."""
-        if isinstance(error, ReadTimeoutError):
+        Nor is a connection refused or not answered (ConnectTimeoutError covers both): the host
+        said no, or is silent, and each backoff would hold a thread; a rerun tries again. Nor is a
+        malformed answer, which the same server sends again. A dropped or reset connection is
+        retried (a kept-alive socket closed by the server, usually)."""
+        if isinstance(error, ReadTimeoutError | ConnectTimeoutError) or _malformed(error):
             raise MaxRetryError(_pool, url or "", error) from error
         retry = super().increment(method, url, response, error, _pool, _stacktrace)
         assert isinstance(retry, DeadlineRetry)
@@ -106,6 +114,37 @@ def _plain(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
     return network
 
 
+MAX_INTERIM = 16  # 1xx answers before the real one, at most (http.client reads any number)
+
+
+class InterimFlood(http.client.HTTPException):
+    """A server sent more than MAX_INTERIM ``100 Continue`` answers: a malformed answer."""
+
+
+class BoundedResponse(http.client.HTTPResponse):
+    """http.client's response, reading at most MAX_INTERIM ``100 Continue`` before the status
+    that counts (``begin()`` loops over them without limit), and none past the deadline."""
+
+    _statuses = 0
+
+    def _read_status(self) -> tuple[str, int, str]:
+        self._statuses += 1
+        if self._statuses > MAX_INTERIM + 1:
+            raise InterimFlood(f"more than {MAX_INTERIM} interim (1xx) answers")
+        deadline.check()
+        status: tuple[str, int, str] = super()._read_status()  # type: ignore[misc]
+        return status
+
+
+def _malformed(error: Exception | None) -> bool:
+    """A ProtocolError wrapping a broken answer (not a connection closed early)."""
+    if not isinstance(error, ProtocolError):
+        return False
+    inner = next((a for a in error.args if isinstance(a, BaseException)), None)
+    cut_short = (http.client.IncompleteRead, http.client.RemoteDisconnected)
+    return isinstance(inner, http.client.HTTPException) and not isinstance(inner, cut_short)
+
+
 class _Watched:
     """Mixed into urllib3's connections: tell the deadline watchdog which socket is in use, and
     check the address each new socket is connected to."""
@@ -113,15 +152,18 @@ class _Watched:
     sock: Any
     _dns_host: str
     guard: AddressGuard | None = None  # set on the classes an adapter makes
+    response_class: type[http.client.HTTPResponse] = BoundedResponse
 
     def _new_conn(self) -> socket.socket:
-        if self.guard is not None:  # an address in the URL: refused before connecting (on
+        # a connection to download.proxy is not checked (the adapter checked the URL, in send)
+        guard = None if getattr(self, "proxy", None) else self.guard
+        if guard is not None:  # an address in the URL: refused before connecting (on
             with contextlib.suppress(ValueError):  # Linux, 0.0.0.0 reaches 127.0.0.1 itself)
-                self.guard.check(str(ipaddress.ip_address(self._dns_host.strip("[]"))))
+                guard.check(str(ipaddress.ip_address(self._dns_host.strip("[]"))))
         sock: socket.socket = super()._new_conn()  # type: ignore[misc]
-        if self.guard is not None:
+        if guard is not None:
             try:
-                self.guard.check(sock.getpeername()[0])
+                guard.check(sock.getpeername()[0])
             except BaseException:
                 sock.close()
                 raise
@@ -155,18 +197,41 @@ class WatchedHTTPSConnectionPool(HTTPSConnectionPool):
 
 
 class WatchedAdapter(HTTPAdapter):
-    """An HTTPAdapter whose pools make watched connections, checked by ``guard``."""
+    """An HTTPAdapter whose pools make watched connections, checked by ``guard``; with a proxy,
+    the hosts of ``proxies.no_proxy`` go direct."""
 
-    def __init__(self, guard: AddressGuard | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, guard: AddressGuard | None = None, proxies: Proxies | None = None, **kwargs: Any
+    ) -> None:
         self.guard = guard  # before super().__init__, which calls init_poolmanager
+        self.proxies = proxies or Proxies({})
         super().__init__(**kwargs)
+
+    def send(  # type: ignore[override]
+        self, request: requests.PreparedRequest, proxies: Any = None, **kwargs: Any
+    ) -> requests.Response:
+        host = urlsplit(request.url or "").hostname or ""
+        if proxies and self.proxies.bypass(host):
+            proxies = None
+        elif proxies and self.guard is not None:  # the proxy resolves names: only an address
+            with contextlib.suppress(ValueError):  # in the URL can be checked here
+                self.guard.check(str(ipaddress.ip_address(host)))
+        return super().send(request, proxies=proxies, **kwargs)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self._pool_classes()
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = self._pool_classes()  # watched through a proxy too
+        return manager
+
+    def _pool_classes(self) -> dict[str, type[HTTPConnectionPool]]:
         guard = {"guard": self.guard}
         http = type("GuardedHTTPConnection", (WatchedHTTPConnection,), guard)
         https = type("GuardedHTTPSConnection", (WatchedHTTPSConnection,), guard)
-        self.poolmanager.pool_classes_by_scheme = {
+        return {
             "http": type("GuardedHTTPPool", (WatchedHTTPConnectionPool,), {"ConnectionCls": http}),
             "https": type(
                 "GuardedHTTPSPool", (WatchedHTTPSConnectionPool,), {"ConnectionCls": https}
@@ -194,19 +259,21 @@ def make_retry(config: DownloadConfig) -> DeadlineRetry:
 
 
 def new_session(config: DownloadConfig) -> requests.Session:
-    """A Session for one thread: pooled keep-alive connections, no environment proxies/netrc."""
+    """A Session for one thread: pooled keep-alive connections, download.proxy, no netrc."""
     session = requests.Session()
-    session.trust_env = False  # no proxy/netrc look-ups per request; loopback stays loopback
+    session.trust_env = False  # no proxy/netrc look-ups per request: download.proxy, once
     session.max_redirects = config.max_redirects
     guard = AddressGuard(config.deny_networks, config.allow_private)
+    proxies = Proxies.resolve(config.proxy)
+    session.proxies = dict(proxies.proxies)
     adapter = WatchedAdapter(
-        guard, pool_connections=32, pool_maxsize=2, max_retries=make_retry(config)
+        guard, proxies, pool_connections=32, pool_maxsize=2, max_retries=make_retry(config)
     )
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers.update(
         {
-            "User-Agent": config.user_agent,
+            "User-Agent": config.full_user_agent,
             "Accept": "image/*,*/*;q=0.5",
             "Accept-Encoding": "identity",  # a compressed body could expand past max_bytes
         }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import re
 import threading
 
 import pytest
@@ -12,10 +14,12 @@ from helpers import gated_handler
 
 from pipeline.bench.server import StaticServer
 from pipeline.config import DownloadConfig
-from pipeline.download import Downloader, check_url, translate
-from pipeline.errors import ConfigError, FetchError
+from pipeline.download import Downloader, _ours, check_url, translate
+from pipeline.errors import ConfigError, FetchError, is_final
+from pipeline.optout import refusal
+from pipeline.proxies import Proxies
 from pipeline.records import Job
-from pipeline.transport import AddressGuard
+from pipeline.transport import AddressGuard, InterimFlood, new_session
 
 URL = "http://images.test/a.jpg"
 
@@ -210,3 +214,188 @@ def test_cancel_ends_downloads_waiting_for_their_hosts_slot(image_dir):
         assert sorted(e.kind for e in errors) == ["deadline"] * 3
         assert sum("per_host" in e.message for e in errors) == 2
         assert not gated.arrived.acquire(timeout=0)  # the two waiting never sent a request
+
+
+# --- publishers' opt-outs: X-Robots-Tag ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "token", "refused"),
+    [
+        (["noai"], "", "noai"),
+        (["NoImageAI"], "", "noimageai"),  # any case
+        (["nofollow, noindex"], "", "noindex"),  # several in one header
+        (["nofollow", "noarchive", "noimageindex"], "", "noimageindex"),  # several headers
+        (["otherbot: noai"], "mybot", None),  # addressed to another robot
+        (["otherbot: noai"], "", None),
+        (["MyBot: noai"], "mybot", "mybot: noai"),  # addressed to us
+        (["mybot: nofollow, noai"], "mybot", "mybot: noai"),  # the prefix covers the header
+        (["otherbot: nofollow, noai"], "mybot", None),
+        (["otherbot: nofollow", "noai"], "mybot", "noai"),  # a new header: every robot again
+        (["otherbot: nofollow, mybot: noai"], "mybot", "mybot: noai"),  # merged headers
+        (["unavailable_after: 25 Jun 2010 15:00:00 PST, noai"], "", "noai"),  # not a robot
+        (["max-image-preview: none"], "", None),
+        (["all", ""], "", None),
+        ([], "", None),
+    ],
+)
+def test_x_robots_tag_parsing(headers, token, refused):
+    assert refusal(headers, token, DownloadConfig().disallowed_header_directives) == refused
+
+
+def test_an_empty_directive_list_ignores_opt_outs():
+    assert refusal(["noai"], "", ()) is None
+
+
+@responses.activate
+def test_an_opted_out_response_is_refused_before_its_body_is_read():
+    headers = urllib3.HTTPHeaderDict({"X-Robots-Tag": "otherbot: noai"})
+    headers.add("X-Robots-Tag", "mybot: NOIMAGEAI")  # two headers
+    responses.get(URL, body=b"\xff\xd8" + bytes(100), content_type="image/jpeg", headers=headers)
+    config = DownloadConfig(retries=0, user_agent_token="mybot")
+    with Downloader(config) as downloader:
+        error = fetch_error(downloader)
+        assert (error.kind, error.http_status) == ("opted_out", 200)
+        assert error.message == (
+            "X-Robots-Tag mybot: noimageai (download.disallowed_header_directives)"
+        )
+        assert not is_final("connect") and is_final("opted_out")
+        user_agent = responses.calls[0].request.headers["User-Agent"]
+        assert user_agent == "pipeline/0.1 (compatible; mybot)"
+    # the same answer to another robot, or with the check off, is an image
+    for config in (DownloadConfig(retries=0, user_agent_token="robot2"),
+                   DownloadConfig(retries=0, user_agent_token="mybot",
+                                  disallowed_header_directives=())):  # fmt: skip
+        with Downloader(config) as downloader:
+            assert downloader.fetch(Job(0, 0, URL, "s")).body.startswith(b"\xff\xd8")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("user_agent_token", "my bot", "user_agent_token must be a name of letters"),
+        ("user_agent_token", "bot:x", "user_agent_token must be a name"),
+        ("disallowed_header_directives", ("noai", "no ai"), "disallowed_header_directives"),
+        ("host_failures", -1, "host_failures must be in [0, 1000]"),
+        ("proxy", "ftp://x:1", "proxy must be"),
+        ("proxy", "http://x:1/a/b", "proxy must be"),
+    ],
+)
+def test_download_settings_are_validated(key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        DownloadConfig(**{key: value})
+
+
+# --- a server's answer is its URL's row, never the run's stop ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        urllib3.exceptions.InvalidHeader("Content-Length contained multiple unmatching values"),
+        urllib3.exceptions.ProtocolError("Connection aborted.", http.client.LineTooLong("header")),
+        urllib3.exceptions.ProtocolError(
+            "Connection aborted.", InterimFlood("more than 16 interim (1xx) answers")
+        ),
+    ],
+    ids=["content-length", "line-too-long", "interim"],
+)
+def test_a_malformed_answer_is_a_protocol_row(exc):
+    header = isinstance(exc, urllib3.exceptions.InvalidHeader)
+    wrapped = (
+        requests.exceptions.InvalidHeader if header else requests.exceptions.ConnectionError
+    )(exc)
+    assert translate(wrapped).kind == "protocol"
+    assert not _ours(wrapped)
+    cut = urllib3.exceptions.ProtocolError("aborted", http.client.RemoteDisconnected("closed"))
+    assert translate(requests.exceptions.ConnectionError(cut)).kind == "connect"
+
+
+# --- dead hosts ----------------------------------------------------------------------------------
+
+
+def refused(host: str = "images.test") -> requests.exceptions.ConnectionError:
+    pool = urllib3.HTTPConnectionPool(host, 80)
+    reason = urllib3.exceptions.NewConnectionError(None, "[Errno 111] Connection refused")
+    return requests.exceptions.ConnectionError(urllib3.exceptions.MaxRetryError(pool, "/", reason))
+
+
+@responses.activate
+def test_a_host_that_failed_to_connect_n_times_is_not_tried_again():
+    other = "http://other.test/a.jpg"
+    responses.get(URL, body=refused())
+    responses.get(other, body=refused("other.test"))
+    with Downloader(DownloadConfig(retries=0, host_failures=3)) as downloader:
+        assert [fetch_error(downloader).kind for _ in range(3)] == ["connect"] * 3
+        assert len(responses.calls) == 3
+        error = fetch_error(downloader)
+        assert error.kind == "connect" and len(responses.calls) == 3  # not tried
+        assert error.message == "host images.test failed to connect 3 times in a row; not tried"
+        fetch_error(downloader, other)  # another host has its own count
+        assert len(responses.calls) == 4
+
+
+@responses.activate
+def test_a_success_resets_a_hosts_count_and_zero_turns_it_off():
+    for body in (refused(), refused(), b"x", refused(), refused()):
+        responses.get(URL, body=body, content_type="image/png")
+    with Downloader(DownloadConfig(retries=0, host_failures=3)) as downloader:
+        fetch_error(downloader)
+        fetch_error(downloader)  # two in a row, then the image: the count starts again
+        assert downloader.fetch(Job(0, 0, URL, "s")).body == b"x"
+        fetch_error(downloader)
+        fetch_error(downloader)
+        assert "not tried" not in fetch_error(downloader).message  # the third in a row
+        assert "not tried" in fetch_error(downloader).message
+    with Downloader(DownloadConfig(retries=0, host_failures=0)) as downloader:
+        for _ in range(5):
+            assert "not tried" not in fetch_error(downloader).message
+
+
+@responses.activate
+def test_an_answer_of_any_status_resets_a_hosts_count():
+    for body, status in ((refused(), 200), (refused(), 200), (b"", 404), (refused(), 200)):
+        responses.get(URL, body=body, status=status)
+    with Downloader(DownloadConfig(retries=0, host_failures=3)) as downloader:
+        kinds = [fetch_error(downloader).kind for _ in range(5)]
+    assert kinds == ["connect", "connect", "http_4xx", "connect", "connect"]
+    assert len(responses.calls) == 5  # the host answered: every URL was tried
+
+
+# --- proxies ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "host", "bypass"),
+    [
+        ("example.com", "example.com", True),
+        ("example.com", "img.example.com", True),  # its subdomains
+        (".example.com", "img.example.com", True),
+        ("example.com", "badexample.com", False),
+        ("example.com:8080", "example.com", True),  # a port is ignored
+        ("10.0.0.0/8, 192.168.1.2", "10.1.2.3", True),  # CIDR, spaces
+        ("10.0.0.0/8,192.168.1.2", "192.168.1.2", True),
+        ("10.0.0.0/8", "11.0.0.1", False),
+        ("[fd00::1]:8080", "[fd00::1]", True),
+        ("", "127.0.0.2", True),  # loopback: always direct
+        ("", "[::1]", True),
+        ("", "localhost", True),
+        ("*", "anything.test", True),
+        ("", "example.com", False),
+    ],
+)
+def test_no_proxy_entries(monkeypatch, no_proxy, host, bypass):
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    proxies = Proxies.resolve("env")
+    assert proxies.proxies["https"] == "http://127.0.0.1:3128"
+    assert proxies.bypass(host) is bypass
+
+
+def test_a_proxy_setting_is_read_once_per_session(monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:3128")
+    assert new_session(DownloadConfig()).proxies == {"http": "http://127.0.0.1:3128"}
+    assert new_session(DownloadConfig(proxy="none")).proxies == {}
+    named = new_session(DownloadConfig(proxy="http://127.0.0.1:8080"))
+    assert named.proxies == {"http": "http://127.0.0.1:8080", "https": "http://127.0.0.1:8080"}
+    assert not named.trust_env  # requests never looks at the environment per request
