@@ -56,7 +56,7 @@ def write_lines(path: Path, urls: list[str]) -> Path:
 def test_txt_skips_blank_lines_and_comments_strips_and_numbers_physical_lines(tmp_path):
     path = tmp_path / "a.txt"
     path.write_bytes(
-        b"# a comment\r\n  http://x/1.jpg  \r\n\r\n\thttp://x/2.jpg\n   # indented\nhttp://x/3.jpg"
+        b"# a comment\r\n  http://x/1.jpg  \r\n\r\n\thttp://x/2.jpg\n   # indented\nhttp://x/3.jpg\r"
     )
     assert records(path) == [
         Record(2, "http://x/1.jpg"),
@@ -111,7 +111,7 @@ def test_a_csv_record_is_numbered_by_the_line_it_starts_on(tmp_path):
     path = tmp_path / "a.csv"
     path.write_bytes(
         b'url,caption\r\nhttp://x/1.jpg,"two\r\nlines"\r\nhttp://x/2.jpg,one\r\n'
-        b'http://x/3.jpg,"three\nmore\nlines"\nhttp://x/4.jpg,last'
+        b'http://x/3.jpg,"three\nmore\nlines"\nhttp://x/4.jpg,last\n'
     )
     assert [(r.line, r.url) for r in records(path)] == [
         (2, "http://x/1.jpg"), (4, "http://x/2.jpg"),

@@ -1,0 +1,173 @@
+"""Opening an input file as a stream of whole lines, and what reading the inputs found.
+
+    open_lines(path, compression) -> Lines: the file's lines, decompressed as they are read
+        plain      the bytes as they are
+        .gz        gzip; several members one after the other (``cat more.gz >> urls.txt.gz``) read
+                   as one stream, so an appended member is appended lines
+        .zst       zstd (needs ``zstandard``); several frames read as one stream, the same way
+A last line without its line break is held back: a file still being written ends mid-line, and a
+line recorded before it is whole would change under a rerun. Reading errors (a corrupt or
+truncated stream, a disk error) become one ``UnreadableSource`` naming the file and the line
+reached. ``Findings`` collects, for the user, what reading found on the way: warnings, and the
+files that could not be read (the others are read all the same).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from .errors import PipelineError, SourceError, UnreadableSource
+
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+#: compressions a file may be named with that are not read: such a file is refused, naming it
+UNREAD_SUFFIXES = frozenset({".bz2", ".xz", ".lzma", ".zip", ".7z", ".lz4", ".br", ".tgz", ".tar"})
+ZSTD_INSTALL = "reading .zst files needs zstandard, which is not installed: pip install zstandard"
+_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"PK\x03\x04": "zip",
+}
+_MAX_WARNINGS = 20  # more are counted, not listed
+
+
+@dataclass(slots=True)
+class Findings:
+    """What reading the inputs found: warnings for the user, and files that could not be read."""
+
+    warnings: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    more: int = 0  # warnings past the first _MAX_WARNINGS
+
+    def warn(self, message: str) -> None:
+        if message in self.warnings:
+            return  # a file read twice (checked, then run) says it once
+        if len(self.warnings) < _MAX_WARNINGS:
+            self.warnings.append(message)
+        else:
+            self.more += 1
+
+    def failed(self, message: str) -> None:
+        if message not in self.unreadable:
+            self.unreadable.append(message)
+
+    def lines(self) -> list[str]:
+        more = [f"and {self.more} more warnings like these"] if self.more else []
+        return [*self.warnings, *more]
+
+
+def sniff(path: Path, compression: str | None) -> None:
+    """Refuse now a file whose first bytes say it is not what its name says."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(6)
+    except OSError as exc:
+        raise UnreadableSource(f"{path}: cannot read: {exc.strerror}") from None
+    if not head:
+        return
+    found = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+    if compression is not None and found != compression:
+        raise UnreadableSource(f"{path}: not a {compression} file (its name ends in .gz/.zst)")
+    if compression is None and found is not None:
+        raise UnreadableSource(
+            f"{path}: holds {found}-compressed data under a plain name; name it .gz or .zst "
+            "(gzip, zstd), or decompress it"
+        )
+
+
+class Lines:
+    """The whole lines of one input file (each with its line break), decompressed."""
+
+    def __init__(self, path: Path, compression: str | None, findings: Findings) -> None:
+        self.path = path
+        self.findings = findings
+        self.count = 0  # whole lines read so far
+        self._file = _open_text(path, compression)
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            try:
+                text = self._file.readline()
+            except (OSError, EOFError, zlib.error, ValueError) as exc:
+                raise self._unreadable(exc) from None
+            except Exception as exc:  # zstandard's ZstdError derives from Exception only
+                if type(exc).__name__ != "ZstdError":
+                    raise
+                raise self._unreadable(exc) from None
+            if not text:
+                return
+            if not text.endswith(("\n", "\r")):
+                self._held(text)
+                return
+            self.count += 1
+            yield text
+
+    def _held(self, text: str) -> None:
+        if text.strip():
+            self.findings.warn(
+                f"{self.path}: line {self.count + 1} has no line break yet: not read this time "
+                "(a file still being written); a rerun reads it once it ends with one"
+            )
+
+    def _unreadable(self, exc: BaseException) -> UnreadableSource:
+        what = "truncated" if isinstance(exc, EOFError) else f"unreadable ({exc})"
+        return UnreadableSource(f"{self.path}: {what} after line {self.count}")
+
+    def __enter__(self) -> Lines:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._file.close()
+
+
+def open_lines(path: Path, compression: str | None, findings: Findings | None = None) -> Lines:
+    return Lines(path, compression, Findings() if findings is None else findings)
+
+
+def _open_text(path: Path, compression: str | None) -> IO[str]:
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first line;
+    # surrogateescape: a stray non-UTF-8 byte makes an invalid URL (a failed row), not a crash
+    text: dict[str, Any] = {"encoding": "utf-8-sig", "errors": "surrogateescape", "newline": ""}
+    try:
+        if compression is None:
+            return path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
+        raw = path.open("rb")
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read: {exc.strerror}") from None
+    if compression == "gzip":  # GzipFile leaves a file it is given open: it is closed here
+        return io.TextIOWrapper(_Closing(gzip.GzipFile(fileobj=raw), raw), **text)
+    return io.TextIOWrapper(_zstd_reader(path, raw), **text)
+
+
+class _Closing(io.BufferedReader):
+    """A buffered stream that closes the file under it too."""
+
+    def __init__(self, stream: Any, under: IO[bytes]) -> None:
+        super().__init__(stream)
+        self._under = under
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._under.close()
+
+
+def _zstd_reader(path: Path, raw: IO[bytes]) -> Any:
+    try:
+        import zstandard
+    except ImportError:
+        raw.close()
+        raise PipelineError(f"{path}: {ZSTD_INSTALL}") from None
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return io.BufferedReader(reader)
