@@ -118,7 +118,8 @@ class Lines:
             )
 
     def _unreadable(self, exc: BaseException) -> UnreadableSource:
-        what = "truncated" if isinstance(exc, EOFError) else f"unreadable ({exc})"
+        detail = " ".join(str(exc).split())
+        what = "truncated" if isinstance(exc, EOFError) else f"unreadable ({detail})"
         return UnreadableSource(f"{self.path}: {what} after line {self.count}")
 
     def __enter__(self) -> Lines:

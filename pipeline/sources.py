@@ -132,8 +132,9 @@ def _walk(folder: Path, out_dir: Path | None, findings: Findings) -> list[Path]:
                 (files if kind == "input" else unread).append(here / name)
     if unread:
         findings.warn(
-            f"skipped {len(unread)} file{'s' * (len(unread) != 1)} in a compression not read (only .gz and .zst; parquet "
-            f"is compressed inside): {', '.join(str(p) for p in sorted(unread)[:4])}"
+            f"skipped {len(unread)} file{'s' * (len(unread) != 1)} in a compression not read "
+            f"(only .gz and .zst; parquet is compressed inside): "
+            + ", ".join(str(p) for p in sorted(unread)[:4])
         )
     return sorted(files)
 
@@ -172,10 +173,6 @@ def check_source(source: Source, url_column: str) -> None:
             _column_index(source, _header(lines, source.format), url_column)
     elif source.format == "jsonl":
         _check_field(source, url_column)
-
-
-def check_header(source: Source, url_column: str) -> None:
-    check_source(source, url_column)
 
 
 def _check_field(source: Source, url_column: str) -> None:
@@ -256,7 +253,8 @@ def _swallows(row: list[str]) -> bool:
 def _stray_quote(source: Source, line: int, last: int, url: str, findings: Findings) -> Record:
     span = f"a quote opened on line {line} runs to line {last}"
     findings.warn(
-        f"{source.path}: {span}, taking {last - line} lines into one record (a stray quote?); "
+        f"{source.path}: {span}, taking the {last - line} lines after it into one record "
+        "(a stray quote?); "
         "it is a failed row; fix the file and rerun with --restart"
     )
     return Record(
@@ -327,7 +325,8 @@ def _next_rows(
         return None if batch is None else batch.to_pylist()
     except (OSError, ValueError, ArrowException) as exc:
         raise UnreadableSource(
-            f"{source.path}: row group {group + 1} (from line {number + 1}) is unreadable: {exc}"
+            f"{source.path}: row group {group + 1} (from line {number + 1}) is unreadable: "
+            + " ".join(str(exc).split())  # pyarrow's messages run over lines
         ) from None
 
 

@@ -16,7 +16,7 @@ from pipeline.sources import (
     Known,
     Record,
     Source,
-    check_header,
+    check_source,
     find_files,
     input_root,
     iter_jobs,
@@ -86,7 +86,7 @@ def test_an_unreadable_file_names_its_path(tmp_path):
 def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, name, text, line):
     path = tmp_path / name
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())
-    check_header(source(path), "url")
+    check_source(source(path), "url")
     [record] = records(path)
     assert (record.line, record.url, record.problem) == (line, "http://x/1.jpg", None)
 
@@ -133,21 +133,21 @@ def test_csv_column_can_be_configured(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("link,url\nhttp://x/link.jpg,http://x/other.jpg\n")
     assert records(path, "link") == [Record(2, "http://x/link.jpg", {"url": "http://x/other.jpg"})]
-    check_header(source(path), "link")
+    check_source(source(path), "link")
 
 
 def test_a_csv_without_the_column_fails_naming_the_file(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("id,link\n1,http://x/1.jpg\n")
     with pytest.raises(SourceError, match=r"bad\.csv: .*no 'url' column \(found: id, link\)"):
-        check_header(source(path), "url")
+        check_source(source(path), "url")
     with pytest.raises(SourceError, match=r"bad\.csv"):
         records(path)
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     with pytest.raises(SourceError, match=r"empty\.csv: .*found: nothing"):
-        check_header(source(empty), "url")
-    check_header(source(path), "link")  # the column that is there
+        check_source(source(empty), "url")
+    check_source(source(path), "link")  # the column that is there
 
 
 def test_tsv_is_a_record_a_line_with_quotes_kept_as_text(tmp_path):
@@ -166,7 +166,7 @@ def test_tsv_is_a_record_a_line_with_quotes_kept_as_text(tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("url,id\nhttp://x/1.jpg,1\n")  # commas: one column named "url,id"
     with pytest.raises(SourceError, match=r"bad\.tsv: .*found: url,id"):
-        check_header(source(bad), "url")
+        check_source(source(bad), "url")
 
 
 # --- .jsonl --------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_parquet_rows_are_numbered_from_one_across_row_groups(tmp_path):
     path = tmp_path / "a.parquet"
     pq.write_table(table, path, row_group_size=2)
     assert pq.ParquetFile(path).metadata.num_row_groups == 3
-    check_header(source(path), "url")
+    check_source(source(path), "url")
     got = records(path)
     assert [(r.line, r.url, r.columns) for r in got] == [
         (1, "http://x/0.jpg", {"id": 10, "tags": ["a"]}),
@@ -240,12 +240,12 @@ def test_a_parquet_file_without_the_column_or_not_parquet_fails_naming_it(tmp_pa
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"id": [1], "link": ["http://x/1.jpg"]}), path)
     with pytest.raises(SourceError, match=r"bad\.parquet: .*no 'url' column \(found: id, link\)"):
-        check_header(source(path), "url")
-    check_header(source(path), "link")
+        check_source(source(path), "url")
+    check_source(source(path), "link")
     fake = tmp_path / "fake.parquet"
     fake.write_text("http://x/1.jpg\n")
     with pytest.raises(SourceError, match=r"fake\.parquet: not a readable parquet file"):
-        check_header(source(fake), "url")
+        check_source(source(fake), "url")
 
 
 # --- finding files -------------------------------------------------------------------------------
