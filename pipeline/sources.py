@@ -7,9 +7,12 @@ list costs no memory. Formats, by suffix:
   .tsv      the same, tab-separated
   .jsonl    one JSON object per line, whose ``url`` field (``input.url_column``) holds the URL
   .parquet  a column holding the URL, read a row group at a time (needs pyarrow)
+and each text format gzip- or zstd-compressed (``urls.csv.gz``, ``urls.jsonl.zst``: inputs.py).
 Every other column or field is kept and passed through to the manifest row unchanged. A line with
-no usable URL (an empty cell, a JSON line that is no object) is still a record: it becomes a
-failed ``invalid_url`` row, never nothing.
+no usable URL (an empty cell, a JSON line that is no object or nests too deep, a CSV record a
+stray quote ran over lines) is still a record: it becomes a failed ``invalid_url`` row, never
+nothing. A file that cannot be read (``UnreadableSource``) never stops the others: the stream
+tells ``Findings`` and goes on with the next file. A folder's output folders are never input.
 
 A shard is a run of at most ``input.shard_size`` records of one file, named by the key of its
 first line. A rerun is given the shards earlier runs made (``Known``): they are cut again at the
