@@ -1,4 +1,8 @@
-"""Opening an input file as a stream of whole lines, and what reading the inputs found.
+"""Finding the input files, opening each as a stream of whole lines, and what reading found.
+
+``find_files`` walks the folders given, taking the files whose names say an input format
+(``.txt .csv .tsv .jsonl .parquet``, the text ones also ``.gz``/``.zst``), and skipping the
+output folders in them: ``--out`` itself, and any folder holding a run's run.json and manifest/.
 
     open_lines(path, compression) -> Lines: the file's lines, decompressed as they are read
         plain      the bytes as they are
@@ -16,8 +20,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +30,7 @@ from typing import IO, Any
 
 from .errors import PipelineError, SourceError, UnreadableSource
 
+FORMATS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 #: compressions a file may be named with that are not read: such a file is refused, naming it
 UNREAD_SUFFIXES = frozenset({".bz2", ".xz", ".lzma", ".zip", ".7z", ".lz4", ".br", ".tgz", ".tar"})
@@ -37,6 +43,8 @@ _MAGIC = {
     b"PK\x03\x04": "zip",
 }
 _MAX_WARNINGS = 20  # more are counted, not listed
+# what an output folder holds: never read as input (a rerun would read its own manifest)
+_RUN_FILE, _OUTPUT_DIRS = "run.json", ("manifest", "images", "shards", "reports", ".staging")
 
 
 @dataclass(slots=True)
@@ -62,6 +70,83 @@ class Findings:
     def lines(self) -> list[str]:
         more = [f"and {self.more} more warnings like these"] if self.more else []
         return [*self.warnings, *more]
+
+
+def input_kind(name: str) -> str | None:
+    """ "input" for a name read as input in a folder, "unread" for an input in a compression
+    that is not read (or a compressed parquet), None for any other file."""
+    suffixes = [s.lower() for s in Path(name).suffixes[-2:]]
+    if not suffixes:
+        return None
+    last, inner = suffixes[-1], suffixes[0] if len(suffixes) == 2 else ""
+    if last in FORMATS:
+        return "input"
+    if inner in FORMATS and last in COMPRESSIONS:
+        return "unread" if inner == ".parquet" else "input"
+    return "unread" if inner in FORMATS and last in UNREAD_SUFFIXES else None
+
+
+def find_files(
+    paths: Sequence[Path], out_dir: Path | None = None, findings: Findings | None = None
+) -> list[Path]:
+    """The input files named by ``paths``: files as given, folders searched recursively, sorted.
+    An output folder inside a folder (``out_dir``, or any holding a run's run.json) is skipped."""
+    findings = Findings() if findings is None else findings
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files = _walk(path, out_dir, findings)
+            if not files:
+                raise SourceError(
+                    f"{path}: no {', '.join(FORMATS)} files in this folder (nor .gz, .zst of them)"
+                )
+            found.extend(files)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise SourceError(f"{path}: no such file or folder")
+    return found
+
+
+def _walk(folder: Path, out_dir: Path | None, findings: Findings) -> list[Path]:
+    out = out_dir.resolve() if out_dir is not None else None
+    files: list[Path] = []
+    unread: list[Path] = []
+    for top, dirs, names in os.walk(folder):
+        here = Path(top)
+        for name in list(dirs):
+            if _is_output(here / name, here, out):
+                dirs.remove(name)
+                findings.warn(f"{here / name}: skipped: an output folder of a run, not input")
+        for name in names:
+            kind = input_kind(name)
+            if kind is not None and (here / name).is_file():
+                (files if kind == "input" else unread).append(here / name)
+    if unread:
+        findings.warn(
+            f"skipped {len(unread)} file{'s' * (len(unread) != 1)} in a compression not read "
+            f"(only .gz and .zst; parquet is compressed inside): "
+            + ", ".join(str(p) for p in sorted(unread)[:4])
+        )
+    return sorted(files)
+
+
+def _is_output(folder: Path, parent: Path, out: Path | None) -> bool:
+    resolved = folder.resolve()
+    if out is not None and (
+        resolved == out or (parent.resolve() == out and folder.name in _OUTPUT_DIRS)
+    ):
+        return True
+    return (folder / _RUN_FILE).is_file() and (folder / _OUTPUT_DIRS[0]).is_dir()
+
+
+def input_root(paths: Sequence[Path]) -> Path:
+    """The folder that source names are relative to: the deepest one holding every input."""
+    roots = [str(p.resolve() if p.is_dir() else p.resolve().parent) for p in paths]
+    return Path(os.path.commonpath(roots))
+
+
+# --- opening them ---------------------------------------------------------------------------------
 
 
 def sniff(path: Path, compression: str | None) -> None:

@@ -30,7 +30,7 @@ from .atomic import remove_inside, remove_temporaries, write_atomic
 from .config import Config, OutputConfig
 from .errors import PipelineError, SourceError, UnreadableSource, is_final
 from .formats import SHARDS_DIR, staged_path
-from .inputs import Findings
+from .inputs import Findings, find_files, input_root
 from .records import STAGING_DIR, Job, ShardEnd, make_key
 from .seals import MANIFEST_DIR, part_path, read_seal, seal_path, shard_path
 from .settings import OLDER, differences, pinned
@@ -40,8 +40,6 @@ from .sources import (
     Record,
     Source,
     check_source,
-    find_files,
-    input_root,
     read_records,
     shard_records,
 )

@@ -24,23 +24,19 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineError, SourceError, UnreadableSource, install_hint
-from .inputs import COMPRESSIONS, UNREAD_SUFFIXES, Findings, Lines, open_lines, sniff
+from .errors import PipelineError, UnreadableSource, install_hint
+from .inputs import COMPRESSIONS, FORMATS, Findings, Lines, input_kind, open_lines, sniff
 from .records import Job, ShardEnd, make_key
 
-FORMATS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
 PARQUET_INSTALL = install_hint("pyarrow", "parquet", "reading .parquet files")
 MAX_DEPTH = 100  # JSON nested deeper is a failed row: it could not travel (pickle) or be written
 _PARQUET_BATCH = 4096
 _SAMPLE_LINES = 1000  # a .jsonl's first lines, looked at for its URL field before the run
-# what an output folder holds: never read as input (a rerun would read its own manifest)
-_RUN_FILE, _OUTPUT_DIRS = "run.json", ("manifest", "images", "shards", "reports", ".staging")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,87 +76,13 @@ def canonical_columns(columns: Mapping[str, Any]) -> str:
     return json.dumps(columns, sort_keys=True, default=str, separators=(",", ":"))
 
 
-# --- finding the files ---------------------------------------------------------------------------
-
-
-def _kind(name: str) -> str | None:
-    """ "input" for a name read as input in a folder, "unread" for an input in a compression
-    that is not read (or a compressed parquet), None for any other file."""
-    suffixes = [s.lower() for s in Path(name).suffixes[-2:]]
-    if not suffixes:
-        return None
-    last, inner = suffixes[-1], suffixes[0] if len(suffixes) == 2 else ""
-    if last in FORMATS:
-        return "input"
-    if inner in FORMATS and last in COMPRESSIONS:
-        return "unread" if inner == ".parquet" else "input"
-    return "unread" if inner in FORMATS and last in UNREAD_SUFFIXES else None
-
-
-def find_files(
-    paths: Sequence[Path], out_dir: Path | None = None, findings: Findings | None = None
-) -> list[Path]:
-    """The input files named by ``paths``: files as given, folders searched recursively, sorted.
-    An output folder inside a folder (``out_dir``, or any holding a run's run.json) is skipped."""
-    findings = Findings() if findings is None else findings
-    found: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files = _walk(path, out_dir, findings)
-            if not files:
-                raise SourceError(
-                    f"{path}: no {', '.join(FORMATS)} files in this folder (nor .gz, .zst of them)"
-                )
-            found.extend(files)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise SourceError(f"{path}: no such file or folder")
-    return found
-
-
-def _walk(folder: Path, out_dir: Path | None, findings: Findings) -> list[Path]:
-    out = out_dir.resolve() if out_dir is not None else None
-    files: list[Path] = []
-    unread: list[Path] = []
-    for top, dirs, names in os.walk(folder):
-        here = Path(top)
-        for name in list(dirs):
-            if _is_output(here / name, here, out):
-                dirs.remove(name)
-                findings.warn(f"{here / name}: skipped: an output folder of a run, not input")
-        for name in names:
-            kind = _kind(name)
-            if kind is not None and (here / name).is_file():
-                (files if kind == "input" else unread).append(here / name)
-    if unread:
-        findings.warn(
-            f"skipped {len(unread)} file{'s' * (len(unread) != 1)} in a compression not read "
-            f"(only .gz and .zst; parquet is compressed inside): "
-            + ", ".join(str(p) for p in sorted(unread)[:4])
-        )
-    return sorted(files)
-
-
-def _is_output(folder: Path, parent: Path, out: Path | None) -> bool:
-    resolved = folder.resolve()
-    if out is not None and (
-        resolved == out or (parent.resolve() == out and folder.name in _OUTPUT_DIRS)
-    ):
-        return True
-    return (folder / _RUN_FILE).is_file() and (folder / _OUTPUT_DIRS[0]).is_dir()
-
-
-def input_root(paths: Sequence[Path]) -> Path:
-    """The folder that source names are relative to: the deepest one holding every input."""
-    roots = [str(p.resolve() if p.is_dir() else p.resolve().parent) for p in paths]
-    return Path(os.path.commonpath(roots))
+# --- checking the files --------------------------------------------------------------------------
 
 
 def check_source(source: Source, url_column: str) -> None:
     """Fail now, not mid-run, when a file cannot be read as its name says, or has no URL column
     (csv/tsv/parquet) or field (.jsonl: none in its first lines). Raises UnreadableSource."""
-    if _kind(source.path.name) == "unread":
+    if input_kind(source.path.name) == "unread":
         raise UnreadableSource(
             f"{source.path}: cannot read a {source.path.suffix} file (inputs may be .gz or .zst; "
             "parquet is compressed inside)"

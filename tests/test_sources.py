@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import SourceError
+from pipeline.errors import SourceError, UnreadableSource
+from pipeline.inputs import Findings, find_files, input_root
 from pipeline.records import Job, ShardEnd, make_key
 from pipeline.sources import (
     Known,
     Record,
     Source,
     check_source,
-    find_files,
-    input_root,
     iter_jobs,
     read_records,
     shard_records,
@@ -148,6 +147,43 @@ def test_a_csv_without_the_column_fails_naming_the_file(tmp_path):
     with pytest.raises(SourceError, match=r"empty\.csv: .*found: nothing"):
         check_source(source(empty), "url")
     check_source(source(path), "link")  # the column that is there
+
+
+def test_a_stray_quote_is_a_failed_record_naming_its_span_and_a_warning(tmp_path):
+    path = tmp_path / "a.csv"
+    body = "".join(f"http://x/{i}.jpg,cap {i}\n" for i in range(3, 8))
+    path.write_text(f'url,caption\nhttp://x/1.jpg,"a\nb"\nhttp://x/2.jpg,"stray\n{body}')
+    findings = Findings()
+    found = list(read_records(source(path), "url", findings))
+    assert [(r.line, r.problem is None) for r in found] == [(2, True), (4, False)]
+    assert found[0].columns == {"caption": "a\nb"}  # a quoted caption over lines: fine
+    assert "a quote opened on line 4 runs to line 9" in (found[1].problem or "")
+    assert found[1].columns is None and found[1].url == "http://x/2.jpg"
+    (warning,) = findings.warnings
+    assert "a.csv: a quote opened on line 4 runs to line 9" in warning
+
+
+def test_a_jsonl_without_the_url_field_in_its_first_lines_is_refused_naming_the_fields(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('\n[1]\n{"image": "http://x/1.jpg", "caption": "c"}\n')
+    with pytest.raises(UnreadableSource, match=r"a.jsonl: no line has a 'url' field \(found: "
+                       r"caption, image\); input.url_column"):  # fmt: skip
+        check_source(source(path), "url")
+    check_source(source(path), "image")
+    path.write_text('{"image": "x"}\n{"url": ""}\n')  # the field is there, if empty
+    check_source(source(path), "url")
+
+
+def test_json_nested_too_deep_is_a_record_with_a_problem_not_a_crash(tmp_path):
+    path = tmp_path / "a.jsonl"
+    deep = "[" * 150 + "]" * 150
+    deeper = "[" * 100_000 + "]" * 100_000  # past json's own recursion limit
+    path.write_text(f'{{"url": "http://x/1.jpg", "x": {deep}}}\n{{"x": {deeper}}}\n'
+                    '{"url": "http://x/3.jpg", "x": [[1]]}\n')  # fmt: skip
+    found = records(path)
+    assert [(r.url, r.columns) for r in found] == [
+        ("http://x/1.jpg", None), ("", None), ("http://x/3.jpg", {"x": [[1]]})]  # fmt: skip
+    assert [r.problem for r in found][:2] == ["JSON nested deeper than 100 levels"] * 2
 
 
 def test_tsv_is_a_record_a_line_with_quotes_kept_as_text(tmp_path):
@@ -281,6 +317,43 @@ def test_missing_and_empty_sources_name_the_path(tmp_path):
     (tmp_path / "empty" / "readme.md").write_text("")
     with pytest.raises(SourceError, match=r"empty: no \.txt, \.csv, \.tsv, \.jsonl, \.parquet"):
         find_files([tmp_path / "empty"])
+
+
+def test_compressed_names_are_inputs_and_unread_compressions_are_skipped_saying_so(tmp_path):
+    names = ("a.txt.gz", "b.CSV.zst", "c.jsonl.gz", "d.tsv.gz", "e.txt.bz2", "f.parquet.gz",
+             "g.gz", "h.csv.xz")  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_text("")
+    findings = Findings()
+    found = find_files([tmp_path], findings=findings)
+    assert [p.name for p in found] == ["a.txt.gz", "b.CSV.zst", "c.jsonl.gz", "d.tsv.gz"]
+    assert [(source(p).format, source(p).compression) for p in found] == [
+        ("txt", "gzip"), ("csv", "zstd"), ("jsonl", "gzip"), ("tsv", "gzip")]  # fmt: skip
+    (warning,) = findings.warnings
+    assert "skipped 3 files" in warning and "e.txt.bz2" in warning and "f.parquet.gz" in warning
+    for name in ("e.txt.bz2", "f.parquet.gz"):  # named on their own: refused, naming them
+        with pytest.raises(UnreadableSource, match=rf"{name}: cannot read a \."):
+            check_source(source(tmp_path / name), "url")
+
+
+def test_output_folders_inside_an_input_folder_are_never_input(tmp_path):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "a.txt").write_text("")
+    for out in ("out", "old"):  # --out, and an older run's output folder
+        (tmp_path / out / "manifest").mkdir(parents=True)
+        (tmp_path / out / "manifest" / "00000-000000001.jsonl").write_text("")
+        (tmp_path / out / "run.json").write_text("{}")
+    findings = Findings()
+    found = find_files([tmp_path], tmp_path / "out", findings)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["lists/a.txt"]
+    assert len(findings.warnings) == 2
+    (tmp_path / "urls.txt").write_text("")  # --out the input folder itself: its own parts go
+    for part in ("manifest/00000-000000001.jsonl", "images/00000/000000001.txt"):
+        (tmp_path / part).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / part).write_text("")
+    found = find_files([tmp_path / "lists", tmp_path], tmp_path, Findings())
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "lists/a.txt", "lists/a.txt", "urls.txt"]  # fmt: skip
 
 
 def test_input_root_is_the_common_folder_of_the_inputs(tmp_path):
