@@ -95,16 +95,20 @@ def run(
             raise OutputError(
                 f"{pipeline.failure} (stopped: {written} rows recorded; rerun to do the rest)"
             )
-        tell_findings(plan, pipeline.sink.written)
+        tell_findings(plan, pipeline.sink.written, fail=pipeline.interrupted is None)
     return report
 
 
-def tell_findings(plan: Plan, written: int) -> None:
+def tell_findings(plan: Plan, written: int, *, fail: bool = True) -> None:
     """What reading the input found, once the run is over: its warnings; a file that could not
-    be read ends the run with an error (the others were read and recorded)."""
+    be read ends the run with an error (the others were read and recorded), unless not ``fail``
+    (an interrupted run exits as interrupted: the rerun says it)."""
     for warning in plan.findings.lines():
         log.warning("input: %s", warning)
-    if plan.findings.unreadable:
+    if not fail:
+        for message in plan.findings.unreadable:
+            log.warning("input: %s", message)
+    elif plan.findings.unreadable:
         raise SourceError(
             f"{unreadable(plan.findings)} (the other input files were read: {written} rows "
             "recorded; rerun once it is mended)"
