@@ -175,17 +175,13 @@ class Lines:
         self.path = path
         self.findings = findings
         self.count = 0  # whole lines read so far
-        self._file = _open_text(path, compression)
+        self._file, self._errors = _open_text(path, compression)
 
     def __iter__(self) -> Iterator[str]:
         while True:
             try:
                 text = self._file.readline()
-            except (OSError, EOFError, zlib.error, ValueError) as exc:
-                raise self._unreadable(exc) from None
-            except Exception as exc:  # zstandard's ZstdError derives from Exception only
-                if type(exc).__name__ != "ZstdError":
-                    raise
+            except self._errors as exc:
                 raise self._unreadable(exc) from None
             if not text:
                 return
@@ -220,40 +216,33 @@ def open_lines(path: Path, compression: str | None, findings: Findings | None = 
     return Lines(path, compression, Findings() if findings is None else findings)
 
 
-def _open_text(path: Path, compression: str | None) -> IO[str]:
+_ReadErrors = tuple[type[Exception], ...]
+_READ_ERRORS: _ReadErrors = (OSError, EOFError, zlib.error)  # gzip's BadGzipFile is an OSError
+
+
+def _open_text(path: Path, compression: str | None) -> tuple[IO[str], _ReadErrors]:
+    """The file as text, and the errors that reading it raises when its bytes are bad."""
     # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first line;
     # surrogateescape: a stray non-UTF-8 byte makes an invalid URL (a failed row), not a crash
     text: dict[str, Any] = {"encoding": "utf-8-sig", "errors": "surrogateescape", "newline": ""}
     try:
         if compression is None:
-            return path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
-        raw = path.open("rb")
+            plain = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
+            return plain, _READ_ERRORS
+        raw: Any = gzip.GzipFile(path, "rb") if compression == "gzip" else path.open("rb")
     except OSError as exc:
-        raise SourceError(f"{path}: cannot read: {exc.strerror}") from None
-    if compression == "gzip":  # GzipFile leaves a file it is given open: it is closed here
-        return io.TextIOWrapper(_Closing(gzip.GzipFile(fileobj=raw), raw), **text)
-    return io.TextIOWrapper(_zstd_reader(path, raw), **text)
+        raise UnreadableSource(f"{path}: cannot read: {exc.strerror}") from None
+    if compression == "gzip":
+        return io.TextIOWrapper(raw, **text), _READ_ERRORS
+    reader, error = _zstd_reader(path, raw)
+    return io.TextIOWrapper(reader, **text), (*_READ_ERRORS, error)
 
 
-class _Closing(io.BufferedReader):
-    """A buffered stream that closes the file under it too."""
-
-    def __init__(self, stream: Any, under: IO[bytes]) -> None:
-        super().__init__(stream)
-        self._under = under
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._under.close()
-
-
-def _zstd_reader(path: Path, raw: IO[bytes]) -> Any:
+def _zstd_reader(path: Path, raw: IO[bytes]) -> tuple[Any, type[Exception]]:
     try:
         import zstandard
     except ImportError:
         raw.close()
         raise PipelineError(f"{path}: {ZSTD_INSTALL}") from None
     reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-    return io.BufferedReader(reader)
+    return io.BufferedReader(reader), zstandard.ZstdError
