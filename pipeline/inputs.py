@@ -178,18 +178,15 @@ class Lines:
         self._file, self._errors = _open_text(path, compression)
 
     def __iter__(self) -> Iterator[str]:
-        while True:
-            try:
-                text = self._file.readline()
-            except self._errors as exc:
-                raise self._unreadable(exc) from None
-            if not text:
-                return
-            if not text.endswith(("\n", "\r")):
-                self._held(text)
-                return
-            self.count += 1
-            yield text
+        try:
+            for text in self._file:  # (no generator of our own per line: this loop is hot)
+                if text[-1] not in "\n\r":  # the last line, still being written
+                    self._held(text)
+                    return
+                self.count += 1
+                yield text
+        except self._errors as exc:
+            raise self._unreadable(exc) from None
 
     def _held(self, text: str) -> None:
         if text.strip():

@@ -207,7 +207,8 @@ def _json_record(number: int, text: str, url_column: str, source: Source) -> Rec
         return Record(number, text[:2000], None, "not a JSON object")
     if not isinstance(value, dict):
         return Record(number, text[:2000], None, "not a JSON object")
-    if _depth(value) > MAX_DEPTH:
+    # a line cannot nest deeper than its brackets: only a line with many is walked
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
         url = value.get(url_column)
         return Record(number, url if isinstance(url, str) else "", None,
                       f"JSON nested deeper than {MAX_DEPTH} levels")  # fmt: skip
