@@ -54,6 +54,7 @@ class Findings:
     warnings: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     more: int = 0  # warnings past the first _MAX_WARNINGS
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # records, usable, by file
 
     def warn(self, message: str) -> None:
         if message in self.warnings:
@@ -66,6 +67,21 @@ class Findings:
     def failed(self, message: str) -> None:
         if message not in self.unreadable:
             self.unreadable.append(message)
+
+    def counted(self, path: Path, records: int, usable: int) -> None:
+        """A file read to its end had ``records``, ``usable`` of them with a URL."""
+        self.counts[str(path)] = (records, usable)
+        if records and not usable:
+            self.warn(
+                f"{path}: none of its {records} records has a usable URL (each is a failed "
+                "invalid_url row); input.url_column names the URL column or field"
+            )
+
+    def no_url(self) -> list[str]:
+        """The files read, when not one of their records has a usable URL; else nothing."""
+        if any(usable for _, usable in self.counts.values()):
+            return []
+        return [path for path, (records, _) in self.counts.items() if records]
 
     def lines(self) -> list[str]:
         more = [f"and {self.more} more warnings like these"] if self.more else []

@@ -113,6 +113,12 @@ def tell_findings(plan: Plan, written: int, *, fail: bool = True) -> None:
             f"{unreadable(plan.findings)} (the other input files were read: {written} rows "
             "recorded; rerun once it is mended)"
         )
+    elif files := plan.findings.no_url():
+        listed = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+        raise SourceError(
+            f"not one line of {listed} has a usable URL (each is a failed invalid_url row); "
+            "input.url_column names the URL column or field"
+        )
 
 
 @contextlib.contextmanager

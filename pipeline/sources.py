@@ -379,11 +379,13 @@ def shard_records(
     A shard ends after ``shard_size`` records, after the last line of the known sealed shard it
     is, or before the first line of the next known shard.
     """
+    findings = Findings() if findings is None else findings
     ahead = sorted(known, key=lambda k: k.first)
-    at = 0  # ahead[at] is the next known shard
+    at = records = usable = 0  # ahead[at] is the next known shard
     shard: _Open | None = None
     for record in read_records(source, url_column, findings):
         line = record.line
+        records, usable = records + 1, usable + (record.problem is None)
         if shard is not None and (
             shard.count >= shard_size
             or (shard.until is not None and line > shard.until)
@@ -401,5 +403,6 @@ def shard_records(
         shard.last = line
         shard.hasher.update(record.canonical())
         yield record, shard.name
+    findings.counted(source.path, records, usable)
     if shard is not None:
         yield shard.end()

@@ -253,3 +253,14 @@ def test_a_file_that_is_not_what_its_name_says_is_refused(
         sniff(path, compression)
     (tmp_path / "empty.gz").write_bytes(b"")
     sniff(tmp_path / "empty.gz", "gzip")
+
+
+def test_a_run_in_which_no_line_has_a_usable_url_exits_non_zero_naming_the_column(tmp_path):
+    (tmp_path / "a.csv").write_text("url,caption\n,one\n  ,two\n")  # the column, but empty
+    code, stdout, _ = run(tmp_path, "a.csv", "--out", "out", "--dry-run")
+    assert code == 0 and "a.csv: none of its 2 records has a usable URL" in said(stdout)
+    code, _, stderr = run(tmp_path, "a.csv", "--out", "out")
+    assert code == 2
+    (line,) = errors(stderr)
+    assert "not one line of a.csv has a usable URL" in line and "input.url_column" in line
+    assert {row["error_kind"] for row in rows(tmp_path / "out").values()} == {"invalid_url"}
