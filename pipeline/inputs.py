@@ -175,6 +175,8 @@ def sniff(path: Path, compression: str | None) -> None:
     if not head:
         return
     found = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+    if found == "bzip2" and head[3:4] not in b"123456789":  # "BZh" then its block size
+        found = None
     if compression is not None and found != compression:
         raise UnreadableSource(f"{path}: not a {compression} file (its name ends in .gz/.zst)")
     if compression is None and found is not None:

@@ -250,6 +250,8 @@ def test_a_file_that_is_not_what_its_name_says_is_refused(
     path.write_bytes(data)
     with pytest.raises(UnreadableSource, match=message):
         sniff(path, compression)
+    (tmp_path / "bzh.txt").write_bytes(b"BZhello.jpg\n")  # text that starts like bzip2
+    sniff(tmp_path / "bzh.txt", None)
     (tmp_path / "empty.gz").write_bytes(b"")
     sniff(tmp_path / "empty.gz", "gzip")
 
