@@ -42,7 +42,7 @@ from .metrics import TOP_HOSTS, Meter
 from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
 from .resume import Plan, Resume
-from .runner import Coordinator, now_utc, open_run
+from .runner import Coordinator, now_utc, open_run, tell_findings
 from .seals import MANIFEST_DIR, InOrder, part_path, shard_path
 from .sink import read_rows
 from .sources import Source
@@ -174,6 +174,7 @@ def run_on_dask(
             report = _drive(dask, plan, config, tell)
         report = replace(report, sources=tuple(s.name for s in plan.sources), resume=plan.summary())
         report.save(plan.out_dir)
+        tell_findings(plan, report.urls)
     return report
 
 

@@ -3,6 +3,8 @@
     PipelineError            a problem with the run itself: the CLI prints it as one line, exits 2
      +-- ConfigError         a bad config key or value (names the key)
      +-- SourceError         an unreadable URL file or folder (names the file)
+     |    +-- UnreadableSource   one input file cannot be read (corrupt, truncated, no URL
+     |                           column): the other files are read; the run ends with it
      +-- OutputError         the output folder cannot be written: a full disk, a symlink in the
                              way, no permission (names the path); the run stops cleanly
     ItemError                one URL failed: becomes a manifest row, never stops the run
@@ -86,6 +88,10 @@ class ConfigError(PipelineError):
 
 class SourceError(PipelineError):
     """A URL source (file or folder) cannot be read."""
+
+
+class UnreadableSource(SourceError):
+    """One input file cannot be read; it never blocks the others (the run names it at its end)."""
 
 
 class OutputError(PipelineError):

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import Config, lane_count
-from .errors import PipelineError
+from .errors import PipelineError, UnreadableSource
+from .inputs import Findings
 from .records import ShardEnd
-from .resume import plan_run
-from .sources import shard_records
+from .resume import plan_run, unreadable
+from .sources import Known, Source, shard_records
 
 
 def dry_run(sources: Sequence[Path], config: Config, *, restart: bool) -> list[str]:
@@ -26,18 +27,17 @@ def dry_run(sources: Sequence[Path], config: Config, *, restart: bool) -> list[s
     lines = ["dry run     nothing is fetched or written"]
     total = shards = 0
     for source in plan.sources:
-        count = ends = 0
-        known = plan.known.get(source.id, ())
-        for item in shard_records(source, config.input.shard_size, config.input.url_column, known):
-            if isinstance(item, ShardEnd):
-                ends += 1
-            else:
-                count += 1
+        count, ends, failed = _count(source, config, plan.known.get(source.id, ()), plan.findings)
         total, shards = total + count, shards + ends
         label = "sources" if len(lines) == 1 else ""
-        lines.append(f"{label:<12}{source.name} ({source.format}): {_n(count, 'line')}, "
-                     f"{_n(ends, 'shard')}")  # fmt: skip
+        kind = f"{source.format}, {source.compression}" if source.compression else source.format
+        lines.append(f"{label:<12}{source.name} ({kind}): {_n(count, 'line')}, "
+                     f"{_n(ends, 'shard')}{failed}")  # fmt: skip
     files = len(plan.sources)
+    lines.extend(f"{'warning':<12}{warning}" for warning in plan.findings.lines())
+    if plan.findings.unreadable:
+        lines.append(f"{'unreadable':<12}{unreadable(plan.findings)}: a run reads the others, "
+                     "then exits with this error")  # fmt: skip
     lines.append(f"{'total':<12}{_n(total, 'URL')} in {_n(files, 'file')}, {_n(shards, 'shard')}")
     summary = plan.summary()
     if restart:
@@ -48,6 +48,26 @@ def dry_run(sources: Sequence[Path], config: Config, *, restart: bool) -> list[s
         lines.append(f"{'resume':<12}a first run into {out_dir}: every line is to do")
     lines.append(f"{'settings':<12}{_settings(config)}")
     return lines
+
+
+def _count(
+    source: Source, config: Config, known: Sequence[Known], findings: Findings
+) -> tuple[int, int, str]:
+    """A file's records and shards, and how many records have no usable URL (failed rows)."""
+    count = ends = failed = 0
+    shards = shard_records(
+        source, config.input.shard_size, config.input.url_column, known, findings
+    )
+    try:
+        for item in shards:
+            if isinstance(item, ShardEnd):
+                ends += 1
+            else:
+                count += 1
+                failed += item[0].problem is not None
+    except UnreadableSource as exc:
+        findings.failed(str(exc))
+    return count, ends, f" ({failed} with no usable URL: failed rows)" if failed else ""
 
 
 def _settings(config: Config) -> str:

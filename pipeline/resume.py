@@ -28,8 +28,9 @@ from typing import Any
 
 from .atomic import remove_inside, remove_temporaries, write_atomic
 from .config import Config, OutputConfig
-from .errors import PipelineError, SourceError, is_final
+from .errors import PipelineError, SourceError, UnreadableSource, is_final
 from .formats import SHARDS_DIR, staged_path
+from .inputs import Findings, find_files, input_root
 from .records import STAGING_DIR, Job, ShardEnd, make_key
 from .seals import MANIFEST_DIR, part_path, read_seal, seal_path, shard_path
 from .settings import OLDER, differences, pinned
@@ -38,9 +39,7 @@ from .sources import (
     Known,
     Record,
     Source,
-    check_header,
-    find_files,
-    input_root,
+    check_source,
     read_records,
     shard_records,
 )
@@ -63,6 +62,7 @@ class Plan:
     partial: frozenset[str] = frozenset()
     done: int = 0  # lines of sealed shards: skipped
     notes: list[str] = field(default_factory=list)  # what is left to do, file by file
+    findings: Findings = field(default_factory=Findings)  # warnings; files that cannot be read
 
     @property
     def resumed(self) -> bool:
@@ -103,16 +103,43 @@ def plan_run(
         )
     root = Path(state["root"]) if state else input_root(paths)
     ids: dict[str, int] = {f["path"]: f["id"] for f in state["files"]} if state else {}
-    sources, new = _number(find_files(paths), root, ids, out_dir)
-    for source in sources:
-        check_header(source, config.input.url_column)
-    plan = Plan(out_dir, sources, config.output)
+    findings = Findings()
+    sources, new = _number(find_files(paths, out_dir, findings), root, ids, out_dir)
+    readable = _readable(sources, config.input.url_column, findings)
+    plan = Plan(out_dir, readable, config.output, findings=findings)
     if state is not None:
         _load_known(plan)
         _verify(plan, config, new)
+    if not plan.sources:  # one bad file never blocks the others; with no other, it is the error
+        raise SourceError(unreadable(findings))
     if record:
-        _write_state(out_dir, settings, root, ids, sources)
+        _write_state(out_dir, settings, root, ids, plan.sources)
     return plan
+
+
+def _readable(sources: list[Source], url_column: str, findings: Findings) -> list[Source]:
+    """The sources that can be read; the others are told to ``findings``."""
+    readable = []
+    for source in sources:
+        try:
+            check_source(source, url_column)
+        except UnreadableSource as exc:
+            findings.failed(str(exc))
+        else:
+            readable.append(source)
+    return readable
+
+
+def unreadable(findings: Findings) -> str:
+    """The input files that could not be read, in one line."""
+    listed = findings.unreadable
+    if len(listed) == 1:
+        return listed[0]
+    return (
+        f"{len(listed)} input files cannot be read: "
+        + "; ".join(listed[:_NOTES])
+        + (f"; and {len(listed) - _NOTES} more" if len(listed) > _NOTES else "")
+    )
 
 
 def _check_restart(out_dir: Path) -> None:
@@ -249,40 +276,54 @@ def _as_record(row: dict[str, Any]) -> Record:
 
 
 def _verify(plan: Plan, config: Config, new: set[int]) -> None:
-    """Read every input file that has shards; refuse one whose processed lines changed."""
-    size, column = config.input.shard_size, config.input.url_column
+    """Read every input file that has shards; refuse one whose processed lines changed. A file
+    that cannot be read to its end is left out of this run (told to the plan's findings)."""
+    readable = []
     for source in plan.sources:
         if source.id in new:
             plan.notes.append(f"{source.name} (new)")
+            readable.append(source)
             continue
-        known = {make_key(source.id, k.first): k for k in plan.known.get(source.id, ())}
-        todo, first_todo = 0, None
-        adopted: dict[int, bytes] = {}
-        for item in shard_records(source, size, column, list(known.values())):
-            if isinstance(item, ShardEnd):
-                if adopted:  # rows of an open shard whose lines are gone
-                    _changed(plan, source, min(adopted), "was removed")
-                shard = known.pop(item.shard, None)
-                if shard is not None and shard.digest is not None and item.digest != shard.digest:
-                    _refuse(plan, source, shard, column)
-                continue
-            record, name = item
-            if name in plan.sealed:
-                continue
-            if name in plan.partial and record.line == _first_line(name):
-                adopted = _final_rows(part_path(plan.out_dir / MANIFEST_DIR, name), plan)
-            if record.line in adopted:
-                if adopted.pop(record.line) != record.canonical():
-                    _changed(plan, source, record.line, "changed")
-                plan.done += 1
-                continue
-            todo += 1
-            first_todo = first_todo or record.line
-        if known:  # shards whose lines are gone: the file was cut short
-            _changed(plan, source, min(k.first for k in known.values()), "was removed")
-        plan.done += sum(k.count or 0 for k in plan.known.get(source.id, ()) if k.count)
-        if todo:
-            plan.notes.append(f"{todo} in {source.name} from line {first_todo}")
+        try:
+            _verify_source(plan, config, source)
+        except UnreadableSource as exc:
+            plan.findings.failed(str(exc))
+        else:
+            readable.append(source)
+    plan.sources = readable
+
+
+def _verify_source(plan: Plan, config: Config, source: Source) -> None:
+    size, column = config.input.shard_size, config.input.url_column
+    known = {make_key(source.id, k.first): k for k in plan.known.get(source.id, ())}
+    todo, first_todo, done = 0, None, 0
+    adopted: dict[int, bytes] = {}
+    shards = shard_records(source, size, column, list(known.values()), plan.findings)
+    for item in shards:
+        if isinstance(item, ShardEnd):
+            if adopted:  # rows of an open shard whose lines are gone
+                _changed(plan, source, min(adopted), "was removed")
+            shard = known.pop(item.shard, None)
+            if shard is not None and shard.digest is not None and item.digest != shard.digest:
+                _refuse(plan, source, shard, column)
+            continue
+        record, name = item
+        if name in plan.sealed:
+            continue
+        if name in plan.partial and record.line == _first_line(name):
+            adopted = _final_rows(part_path(plan.out_dir / MANIFEST_DIR, name), plan)
+        if record.line in adopted:
+            if adopted.pop(record.line) != record.canonical():
+                _changed(plan, source, record.line, "changed")
+            done += 1
+            continue
+        todo += 1
+        first_todo = first_todo or record.line
+    if known:  # shards whose lines are gone: the file was cut short
+        _changed(plan, source, min(k.first for k in known.values()), "was removed")
+    plan.done += done + sum(k.count or 0 for k in plan.known.get(source.id, ()) if k.count)
+    if todo:
+        plan.notes.append(f"{todo} in {source.name} from line {first_todo}")
 
 
 def _first_line(name: str) -> int:

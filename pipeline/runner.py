@@ -46,7 +46,7 @@ from types import FrameType
 from .config import Config
 from .dedupe import plan_jobs
 from .elastic import Stragglers
-from .errors import FetchError, OutputError, PipelineError, TransformError
+from .errors import FetchError, OutputError, PipelineError, SourceError, TransformError
 from .formats import require_parquet
 from .lane import BATCH, END, STOP, Batch, LaneDone, LaneFailed, LaneHandle
 from .lanes import Lanes
@@ -55,7 +55,7 @@ from .metrics import Meter, RunStats, Sampler, Stage
 from .progress import Bars, LaneCounts, UrlCount
 from .records import Job, Outcome, Row, ShardEnd
 from .report import QueueStat, Report, StageStat, build_report, cpu_stage, meter_stage
-from .resume import Plan, Resume, plan_run
+from .resume import Plan, Resume, plan_run, unreadable
 from .routes import Routes
 from .sink import Sink, lock
 from .sources import Source
@@ -97,7 +97,30 @@ def run(
             raise OutputError(
                 f"{pipeline.failure} (stopped: {written} rows recorded; rerun to do the rest)"
             )
+        tell_findings(plan, pipeline.sink.written, fail=pipeline.interrupted is None)
     return report
+
+
+def tell_findings(plan: Plan, written: int, *, fail: bool = True) -> None:
+    """What reading the input found, once the run is over: its warnings; a file that could not
+    be read ends the run with an error (the others were read and recorded), unless not ``fail``
+    (an interrupted run exits as interrupted: the rerun says it)."""
+    for warning in plan.findings.lines():
+        log.warning("input: %s", warning)
+    if not fail:
+        for message in plan.findings.unreadable:
+            log.warning("input: %s", message)
+    elif plan.findings.unreadable:
+        raise SourceError(
+            f"{unreadable(plan.findings)} (the other input files were read: {written} rows "
+            "recorded; rerun once it is mended)"
+        )
+    elif files := plan.findings.no_url():
+        listed = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+        raise SourceError(
+            f"not one line of {listed} has a usable URL (each is a failed invalid_url row); "
+            "input.url_column names the URL column or field"
+        )
 
 
 @contextlib.contextmanager

@@ -75,7 +75,7 @@ def test_a_bad_worker_count_is_rejected_by_the_parser(tmp_path):
 def test_run_prints_a_report_and_saves_it(tmp_path, server, image_dir):
     names = sorted(p.name for p in image_dir.iterdir())[:6]
     (tmp_path / "urls.txt").write_text(
-        "".join(server.url(n) + "\n" for n in names) + server.url("gone.jpg")
+        "".join(server.url(n) + "\n" for n in names) + server.url("gone.jpg") + "\n"
     )
     out = tmp_path / "out"
     result = pipeline(

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import SourceError
+from pipeline.errors import SourceError, UnreadableSource
+from pipeline.inputs import Findings, find_files, input_root
 from pipeline.records import Job, ShardEnd, make_key
 from pipeline.sources import (
     Known,
     Record,
     Source,
-    check_header,
-    find_files,
-    input_root,
+    check_source,
     iter_jobs,
     read_records,
     shard_records,
@@ -56,7 +55,7 @@ def write_lines(path: Path, urls: list[str]) -> Path:
 def test_txt_skips_blank_lines_and_comments_strips_and_numbers_physical_lines(tmp_path):
     path = tmp_path / "a.txt"
     path.write_bytes(
-        b"# a comment\r\n  http://x/1.jpg  \r\n\r\n\thttp://x/2.jpg\n   # indented\nhttp://x/3.jpg"
+        b"# a comment\r\n  http://x/1.jpg  \r\n\r\n\thttp://x/2.jpg\n   # indented\nhttp://x/3.jpg\r"
     )
     assert records(path) == [
         Record(2, "http://x/1.jpg"),
@@ -86,7 +85,7 @@ def test_an_unreadable_file_names_its_path(tmp_path):
 def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, name, text, line):
     path = tmp_path / name
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())
-    check_header(source(path), "url")
+    check_source(source(path), "url")
     [record] = records(path)
     assert (record.line, record.url, record.problem) == (line, "http://x/1.jpg", None)
 
@@ -111,7 +110,7 @@ def test_a_csv_record_is_numbered_by_the_line_it_starts_on(tmp_path):
     path = tmp_path / "a.csv"
     path.write_bytes(
         b'url,caption\r\nhttp://x/1.jpg,"two\r\nlines"\r\nhttp://x/2.jpg,one\r\n'
-        b'http://x/3.jpg,"three\nmore\nlines"\nhttp://x/4.jpg,last'
+        b'http://x/3.jpg,"three\nmore\nlines"\nhttp://x/4.jpg,last\n'
     )
     assert [(r.line, r.url) for r in records(path)] == [
         (2, "http://x/1.jpg"), (4, "http://x/2.jpg"),
@@ -133,21 +132,58 @@ def test_csv_column_can_be_configured(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("link,url\nhttp://x/link.jpg,http://x/other.jpg\n")
     assert records(path, "link") == [Record(2, "http://x/link.jpg", {"url": "http://x/other.jpg"})]
-    check_header(source(path), "link")
+    check_source(source(path), "link")
 
 
 def test_a_csv_without_the_column_fails_naming_the_file(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("id,link\n1,http://x/1.jpg\n")
     with pytest.raises(SourceError, match=r"bad\.csv: .*no 'url' column \(found: id, link\)"):
-        check_header(source(path), "url")
+        check_source(source(path), "url")
     with pytest.raises(SourceError, match=r"bad\.csv"):
         records(path)
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     with pytest.raises(SourceError, match=r"empty\.csv: .*found: nothing"):
-        check_header(source(empty), "url")
-    check_header(source(path), "link")  # the column that is there
+        check_source(source(empty), "url")
+    check_source(source(path), "link")  # the column that is there
+
+
+def test_a_stray_quote_is_a_failed_record_naming_its_span_and_a_warning(tmp_path):
+    path = tmp_path / "a.csv"
+    body = "".join(f"http://x/{i}.jpg,cap {i}\n" for i in range(3, 8))
+    path.write_text(f'url,caption\nhttp://x/1.jpg,"a\nb"\nhttp://x/2.jpg,"stray\n{body}')
+    findings = Findings()
+    found = list(read_records(source(path), "url", findings))
+    assert [(r.line, r.problem is None) for r in found] == [(2, True), (4, False)]
+    assert found[0].columns == {"caption": "a\nb"}  # a quoted caption over lines: fine
+    assert "a quote opened on line 4 runs to line 9" in (found[1].problem or "")
+    assert found[1].columns is None and found[1].url == "http://x/2.jpg"
+    (warning,) = findings.warnings
+    assert "a.csv: a quote opened on line 4 runs to line 9" in warning
+
+
+def test_a_jsonl_without_the_url_field_in_its_first_lines_is_refused_naming_the_fields(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('\n[1]\n{"image": "http://x/1.jpg", "caption": "c"}\n')
+    with pytest.raises(UnreadableSource, match=r"a.jsonl: no line has a 'url' field \(found: "
+                       r"caption, image\); input.url_column"):  # fmt: skip
+        check_source(source(path), "url")
+    check_source(source(path), "image")
+    path.write_text('{"image": "x"}\n{"url": ""}\n')  # the field is there, if empty
+    check_source(source(path), "url")
+
+
+def test_json_nested_too_deep_is_a_record_with_a_problem_not_a_crash(tmp_path):
+    path = tmp_path / "a.jsonl"
+    deep = "[" * 150 + "]" * 150
+    deeper = "[" * 100_000 + "]" * 100_000  # past json's own recursion limit
+    path.write_text(f'{{"url": "http://x/1.jpg", "x": {deep}}}\n{{"x": {deeper}}}\n'
+                    '{"url": "http://x/3.jpg", "x": [[1]]}\n')  # fmt: skip
+    found = records(path)
+    assert [(r.url, r.columns) for r in found] == [
+        ("http://x/1.jpg", None), ("", None), ("http://x/3.jpg", {"x": [[1]]})]  # fmt: skip
+    assert [r.problem for r in found][:2] == ["JSON nested deeper than 100 levels"] * 2
 
 
 def test_tsv_is_a_record_a_line_with_quotes_kept_as_text(tmp_path):
@@ -166,7 +202,7 @@ def test_tsv_is_a_record_a_line_with_quotes_kept_as_text(tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("url,id\nhttp://x/1.jpg,1\n")  # commas: one column named "url,id"
     with pytest.raises(SourceError, match=r"bad\.tsv: .*found: url,id"):
-        check_header(source(bad), "url")
+        check_source(source(bad), "url")
 
 
 # --- .jsonl --------------------------------------------------------------------------------------
@@ -222,7 +258,7 @@ def test_parquet_rows_are_numbered_from_one_across_row_groups(tmp_path):
     path = tmp_path / "a.parquet"
     pq.write_table(table, path, row_group_size=2)
     assert pq.ParquetFile(path).metadata.num_row_groups == 3
-    check_header(source(path), "url")
+    check_source(source(path), "url")
     got = records(path)
     assert [(r.line, r.url, r.columns) for r in got] == [
         (1, "http://x/0.jpg", {"id": 10, "tags": ["a"]}),
@@ -240,12 +276,12 @@ def test_a_parquet_file_without_the_column_or_not_parquet_fails_naming_it(tmp_pa
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"id": [1], "link": ["http://x/1.jpg"]}), path)
     with pytest.raises(SourceError, match=r"bad\.parquet: .*no 'url' column \(found: id, link\)"):
-        check_header(source(path), "url")
-    check_header(source(path), "link")
+        check_source(source(path), "url")
+    check_source(source(path), "link")
     fake = tmp_path / "fake.parquet"
     fake.write_text("http://x/1.jpg\n")
     with pytest.raises(SourceError, match=r"fake\.parquet: not a readable parquet file"):
-        check_header(source(fake), "url")
+        check_source(source(fake), "url")
 
 
 # --- finding files -------------------------------------------------------------------------------
@@ -281,6 +317,43 @@ def test_missing_and_empty_sources_name_the_path(tmp_path):
     (tmp_path / "empty" / "readme.md").write_text("")
     with pytest.raises(SourceError, match=r"empty: no \.txt, \.csv, \.tsv, \.jsonl, \.parquet"):
         find_files([tmp_path / "empty"])
+
+
+def test_compressed_names_are_inputs_and_unread_compressions_are_skipped_saying_so(tmp_path):
+    names = ("a.txt.gz", "b.CSV.zst", "c.jsonl.gz", "d.tsv.gz", "e.txt.bz2", "f.parquet.gz",
+             "g.gz", "h.csv.xz")  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_text("")
+    findings = Findings()
+    found = find_files([tmp_path], findings=findings)
+    assert [p.name for p in found] == ["a.txt.gz", "b.CSV.zst", "c.jsonl.gz", "d.tsv.gz"]
+    assert [(source(p).format, source(p).compression) for p in found] == [
+        ("txt", "gzip"), ("csv", "zstd"), ("jsonl", "gzip"), ("tsv", "gzip")]  # fmt: skip
+    (warning,) = findings.warnings
+    assert "skipped 3 files" in warning and "e.txt.bz2" in warning and "f.parquet.gz" in warning
+    for name in ("e.txt.bz2", "f.parquet.gz"):  # named on their own: refused, naming them
+        with pytest.raises(UnreadableSource, match=rf"{name}: cannot read a \."):
+            check_source(source(tmp_path / name), "url")
+
+
+def test_output_folders_inside_an_input_folder_are_never_input(tmp_path):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "a.txt").write_text("")
+    for out in ("out", "old"):  # --out, and an older run's output folder
+        (tmp_path / out / "manifest").mkdir(parents=True)
+        (tmp_path / out / "manifest" / "00000-000000001.jsonl").write_text("")
+        (tmp_path / out / "run.json").write_text("{}")
+    findings = Findings()
+    found = find_files([tmp_path], tmp_path / "out", findings)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["lists/a.txt"]
+    assert len(findings.warnings) == 2
+    (tmp_path / "urls.txt").write_text("")  # --out the input folder itself: its own parts go
+    for part in ("manifest/00000-000000001.jsonl", "images/00000/000000001.txt"):
+        (tmp_path / part).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / part).write_text("")
+    found = find_files([tmp_path / "lists", tmp_path], tmp_path, Findings())
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "lists/a.txt", "lists/a.txt", "urls.txt"]  # fmt: skip
 
 
 def test_input_root_is_the_common_folder_of_the_inputs(tmp_path):
