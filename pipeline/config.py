@@ -457,6 +457,7 @@ class ExecutorConfig:
     shards_in_flight: int = 0  # 0 = 2 x the cluster's workers
     retries: int = 2  # a failed shard task is run again this many times (Dask's retries=)
     lanes: int = 0  # download processes, each with its threads and its share of the pool; 0: auto
+    heartbeat: float = 30.0  # a lane silent this long is killed and replaced
 
     def __post_init__(self) -> None:
         kinds = ", ".join(EXECUTOR_KINDS)
@@ -473,6 +474,7 @@ class ExecutorConfig:
         _require(0 <= flight <= 10_000, "shards_in_flight", "in [0, 10000]", flight)
         _require(0 <= self.retries <= 20, "retries", "in [0, 20]", self.retries)
         _require(0 <= self.lanes <= 256, "lanes", "in [0, 256]", self.lanes)
+        _require(0.5 <= self.heartbeat <= 3600, "heartbeat", "in [0.5, 3600]", self.heartbeat)
 
 
 @dataclass(frozen=True, slots=True)

@@ -266,12 +266,14 @@ class Lane:
 
     def _send(self, results: Connection) -> None:
         ended = False
+        beat = self.config.executor.heartbeat / 3
+        sent = -beat  # an empty batch at once: the coordinator hears from a new lane
         while not ended:
             batch: list[Row] = []
             failed: LaneFailed | None = None
-            item: Outcome | LaneFailed | _Done | None = self.results.get()  # block for the first
+            item = self.results.get_until(sent + beat)  # block for the first, or a heartbeat
             deadline = time.monotonic() + LINGER
-            while True:
+            while item is not None:
                 if item is DONE:
                     ended = True
                     break
@@ -283,10 +285,9 @@ class Lane:
                 if len(batch) == BATCH:
                     break
                 item = self.results.get_until(deadline)
-                if item is None:
-                    break
-            if batch:
+            if batch or item is None:  # rows, or nothing for a while: alive all the same
                 results.send(Batch(batch, self._progress()))
+                sent = time.monotonic()
             if failed is not None:
                 results.send(failed)
 
@@ -337,6 +338,7 @@ class LaneHandle:
         self.progress = Progress()
         self.done: LaneDone | None = None
         self.told: str | None = None  # END or STOP, once sent
+        self.heard = time.monotonic()  # its last message (a lane beats when it has no rows)
 
     @property
     def room(self) -> int:

@@ -31,10 +31,12 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import connection
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -129,11 +131,34 @@ class RestartingPool:
         # manager thread may change the dict meanwhile: dict() copies it in one step (the GIL)
         return [p for pool in pools for p in dict(getattr(pool, "_processes", None) or {}).values()]
 
-    def shutdown(self, *, cancel: bool = False) -> None:
+    def shutdown(self, *, cancel: bool = False, grace: float | None = None) -> None:
+        """Shut every pool down; with ``grace``, a worker still alive that many seconds later (a
+        stopped or hung process never reads its sentinel) is killed, so this never hangs."""
         with self._lock:
             pools, self._retired = [*self._retired, self._pool], []
+        if grace is None:
+            for pool in pools:
+                pool.shutdown(wait=True, cancel_futures=cancel)
+            return
+        deadline = time.monotonic() + grace
         for pool in pools:
-            pool.shutdown(wait=True, cancel_futures=cancel)
+            _shutdown_within(pool, cancel, deadline)
+
+
+def _shutdown_within(pool: ProcessPoolExecutor, cancel: bool, deadline: float) -> None:
+    manager = getattr(pool, "_executor_manager_thread", None)
+    workers = list(dict(getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=cancel)  # its manager thread sends the sentinels
+    waiting = {worker.sentinel: worker for worker in workers}
+    while waiting and (left := deadline - time.monotonic()) > 0:
+        for sentinel in connection.wait(list(waiting), left):
+            del waiting[sentinel]
+    for worker in waiting.values():
+        log.warning("transform process %s did not exit within the grace: killed", worker.pid)
+        with contextlib.suppress(OSError, ValueError):
+            worker.kill()
+    if manager is not None:
+        manager.join()  # it joins the workers, which are gone now
 
 
 # the images of a task, their attempt, whether in quarantine, the task's future
@@ -270,8 +295,10 @@ class TransformPool:
                 worker.kill()
 
     def close(self) -> None:
-        self.pool.shutdown(cancel=True)
-        self.quarantine.shutdown(cancel=True)
+        """Shut the pools down (again is harmless); a worker that will not exit is killed."""
+        grace = self.config.transform.shutdown_grace
+        self.pool.shutdown(cancel=True, grace=grace)
+        self.quarantine.shutdown(cancel=True, grace=grace)
 
     # --- the dispatcher thread ---------------------------------------------------------------
 
@@ -296,7 +323,10 @@ class TransformPool:
             self.stop.set()
             self.inbox.close()
         finally:
-            self.results.put(DONE)
+            try:
+                self.close()  # here, not after DONE: the lane still beats while workers exit
+            finally:
+                self.results.put(DONE)
 
     def _submit(self, items: list[Fetched], attempt: int, *, quarantined: bool) -> None:
         pool = self.quarantine if quarantined else self.pool

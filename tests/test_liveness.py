@@ -1,0 +1,113 @@
+"""Liveness: a lane that hangs (kill -STOP) is found by its silence, and never holds up the run.
+
+Through the real command: a gated server holds the run mid-download, the test stops the lane
+process with SIGSTOP (it then sends nothing, and takes no signal but SIGKILL), and looks at what
+the run does: replace it after ``executor.heartbeat`` seconds, or exit within the grace on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from helpers import _cmdline, descendants, gated_handler, wait_for
+
+from pipeline.bench.server import StaticServer
+from pipeline.sink import read_manifest
+
+CONFIG = """
+[download]
+workers = 3
+retries = 0
+[transform]
+workers = 1
+shutdown_grace = 1.0
+[[transform.ops]]
+op = "thumbnail"
+width = 32
+height = 32
+[executor]
+heartbeat = {heartbeat}
+"""
+
+
+def start(folder: Path, urls: list[str], heartbeat: float) -> subprocess.Popen[str]:
+    (folder / "urls.txt").write_text("".join(f"{url}\n" for url in urls))
+    (folder / "config.toml").write_text(CONFIG.format(heartbeat=heartbeat))
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "urls.txt", "--out", "out", "-q", "--lanes", "1"],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def lanes_of(pid: int) -> list[int]:
+    """The lane processes of the run ``pid``: the children of its forkserver."""
+    tree = descendants(pid)
+    servers = {p for p, parent in tree.items() if parent == pid and "forkserver" in _cmdline(p)}
+    return [p for p, parent in tree.items() if parent in servers]
+
+
+def state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"  # gone
+
+
+def stop_the_lane(proc: subprocess.Popen[str], gated: type) -> int:
+    for _ in range(3):  # the lane is downloading: its threads wait on the gate
+        assert gated.arrived.acquire(timeout=60)
+    lanes = lanes_of(proc.pid)
+    assert len(lanes) == 1, lanes
+    os.kill(lanes[0], signal.SIGSTOP)
+    wait_for(lambda: state(lanes[0]) == "T", what="the lane to stop")
+    return lanes[0]
+
+
+def test_a_stopped_lane_is_replaced_and_every_line_recorded_once(tmp_path, image_dir):
+    gated = gated_handler()
+    with StaticServer(image_dir, handler=gated) as server:
+        urls = [server.url(p.name) for p in sorted(image_dir.iterdir())[:12]]
+        proc = start(tmp_path, urls, heartbeat=2)
+        try:
+            lane = stop_the_lane(proc, gated)
+        finally:
+            gated.gate.set()  # the replacement downloads at once
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "lane 0 sent nothing for 2 s (executor.heartbeat): killed" in stderr
+    assert state(lane) in ("X", "Z") or lane not in descendants(proc.pid)
+    rows = list(read_manifest(tmp_path / "out"))
+    assert Counter(row["line"] for row in rows) == Counter(range(1, len(urls) + 1))
+    assert {row["status"] for row in rows} == {"ok"}
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["lane_restarts"] == 1
+
+
+def test_sigterm_with_a_stopped_lane_exits_within_the_grace(tmp_path, image_dir):
+    gated = gated_handler()
+    with StaticServer(image_dir, handler=gated) as server:
+        urls = [server.url(p.name) for p in sorted(image_dir.iterdir())[:12]]
+        proc = start(tmp_path, urls, heartbeat=600)  # the heartbeat plays no part here
+        try:
+            lane = stop_the_lane(proc, gated)
+            children = set(descendants(proc.pid))
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=30)
+            took = time.monotonic() - sent
+        finally:
+            gated.gate.set()
+    assert proc.returncode == 143, stderr
+    assert took < 1.0 + 1.0, f"{took:.2f} s from SIGTERM to exit"  # shutdown_grace + 1 s
+    assert "Traceback" not in stderr
+    wait_for(lambda: all(state(pid) in ("X", "Z") for pid in children), what="no process left")
+    assert state(lane) in ("X", "Z")
