@@ -269,6 +269,7 @@ class DownloadConfig:
     allow_private: bool = True
     straggler_after: float = 2.0
     max_stragglers: int = 128
+    max_buffered_bytes: int = 512_000_000  # per lane: bodies read and not yet transformed
 
     def __post_init__(self) -> None:
         _require(1 <= self.workers <= 1024, "workers", "in [1, 1024]", self.workers)
@@ -297,6 +298,12 @@ class DownloadConfig:
         )
         _require(0 <= self.max_redirects <= 50, "max_redirects", "in [0, 50]", self.max_redirects)
         _require(self.max_bytes >= 1024, "max_bytes", ">= 1024", self.max_bytes)
+        _require(
+            self.max_bytes <= self.max_buffered_bytes <= 1 << 40,
+            "max_buffered_bytes",
+            f">= download.max_bytes ({self.max_bytes}) and <= 1099511627776",
+            self.max_buffered_bytes,
+        )
         for pattern in self.content_types:
             ok = bool(_MEDIA_TYPE.fullmatch(pattern))
             _require(ok, "content_types", "media types such as image/* or image/jpeg", pattern)

@@ -31,6 +31,10 @@ from .pool import in_flight_bound
 from .progress import LaneGauge
 
 
+def kilobytes(size: int) -> int:
+    return -(-size // 1000)  # rounded up: a byte held is not nothing
+
+
 class Lanes:
     """Every lane of one run: those running, those that ended, and their figures."""
 
@@ -55,6 +59,8 @@ class Lanes:
             LaneGauge("pool", sum(in_flight_bound(config, w) for w in self.shares),
                       lambda h: h.progress.pool),
             LaneGauge("jobs", 0, lambda h: len(h.outstanding)),
+            LaneGauge("bodies_kb", self.wanted * config.download.max_buffered_bytes // 1000,
+                      lambda h: kilobytes(h.progress.buffered)),
         )  # fmt: skip
 
     def start(self, index: int) -> None:

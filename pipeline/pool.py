@@ -40,6 +40,7 @@ from multiprocessing import connection
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from .budget import ByteBudget
 from .config import Config
 from .errors import PipelineError, TransformError, limit_hint
 from .logs import LogSetup
@@ -254,8 +255,10 @@ class TransformPool:
         producers: int,
         workers: int,
         fail: Callable[[str], None],
+        budget: ByteBudget | None = None,
     ) -> None:
         self.config = config
+        self.budget = budget  # the lane's: bodies are given back to it as tasks end
         self.fail = fail  # the lane's: stop the run with this one-line error
         self.inbox = Inbox(config.queues.fetched)
         self.results = results
@@ -312,7 +315,10 @@ class TransformPool:
                     self._finished(*finished)
                 elif body is DONE:
                     producers -= 1
-                elif not self.stop.is_set():  # once stopping, downloaded bodies are dropped
+                elif self.stop.is_set():  # once stopping, downloaded bodies are dropped
+                    assert isinstance(body, Fetched)
+                    self._release([body])
+                else:
                     assert isinstance(body, Fetched)
                     chunk = [body, *self.inbox.take_ready(min(CHUNK, room) - 1)]
                     self.in_flight += len(chunk)
@@ -322,6 +328,8 @@ class TransformPool:
             self._error = exc
             self.stop.set()
             self.inbox.close()
+            if self.budget is not None:
+                self.budget.cancel()  # no download may wait for room that never comes
         finally:
             try:
                 self.close()  # here, not after DONE: the lane still beats while workers exit
@@ -346,9 +354,12 @@ class TransformPool:
             self._suspect_running = False
         crashed = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
         stopping = self.stop.is_set()
+        again = crashed and not stopping and attempt < self.config.transform.crash_retries
+        if not again:
+            self._release(items)  # the task has ended: its bodies leave the lane
         if crashed and not stopping:  # each image of the task is a suspect: tried again alone
             for item in items:
-                if attempt < self.config.transform.crash_retries:
+                if again:
                     self._suspects.append((item, attempt + 1))  # its slot stays taken
                 else:
                     error = TransformError(
@@ -405,4 +416,9 @@ class TransformPool:
             self._submit([item], attempt, quarantined=True)
         if self.stop.is_set():  # not tried again now: the next run does them
             self.in_flight -= len(self._suspects)
+            self._release([item for item, _ in self._suspects])
             self._suspects.clear()
+
+    def _release(self, items: list[Fetched]) -> None:
+        if self.budget is not None:
+            self.budget.release(sum(len(item.body) for item in items))

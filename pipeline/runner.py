@@ -53,7 +53,7 @@ from .elastic import Stragglers
 from .errors import FetchError, OutputError, PipelineError, TransformError
 from .formats import require_parquet
 from .lane import BATCH, END, STOP, Batch, LaneDone, LaneFailed, LaneHandle
-from .lanes import Lanes
+from .lanes import Lanes, kilobytes
 from .logs import relay
 from .metrics import Meter, RunStats, Sampler, Stage
 from .progress import Bars, LaneCounts, UrlCount
@@ -406,6 +406,7 @@ class Coordinator:
             "fetched": max((d.fetched_peak for d in self.lanes.finished), default=0),
             "pool": max((d.pool_peak for d in self.lanes.finished), default=0),
             "jobs": self._jobs_peak,
+            "bodies_kb": kilobytes(max((d.buffered_peak for d in self.lanes.finished), default=0)),
         }
         return tuple(
             QueueStat(g.name, g.bound // lanes, peaks[g.name],
