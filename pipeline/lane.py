@@ -276,8 +276,11 @@ class Lane:
     def _send(self, results: Connection) -> None:
         ended = False
         beat = self.config.executor.heartbeat / 3
-        sent = -beat  # an empty batch at once: the coordinator hears from a new lane
+        sent = checked = -beat  # an empty batch at once: the coordinator hears from a new lane
         while not ended:
+            if time.monotonic() - checked >= beat:  # as often as a heartbeat, busy or not
+                self.pool.kill_stopped(self.config.executor.heartbeat)
+                checked = time.monotonic()
             batch: list[Row] = []
             failed: LaneFailed | None = None
             item = self.results.get_until(sent + beat)  # block for the first, or a heartbeat

@@ -162,6 +162,15 @@ def _shutdown_within(pool: ProcessPoolExecutor, cancel: bool, deadline: float) -
         manager.join()  # it joins the workers, which are gone now
 
 
+def _state(pid: int | None) -> str:
+    """A process's state letter from /proc (T: stopped), or "" when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 # the images of a task, their attempt, whether in quarantine, the task's future
 _Finished = tuple[list[Fetched], int, bool, "Future[list[Outcome]]"]
 
@@ -274,6 +283,7 @@ class TransformPool:
         self._suspect_running = False
         self._thread = threading.Thread(target=self._run, name="dispatch")
         self._error: BaseException | None = None
+        self._stopped: dict[int, float] = {}  # worker pid: since when it is seen stopped
 
     def depth(self) -> int:
         return self.in_flight
@@ -296,6 +306,21 @@ class TransformPool:
         for worker in [*self.pool.processes(), *self.quarantine.processes()]:
             with contextlib.suppress(OSError, ValueError):  # already gone
                 worker.kill()
+
+    def kill_stopped(self, after: float) -> None:
+        """Kill a worker seen stopped (SIGSTOP) for ``after`` seconds: it would hold its images,
+        and the lane, forever. Its pool breaks and its images are tried again, as after a crash.
+        Called now and then by the lane's sender thread; reads /proc (Linux), else does nothing."""
+        now, seen = time.monotonic(), self._stopped
+        self._stopped = {}
+        for worker in [*self.pool.processes(), *self.quarantine.processes()]:
+            if _state(worker.pid) not in ("T", "t"):
+                continue
+            since = self._stopped[worker.pid] = seen.get(worker.pid, now)
+            if now - since >= after:
+                log.warning("transform process %s stopped for %g s: killed", worker.pid, after)
+                with contextlib.suppress(OSError, ValueError):
+                    worker.kill()
 
     def close(self) -> None:
         """Shut the pools down (again is harmless); a worker that will not exit is killed."""

@@ -37,11 +37,14 @@ heartbeat = {heartbeat}
 """
 
 
-def start(folder: Path, urls: list[str], heartbeat: float) -> subprocess.Popen[str]:
+def start(
+    folder: Path, urls: list[str], heartbeat: float, *args: str, ops: str = ""
+) -> subprocess.Popen[str]:
     (folder / "urls.txt").write_text("".join(f"{url}\n" for url in urls))
-    (folder / "config.toml").write_text(CONFIG.format(heartbeat=heartbeat))
+    (folder / "config.toml").write_text(ops + CONFIG.format(heartbeat=heartbeat))
+    command = ["run", "urls.txt", "--out", "out", "-q", "--lanes", "1", *args]
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", "urls.txt", "--out", "out", "-q", "--lanes", "1"],
+        [sys.executable, "-m", "pipeline", *command],
         cwd=folder,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -50,7 +53,8 @@ def start(folder: Path, urls: list[str], heartbeat: float) -> subprocess.Popen[s
 
 
 def lanes_of(pid: int) -> list[int]:
-    """The lane processes of the run ``pid``: the children of its forkserver."""
+    """The lane processes of the run ``pid`` (the children of its forkserver); or the transform
+    processes of the lane ``pid`` (the children of the lane's)."""
     tree = descendants(pid)
     servers = {p for p, parent in tree.items() if parent == pid and "forkserver" in _cmdline(p)}
     return [p for p, parent in tree.items() if parent in servers]
@@ -86,9 +90,7 @@ def test_a_stopped_lane_is_replaced_and_every_line_recorded_once(tmp_path, image
     assert proc.returncode == 0, stderr
     assert "lane 0 sent nothing for 2 s (executor.heartbeat): killed" in stderr
     assert state(lane) in ("X", "Z") or lane not in descendants(proc.pid)
-    rows = list(read_manifest(tmp_path / "out"))
-    assert Counter(row["line"] for row in rows) == Counter(range(1, len(urls) + 1))
-    assert {row["status"] for row in rows} == {"ok"}
+    rows_once(tmp_path / "out", urls)
     assert json.loads((tmp_path / "out" / "report.json").read_text())["lane_restarts"] == 1
 
 
@@ -111,3 +113,28 @@ def test_sigterm_with_a_stopped_lane_exits_within_the_grace(tmp_path, image_dir)
     assert "Traceback" not in stderr
     wait_for(lambda: all(state(pid) in ("X", "Z") for pid in children), what="no process left")
     assert state(lane) in ("X", "Z")
+
+
+def rows_once(out: Path, urls: list[str]) -> None:
+    rows = list(read_manifest(out))
+    assert Counter(row["line"] for row in rows) == Counter(range(1, len(urls) + 1))
+    assert {row["status"] for row in rows} == {"ok"}
+
+
+def test_a_stopped_transform_process_is_killed_and_its_image_done_again(
+    tmp_path, server, image_dir
+):
+    # the lane's only worker sleeps 1 s on each image: stopped then, it holds the image for good
+    sleep = '[[transform.ops]]\nop = "_sleep"\nseconds = 1.0\n'
+    urls = [server.url(p.name) for p in sorted(image_dir.iterdir())[:3]]
+    log = tmp_path / "run.log"
+    proc = start(tmp_path, urls, 2, "-vv", "--log-file", str(log), ops=sleep)
+    wait_for(lambda: log.exists() and "_sleep: 1 s" in log.read_text(), what="a transform")
+    (lane,) = lanes_of(proc.pid)
+    (worker,) = lanes_of(lane)
+    os.kill(worker, signal.SIGSTOP)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert f"transform process {worker} stopped for 2 s: killed" in log.read_text()
+    assert state(worker) in ("X", "Z")
+    rows_once(tmp_path / "out", urls)
