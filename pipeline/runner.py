@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 LANE_DEATHS = 2  # a job whose lane died this many times is recorded as worker_crash
 MARGIN = 0.5  # seconds a stopping lane gets past transform.shutdown_grace to send its last rows
-AWAY = 1.0  # a wait this much longer than asked: this process was stopped (Ctrl-Z), not a lane
+AWAY = 1.0  # a loop this much longer than its wait: this process was stopped (Ctrl-Z)
 
 
 def run(
@@ -145,6 +145,7 @@ class Coordinator:
         self._exhausted = False
         self._jobs_peak = 0
         self._stop_by: float | None = None  # once stopping: lanes still running then are killed
+        self._watched = time.monotonic()  # when the main loop last looked for hung lanes
         self.sampler = Sampler(self.lanes.gauges)
 
     def execute(self, plan: Plan, *, progress: bool) -> Report:
@@ -194,12 +195,9 @@ class Coordinator:
         while self.lanes.running:
             self._deal()  # once stopping, it sends the STOPs
             timeout = self._timeout()
-            waited = time.monotonic()
             for handle in list(self.lanes.wait(timeout)):
                 self._receive(handle)
-            if time.monotonic() - waited > timeout + AWAY:  # we were stopped, not the lanes
-                self.lanes.excuse()
-            self._watch()
+            self._watch(timeout)
             if self.sink.flush_due() == 0:
                 self._guard(self.sink.flush)
             self._guard(self.sink.settle)  # seal the shards whose tars are written
@@ -214,11 +212,14 @@ class Coordinator:
             due.append(max(0.0, self._stop_by - time.monotonic()))
         return min(due)
 
-    def _watch(self) -> None:
+    def _watch(self, timeout: float) -> None:
         """Kill the lanes that hang: silent past executor.heartbeat (their jobs are dealt again,
         to lanes started in their place), or still running past the grace once stopping (a
         stopped process cannot take a signal but SIGKILL; its jobs are the next run's)."""
         now = time.monotonic()
+        if now - self._watched > timeout + AWAY:  # this loop was stopped (Ctrl-Z), not a lane
+            self.lanes.excuse()
+        self._watched = now
         if self._stop_by is not None and now >= self._stop_by:
             hung, why = list(self.lanes.running), "did not stop within transform.shutdown_grace"
         else:

@@ -38,7 +38,7 @@ heartbeat = {heartbeat}
 
 
 def start(
-    folder: Path, urls: list[str], heartbeat: float, *args: str, ops: str = ""
+    folder: Path, urls: list[str], heartbeat: float, *args: str, ops: str = "", group: bool = False
 ) -> subprocess.Popen[str]:
     (folder / "urls.txt").write_text("".join(f"{url}\n" for url in urls))
     (folder / "config.toml").write_text(ops + CONFIG.format(heartbeat=heartbeat))
@@ -49,6 +49,7 @@ def start(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=group,  # a process group of its own, as a shell's job
     )
 
 
@@ -137,4 +138,24 @@ def test_a_stopped_transform_process_is_killed_and_its_image_done_again(
     assert proc.returncode == 0, stderr
     assert f"transform process {worker} stopped for 1 s: killed" in log.read_text()
     assert state(worker) in ("X", "Z")
+    rows_once(tmp_path / "out", urls)
+
+
+def test_a_run_stopped_whole_then_continued_kills_no_lane(tmp_path, image_dir):
+    gated = gated_handler()
+    with StaticServer(image_dir, handler=gated) as server:
+        urls = [server.url(p.name) for p in sorted(image_dir.iterdir())[:6]]
+        proc = start(tmp_path, urls, 2, group=True)
+        try:
+            for _ in range(3):
+                assert gated.arrived.acquire(timeout=60)
+            os.killpg(proc.pid, signal.SIGSTOP)  # Ctrl-Z: the coordinator and its lanes at once
+            time.sleep(3.0)  # the pause itself is the test: longer than executor.heartbeat
+            os.killpg(proc.pid, signal.SIGCONT)  # fg
+        finally:
+            gated.gate.set()
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "sent nothing" not in stderr
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["lane_restarts"] == 0
     rows_once(tmp_path / "out", urls)
