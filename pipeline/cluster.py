@@ -23,6 +23,7 @@ a LocalCluster is started that way.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -121,8 +122,9 @@ def connect(config: Config) -> Iterator[Any]:
 
     executor = config.executor
     if executor.address != "local":
+        limit = check_scheduler(executor.address)
         try:
-            client = Client(executor.address, timeout=30)
+            client = Client(executor.address, timeout=limit)
         except OSError as exc:
             raise PipelineError(f"executor.address {executor.address}: {exc}") from None
         with client:
@@ -146,6 +148,45 @@ def connect(config: Config) -> Iterator[Any]:
         Client(cluster) as client,
     ):
         yield client
+
+
+def check_scheduler(address: str) -> float:
+    """One round trip to ``address`` within Dask's connect timeout, or a PipelineError: a port
+    where something else listens answers garbage (Dask may then try to allocate exabytes), or
+    nothing at all (its handshake waits forever). The timeout, in seconds."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    limit = float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s"))
+    where = f"executor.address {address}"
+    try:
+        identity = asyncio.run(asyncio.wait_for(_identity(address, limit), limit))
+    except TimeoutError:
+        raise PipelineError(
+            f"{where}: no Dask scheduler answered within {limit:g} s "
+            "(distributed.comm.timeouts.connect)"
+        ) from None
+    except OSError as exc:  # refused, unreachable, closed: Dask's message says which
+        raise PipelineError(f"{where}: {exc}") from None
+    except (ValueError, TypeError, MemoryError, EOFError):  # bytes that are not Dask's protocol
+        raise PipelineError(
+            f"{where}: not a Dask scheduler (it answers another protocol)"
+        ) from None
+    kind = identity.get("type") if isinstance(identity, dict) else None
+    if kind != "Scheduler":
+        raise PipelineError(f"{where}: not a Dask scheduler (it says it is {kind or 'unknown'})")
+    return limit
+
+
+async def _identity(address: str, limit: float) -> object:
+    from distributed.comm import connect as open_comm
+
+    comm = await open_comm(address, timeout=limit)
+    try:
+        await comm.write({"op": "identity"})
+        return await comm.read()
+    finally:
+        comm.abort()
 
 
 def run_on_dask(

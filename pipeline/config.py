@@ -275,6 +275,7 @@ class DownloadConfig:
     allow_private: bool = True
     straggler_after: float = 2.0
     max_stragglers: int = 128
+    max_buffered_bytes: int = 512_000_000  # per lane: bodies read and not yet transformed
 
     def __post_init__(self) -> None:
         _require(1 <= self.workers <= 1024, "workers", "in [1, 1024]", self.workers)
@@ -303,6 +304,12 @@ class DownloadConfig:
         )
         _require(0 <= self.max_redirects <= 50, "max_redirects", "in [0, 50]", self.max_redirects)
         _require(self.max_bytes >= 1024, "max_bytes", ">= 1024", self.max_bytes)
+        _require(
+            self.max_bytes <= self.max_buffered_bytes <= 1 << 40,
+            "max_buffered_bytes",
+            f">= download.max_bytes ({self.max_bytes}) and <= 1099511627776",
+            self.max_buffered_bytes,
+        )
         for pattern in self.content_types:
             ok = bool(_MEDIA_TYPE.fullmatch(pattern))
             _require(ok, "content_types", "media types such as image/* or image/jpeg", pattern)
@@ -496,6 +503,7 @@ class ExecutorConfig:
     shards_in_flight: int = 0  # 0 = 2 x the cluster's workers
     retries: int = 2  # a failed shard task is run again this many times (Dask's retries=)
     lanes: int = 0  # download processes, each with its threads and its share of the pool; 0: auto
+    heartbeat: float = 30.0  # a lane silent this long is killed and replaced
 
     def __post_init__(self) -> None:
         kinds = ", ".join(EXECUTOR_KINDS)
@@ -512,6 +520,7 @@ class ExecutorConfig:
         _require(0 <= flight <= 10_000, "shards_in_flight", "in [0, 10000]", flight)
         _require(0 <= self.retries <= 20, "retries", "in [0, 20]", self.retries)
         _require(0 <= self.lanes <= 256, "lanes", "in [0, 256]", self.lanes)
+        _require(0.5 <= self.heartbeat <= 3600, "heartbeat", "in [0.5, 3600]", self.heartbeat)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3.exceptions
 
+from .budget import ByteBudget
 from .config import DownloadConfig
 from .deadline import DeadlineExceeded, Watchdog
 from .errors import ConfigError, FetchError
@@ -40,8 +41,9 @@ class Downloader:
     Use it as a context manager: that starts the deadline watchdog and closes every Session after.
     """
 
-    def __init__(self, config: DownloadConfig) -> None:
+    def __init__(self, config: DownloadConfig, budget: ByteBudget | None = None) -> None:
         self.config = config
+        self.budget = budget  # a lane's: each chunk read waits for room in it
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -82,7 +84,7 @@ class Downloader:
     def _get(self, url: str) -> tuple[requests.Response, bytes]:
         with self._session().get(url, stream=True, timeout=self._timeout) as response:
             _check_response(response, self.config)
-            return response, _read_body(response, self.config)
+            return response, _read_body(response, self.config, self.budget)
 
     def _past_deadline(self) -> FetchError:
         limit = self.config.deadline
@@ -204,7 +206,9 @@ def _check_content_type(header: str, allowed: tuple[str, ...], code: int) -> Non
         raise FetchError("not_image", message, code)
 
 
-def _read_body(response: requests.Response, config: DownloadConfig) -> bytes:
+def _read_body(
+    response: requests.Response, config: DownloadConfig, budget: ByteBudget | None = None
+) -> bytes:
     length = _content_length(response)
     if length is not None and length > config.max_bytes:
         raise FetchError(
@@ -216,6 +220,8 @@ def _read_body(response: requests.Response, config: DownloadConfig) -> bytes:
     for chunk in response.iter_content(chunk_size):
         chunks.append(chunk)
         size += len(chunk)
+        if budget is not None:
+            budget.take(len(chunk))
         if size > config.max_bytes:
             raise FetchError("too_large", f"body exceeds download.max_bytes {config.max_bytes}")
     # usually one chunk: returned as it is, not copied twice through a growing buffer

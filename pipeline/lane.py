@@ -35,6 +35,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from .budget import ByteBudget
 from .config import Config
 from .download import Downloader
 from .elastic import Crew, Stragglers
@@ -80,6 +81,7 @@ class Progress:
     transform_failed: int = 0
     fetched: int = 0  # bodies waiting for the pool now
     pool: int = 0  # images held by the pool now
+    buffered: int = 0  # bytes of bodies held now (download.max_buffered_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,7 @@ class LaneDone:
     fetched_peak: int
     pool_peak: int
     stragglers: Stragglers
+    buffered_peak: int = 0  # bytes of bodies held at once, at most
 
 
 def credit(config: Config, transform_workers: int) -> int:
@@ -150,10 +153,11 @@ class Lane:
         )
         self.download = Stage("download", self.workers)
         self.transform = Stage("transform", setup.transform_workers)
-        self.downloader = Downloader(config.download)
+        self.budget = ByteBudget(config.download.max_buffered_bytes)
+        self.downloader = Downloader(config.download, self.budget)
         self.pool = TransformPool(
             config, Path(setup.out_dir), self.results, self.transform, self.stop,
-            producers=1, workers=setup.transform_workers, fail=self.fail,
+            producers=1, workers=setup.transform_workers, fail=self.fail, budget=self.budget,
         )  # fmt: skip
         self.crew = Crew(
             self.jobs, self._download, lambda: self.pool.inbox.put(DONE),
@@ -189,6 +193,7 @@ class Lane:
                 self.pool.inbox.peak,
                 self.pool.peak,
                 self.crew.stats,
+                self.budget.peak,
             )
         )
         receiver.join()  # the coordinator closes the jobs pipe once it has LaneDone
@@ -222,6 +227,7 @@ class Lane:
             return  # stopping already
         self.stop.set()
         self.downloader.cancel()
+        self.budget.cancel()  # a download waiting for room ends too
         self._grace = threading.Timer(self.config.transform.shutdown_grace, self.pool.kill_workers)
         self._grace.name = "shutdown-grace"
         self._grace.start()
@@ -247,9 +253,11 @@ class Lane:
         try:
             fetched = self.downloader.fetch(job)
         except PipelineError as exc:  # the config's fault, not the URL's: no row for it
+            self.budget.drop()
             self.fail(str(exc))
             return
         except Exception as exc:
+            self.budget.drop()  # what was read of its body is gone
             if self.stop.is_set():  # cut short by an interrupt: not a real failure
                 return
             err = exc if isinstance(exc, FetchError) else _unexpected(exc)
@@ -259,6 +267,7 @@ class Lane:
             self.results.put(Outcome.failed(job, err, download_ms=round(elapsed * 1000, 2)))
             return
         size = len(fetched.body)
+        self.budget.hand_over(size)  # the pool gives it back once it is done with the body
         meter.record(time.perf_counter() - started, bytes_in=size, bytes_out=size)
         self.pool.inbox.put(fetched)
 
@@ -266,12 +275,17 @@ class Lane:
 
     def _send(self, results: Connection) -> None:
         ended = False
+        beat = self.config.executor.heartbeat / 3
+        sent = checked = -beat  # an empty batch at once: the coordinator hears from a new lane
         while not ended:
+            if time.monotonic() - checked >= beat:  # as often as a heartbeat, busy or not
+                self.pool.kill_stopped(self.config.executor.heartbeat)
+                checked = time.monotonic()
             batch: list[Row] = []
             failed: LaneFailed | None = None
-            item: Outcome | LaneFailed | _Done | None = self.results.get()  # block for the first
+            item = self.results.get_until(sent + beat)  # block for the first, or a heartbeat
             deadline = time.monotonic() + LINGER
-            while True:
+            while item is not None:
                 if item is DONE:
                     ended = True
                     break
@@ -283,10 +297,9 @@ class Lane:
                 if len(batch) == BATCH:
                     break
                 item = self.results.get_until(deadline)
-                if item is None:
-                    break
-            if batch:
+            if batch or item is None:  # rows, or nothing for a while: alive all the same
                 results.send(Batch(batch, self._progress()))
+                sent = time.monotonic()
             if failed is not None:
                 results.send(failed)
 
@@ -298,6 +311,7 @@ class Lane:
             self.transform.failed,
             self.pool.inbox.depth(),
             self.pool.in_flight,
+            self.budget.used,
         )
 
 
@@ -335,6 +349,7 @@ class LaneHandle:
         self.progress = Progress()
         self.done: LaneDone | None = None
         self.told: str | None = None  # END or STOP, once sent
+        self.heard = time.monotonic()  # its last message (a lane beats when it has no rows)
 
     @property
     def room(self) -> int:

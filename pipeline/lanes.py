@@ -5,6 +5,8 @@
                         wake-up pipe that a signal handler writes to)
     Lanes.ended(h, d)   a lane said LaneDone: its figures are kept, its pipes closed
     Lanes.lost(h)       a lane's pipe closed without LaneDone: it died; the cause, in words
+    Lanes.silent()      the lanes that sent nothing for executor.heartbeat seconds: hung (a
+                        stopped process, a stuck one); the caller kills them and deals again
     Lanes.kill()        what is still running (after a bug, or a second Ctrl-C)
 
 Only the coordinator's main thread calls it; the sampler thread only reads the lists.
@@ -17,6 +19,7 @@ import dataclasses
 import multiprocessing
 import os
 import selectors
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,10 @@ from .lane import LaneDone, LaneHandle, LaneSetup, lane_config
 from .logs import LogSetup
 from .pool import in_flight_bound
 from .progress import LaneGauge
+
+
+def kilobytes(size: int) -> int:
+    return -(-size // 1000)  # rounded up: a byte held is not nothing
 
 
 class Lanes:
@@ -52,6 +59,8 @@ class Lanes:
             LaneGauge("pool", sum(in_flight_bound(config, w) for w in self.shares),
                       lambda h: h.progress.pool),
             LaneGauge("jobs", 0, lambda h: len(h.outstanding)),
+            LaneGauge("bodies_kb", self.wanted * config.download.max_buffered_bytes // 1000,
+                      lambda h: kilobytes(h.progress.buffered)),
         )  # fmt: skip
 
     def start(self, index: int) -> None:
@@ -86,6 +95,24 @@ class Lanes:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"!")
 
+    def silent(self, now: float) -> list[LaneHandle]:
+        """The running lanes not heard from for ``executor.heartbeat`` seconds. A lane with a
+        message waiting is not silent (the caller has not read it yet)."""
+        limit = self.config.executor.heartbeat
+        return [h for h in self.running if now - h.heard > limit and not h.results.poll()]
+
+    def next_silence(self) -> float:
+        """Seconds until the first running lane would be silent too long (for a wait's timeout)."""
+        oldest = min((h.heard for h in self.running), default=time.monotonic())
+        return max(0.0, oldest + self.config.executor.heartbeat - time.monotonic())
+
+    def excuse(self) -> None:
+        """The coordinator itself was not running (stopped with its lanes, e.g. Ctrl-Z): what it
+        did not hear meanwhile says nothing about the lanes."""
+        now = time.monotonic()
+        for handle in self.running:
+            handle.heard = max(handle.heard, now - self.config.executor.heartbeat / 2)
+
     def ended(self, handle: LaneHandle, done: LaneDone) -> None:
         self.finished.append(done)
         handle.progress = dataclasses.replace(
@@ -108,9 +135,10 @@ class Lanes:
         self.running.remove(handle)
         handle.close()
 
-    def kill(self) -> None:
-        """Kill whatever lane still runs; its workers and forkserver follow it."""
-        for handle in self.running:
+    def kill(self, handles: list[LaneHandle] | None = None) -> None:
+        """Kill ``handles`` (default: whatever lane still runs); SIGKILL ends a stopped process
+        too. Their workers and forkservers follow them."""
+        for handle in self.running if handles is None else handles:
             with contextlib.suppress(OSError, ValueError):
                 handle.process.kill()
 

@@ -31,13 +31,16 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import connection
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from .budget import ByteBudget
 from .config import Config
 from .errors import PipelineError, TransformError, limit_hint
 from .logs import LogSetup
@@ -129,11 +132,43 @@ class RestartingPool:
         # manager thread may change the dict meanwhile: dict() copies it in one step (the GIL)
         return [p for pool in pools for p in dict(getattr(pool, "_processes", None) or {}).values()]
 
-    def shutdown(self, *, cancel: bool = False) -> None:
+    def shutdown(self, *, cancel: bool = False, grace: float | None = None) -> None:
+        """Shut every pool down; with ``grace``, a worker still alive that many seconds later (a
+        stopped or hung process never reads its sentinel) is killed, so this never hangs."""
         with self._lock:
             pools, self._retired = [*self._retired, self._pool], []
+        if grace is None:
+            for pool in pools:
+                pool.shutdown(wait=True, cancel_futures=cancel)
+            return
+        deadline = time.monotonic() + grace
         for pool in pools:
-            pool.shutdown(wait=True, cancel_futures=cancel)
+            _shutdown_within(pool, cancel, deadline)
+
+
+def _shutdown_within(pool: ProcessPoolExecutor, cancel: bool, deadline: float) -> None:
+    manager = getattr(pool, "_executor_manager_thread", None)
+    workers = list(dict(getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=cancel)  # its manager thread sends the sentinels
+    waiting = {worker.sentinel: worker for worker in workers}
+    while waiting and (left := deadline - time.monotonic()) > 0:
+        for sentinel in connection.wait(list(waiting), left):
+            del waiting[sentinel]
+    for worker in waiting.values():
+        log.warning("transform process %s did not exit within the grace: killed", worker.pid)
+        with contextlib.suppress(OSError, ValueError):
+            worker.kill()
+    if manager is not None:
+        manager.join()  # it joins the workers, which are gone now
+
+
+def _state(pid: int | None) -> str:
+    """A process's state letter from /proc (T: stopped), or "" when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 # the images of a task, their attempt, whether in quarantine, the task's future
@@ -229,8 +264,10 @@ class TransformPool:
         producers: int,
         workers: int,
         fail: Callable[[str], None],
+        budget: ByteBudget | None = None,
     ) -> None:
         self.config = config
+        self.budget = budget  # the lane's: bodies are given back to it as tasks end
         self.fail = fail  # the lane's: stop the run with this one-line error
         self.inbox = Inbox(config.queues.fetched)
         self.results = results
@@ -246,6 +283,7 @@ class TransformPool:
         self._suspect_running = False
         self._thread = threading.Thread(target=self._run, name="dispatch")
         self._error: BaseException | None = None
+        self._stopped: dict[int, float] = {}  # worker pid: since when it is seen stopped
 
     def depth(self) -> int:
         return self.in_flight
@@ -269,9 +307,26 @@ class TransformPool:
             with contextlib.suppress(OSError, ValueError):  # already gone
                 worker.kill()
 
+    def kill_stopped(self, after: float) -> None:
+        """Kill a worker seen stopped (SIGSTOP) for ``after`` seconds: it would hold its images,
+        and the lane, forever. Its pool breaks and its images are tried again, as after a crash.
+        Called now and then by the lane's sender thread; reads /proc (Linux), else does nothing."""
+        now, seen = time.monotonic(), self._stopped
+        self._stopped = {}
+        for worker in [*self.pool.processes(), *self.quarantine.processes()]:
+            if _state(worker.pid) not in ("T", "t"):
+                continue
+            since = self._stopped[worker.pid] = seen.get(worker.pid, now)
+            if now - since >= after:
+                log.warning("transform process %s stopped for %g s: killed", worker.pid, after)
+                with contextlib.suppress(OSError, ValueError):
+                    worker.kill()
+
     def close(self) -> None:
-        self.pool.shutdown(cancel=True)
-        self.quarantine.shutdown(cancel=True)
+        """Shut the pools down (again is harmless); a worker that will not exit is killed."""
+        grace = self.config.transform.shutdown_grace
+        self.pool.shutdown(cancel=True, grace=grace)
+        self.quarantine.shutdown(cancel=True, grace=grace)
 
     # --- the dispatcher thread ---------------------------------------------------------------
 
@@ -285,7 +340,10 @@ class TransformPool:
                     self._finished(*finished)
                 elif body is DONE:
                     producers -= 1
-                elif not self.stop.is_set():  # once stopping, downloaded bodies are dropped
+                elif self.stop.is_set():  # once stopping, downloaded bodies are dropped
+                    assert isinstance(body, Fetched)
+                    self._release([body])
+                else:
                     assert isinstance(body, Fetched)
                     chunk = [body, *self.inbox.take_ready(min(CHUNK, room) - 1)]
                     self.in_flight += len(chunk)
@@ -295,8 +353,13 @@ class TransformPool:
             self._error = exc
             self.stop.set()
             self.inbox.close()
+            if self.budget is not None:
+                self.budget.cancel()  # no download may wait for room that never comes
         finally:
-            self.results.put(DONE)
+            try:
+                self.close()  # here, not after DONE: the lane still beats while workers exit
+            finally:
+                self.results.put(DONE)
 
     def _submit(self, items: list[Fetched], attempt: int, *, quarantined: bool) -> None:
         pool = self.quarantine if quarantined else self.pool
@@ -316,9 +379,12 @@ class TransformPool:
             self._suspect_running = False
         crashed = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
         stopping = self.stop.is_set()
+        again = crashed and not stopping and attempt < self.config.transform.crash_retries
+        if not again:
+            self._release(items)  # the task has ended: its bodies leave the lane
         if crashed and not stopping:  # each image of the task is a suspect: tried again alone
             for item in items:
-                if attempt < self.config.transform.crash_retries:
+                if again:
                     self._suspects.append((item, attempt + 1))  # its slot stays taken
                 else:
                     error = TransformError(
@@ -375,4 +441,9 @@ class TransformPool:
             self._submit([item], attempt, quarantined=True)
         if self.stop.is_set():  # not tried again now: the next run does them
             self.in_flight -= len(self._suspects)
+            self._release([item for item, _ in self._suspects])
             self._suspects.clear()
+
+    def _release(self, items: list[Fetched]) -> None:
+        if self.budget is not None:
+            self.budget.release(sum(len(item.body) for item in items))

@@ -21,11 +21,15 @@ to the lane with the most room, so memory stays flat and a slow lane gets less.
 
 Lifecycle. The first SIGINT/SIGTERM stops dealing and sends STOP to every lane: it cuts its
 downloads at once, gives its pool ``transform.shutdown_grace`` seconds, then kills its workers,
-sends what is done and exits; the manifest is flushed and the run returns marked interrupted. A
-second signal kills the lanes and exits at once. What was not recorded is done by the next run
-(resume). A lane that dies mid-run (OOM killer, kill -9) loses nothing: the jobs it held are
-dealt again, to a lane started in its place; a job whose lane died twice is a ``worker_crash``
-row. A worker that dies inside a lane is that lane's pool's business (pool.py).
+sends what is done and exits; a lane still running half a second after that is killed (it may
+be stopped: SIGKILL is the one signal it takes). The manifest is flushed and the run returns
+marked interrupted. A second signal kills the lanes and exits at once. What was not recorded
+is done by the next run (resume). A lane that dies mid-run (OOM killer, kill -9) loses
+nothing: the jobs it held are dealt again, to a lane started in its place; a job whose lane
+died twice is a ``worker_crash`` row. A lane that hangs (kill -STOP, a stuck process) is found
+by its silence: a lane sends at least a heartbeat every third of ``executor.heartbeat``
+seconds, and one not heard from for that long is killed, then treated as dead. A worker that
+dies inside a lane is that lane's pool's business (pool.py).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from .elastic import Stragglers
 from .errors import FetchError, OutputError, PipelineError, SourceError, TransformError
 from .formats import require_parquet
 from .lane import BATCH, END, STOP, Batch, LaneDone, LaneFailed, LaneHandle
-from .lanes import Lanes
+from .lanes import Lanes, kilobytes
 from .logs import relay
 from .metrics import Meter, RunStats, Sampler, Stage
 from .progress import Bars, LaneCounts, UrlCount
@@ -64,6 +68,8 @@ log = logging.getLogger(__name__)
 
 ROUTED = 16 * BATCH  # jobs read ahead for one lane at most, when routing by host (routes.py)
 LANE_DEATHS = 2  # a job whose lane died this many times is recorded as worker_crash
+MARGIN = 0.5  # seconds a stopping lane gets past transform.shutdown_grace to send its last rows
+AWAY = 1.0  # a loop this much longer than its wait: this process was stopped (Ctrl-Z)
 
 
 def run(
@@ -166,6 +172,8 @@ class Coordinator:
         # per_host across lanes: every URL of a host is dealt to one lane (routes.py)
         several = self.lanes.wanted > 1 and config.download.per_host > 0
         self._routes = Routes(self.lanes.wanted, ROUTED) if several else None
+        self._stop_by: float | None = None  # once stopping: lanes still running then are killed
+        self._watched = time.monotonic()  # when the main loop last looked for hung lanes
         self.sampler = Sampler(self.lanes.gauges)
 
     def execute(self, plan: Plan, *, progress: bool) -> Report:
@@ -214,14 +222,47 @@ class Coordinator:
     def _loop(self) -> None:
         while self.lanes.running:
             self._deal()  # once stopping, it sends the STOPs
-            for handle in list(self.lanes.wait(self.sink.flush_due())):
+            timeout = self._timeout()
+            for handle in list(self.lanes.wait(timeout)):
                 self._receive(handle)
+            self._watch(timeout)
             if self.sink.flush_due() == 0:
                 self._guard(self.sink.flush)
             self._guard(self.sink.settle)  # seal the shards whose tars are written
 
+    def _timeout(self) -> float:
+        """How long the main loop may wait: until rows are due on disk, a lane would be silent
+        too long, or a stopping lane's grace is over."""
+        due = [self.lanes.next_silence()]
+        if (flush := self.sink.flush_due()) is not None:
+            due.append(flush)
+        if self._stop_by is not None:
+            due.append(max(0.0, self._stop_by - time.monotonic()))
+        return min(due)
+
+    def _watch(self, timeout: float) -> None:
+        """Kill the lanes that hang: silent past executor.heartbeat (their jobs are dealt again,
+        to lanes started in their place), or still running past the grace once stopping (a
+        stopped process cannot take a signal but SIGKILL; its jobs are the next run's)."""
+        now = time.monotonic()
+        if now - self._watched > timeout + AWAY:  # this loop was stopped (Ctrl-Z), not a lane
+            self.lanes.excuse()
+        self._watched = now
+        if self._stop_by is not None and now >= self._stop_by:
+            hung, why = list(self.lanes.running), "did not stop within transform.shutdown_grace"
+        else:
+            limit = self.config.executor.heartbeat
+            hung, why = self.lanes.silent(now), f"sent nothing for {limit:g} s (executor.heartbeat)"
+        for handle in hung:
+            log.warning("lane %d %s: killed", handle.index, why)
+        self.lanes.kill(hung)
+        for handle in hung:
+            self._lost(handle)
+
     def _deal(self) -> None:
         if self.stopping:
+            if self._stop_by is None:  # a lane's grace, and a little for its last rows
+                self._stop_by = time.monotonic() + self.config.transform.shutdown_grace + MARGIN
             for handle in self.lanes.running:
                 handle.tell(STOP)
             return
@@ -281,7 +322,8 @@ class Coordinator:
         except (EOFError, OSError):
             self._lost(handle)
             return
-        if isinstance(message, Batch):
+        handle.heard = time.monotonic()
+        if isinstance(message, Batch):  # rows, or none: a heartbeat
             handle.progress = message.progress
             started = time.perf_counter()
             outstanding = handle.outstanding
@@ -410,6 +452,7 @@ class Coordinator:
             "fetched": max((d.fetched_peak for d in self.lanes.finished), default=0),
             "pool": max((d.pool_peak for d in self.lanes.finished), default=0),
             "jobs": self._jobs_peak,
+            "bodies_kb": kilobytes(max((d.buffered_peak for d in self.lanes.finished), default=0)),
         }
         return tuple(
             QueueStat(g.name, g.bound // lanes, peaks[g.name],

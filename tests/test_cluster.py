@@ -5,7 +5,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
+import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -228,3 +231,25 @@ def test_the_shards_filtered_counts_are_merged():
     results = [shard("a", {"too_small": 1}), shard("b", {"too_small": 1, "aspect_ratio": 1})]
     merged = merge(results, 1.0, skipped=0, cluster_workers=1)
     assert merged.filtered == {"too_small": 2, "aspect_ratio": 1} and merged.urls == 6
+
+
+@pytest.mark.parametrize("answer", ["garbage", "nothing"])
+def test_a_port_that_is_not_a_scheduler_is_one_line_within_the_timeout(tmp_path, answer, server):
+    """An HTTP server answers bytes Dask reads as a frame of exabytes; a listener that never
+    accepts leaves Dask's handshake waiting forever: either way, one line within the timeout."""
+    from test_cli import assert_one_line_error
+
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts, nobody reads
+        port = server.port if answer == "garbage" else silent.getsockname()[1]
+        address = f"tcp://127.0.0.1:{port}"
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", "urls.txt", "--dask", address],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"},
+        )  # fmt: skip
+        took = time.monotonic() - started
+    assert_one_line_error(result, "executor.address", address)
+    assert took < 15, f"{took:.1f} s"
+    assert not (tmp_path / "out" / "report.json").exists()

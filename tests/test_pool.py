@@ -8,7 +8,9 @@ join with a timeout, so a hang fails the test instead of hanging the suite.
 from __future__ import annotations
 
 import functools
+import os
 import resource
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import encode, leftover_workers, photo
+from helpers import encode, leftover_workers, photo, wait_for
 
 import pipeline.pool
 from pipeline.config import Config, Crash, QueuesConfig, Sleep, Thumbnail, TransformConfig
@@ -624,3 +626,18 @@ def test_inbox_take_ready_takes_what_is_there_up_to_most_and_stops_at_a_done():
     assert inbox.take(room=True) == (None, DONE)
     assert inbox.take_ready(5) == [body(4)]
     assert inbox.take_ready(5) == [] and inbox.depth() == 0 and inbox.peak == 3
+
+
+def test_a_stopped_worker_is_killed_after_the_grace_instead_of_hanging_the_end(make_run):
+    run = make_run(workers=1, shutdown_grace=0.5)
+    run.start()
+    run.pool.inbox.put(fetched(0, jpeg(0)))
+    wait_for(lambda: len(run.outcomes) == 1, timeout=GUARD, what="the image")
+    (worker,) = run.pool.pool.processes()
+    os.kill(worker.pid, signal.SIGSTOP)  # idle: it would never read its shutdown sentinel
+    started = time.monotonic()
+    run.pool.inbox.put(DONE)  # the dispatcher ends and shuts its pool down
+    assert run.finish() is None
+    assert time.monotonic() - started < 0.5 + 2.0
+    worker.join(GUARD)
+    assert worker.exitcode == -signal.SIGKILL
