@@ -92,14 +92,19 @@ def _run(args: argparse.Namespace) -> int:
 
         report = run_on_dask(args.sources, config, restart=args.restart, progress=_bars(args))
     else:
-        report = run(
-            args.sources,
-            config,
-            progress=_bars(args),
-            restart=args.restart,
-            handle_signals=True,
-            say=_say if _bars(args) else None,  # above the bars; the report repeats it
-        )
+        try:
+            report = run(
+                args.sources,
+                config,
+                progress=_bars(args),
+                restart=args.restart,
+                handle_signals=True,
+                say=_say if _bars(args) else None,  # above the bars; the report repeats it
+            )
+        except PipelineError as err:
+            if err.report is not None:  # the run did its work: what it did, then the line
+                _print_report(err.report, config, args)
+            raise
     _print_report(report, config, args)
     return _exit_status(report)
 

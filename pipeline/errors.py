@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import importlib
 import resource
-from typing import Final
+from typing import Any, Final
 
 #: The error kinds a manifest row may carry, and what each means. Fixed: users rely on them.
 #: ``TRANSIENT`` ones may succeed another time: a rerun retries them; the others are final.
@@ -69,7 +69,13 @@ def is_final(kind: str | None, http_status: int | None = None) -> bool:
 
 
 class PipelineError(Exception):
-    """A problem that stops the whole run; its message is one line for the user."""
+    """A problem that stops the whole run; its message is one line for the user.
+
+    ``report`` is the run's report when the problem was found after the run had done its work
+    (an input file that could not be read, a full disk): the CLI shows it before the line.
+    """
+
+    report: Any = None
 
 
 class ConfigError(PipelineError):

@@ -98,12 +98,16 @@ def run(
         except OutputError:
             if pipeline.failure is None:
                 raise
-        if pipeline.failure is not None:  # what was done is recorded; a rerun does the rest
-            written = pipeline.sink.written
-            raise OutputError(
-                f"{pipeline.failure} (stopped: {written} rows recorded; rerun to do the rest)"
-            )
-        tell_findings(plan, pipeline.sink.written, fail=pipeline.interrupted is None)
+        try:
+            if pipeline.failure is not None:  # what was done is recorded; a rerun does the rest
+                written = pipeline.sink.written
+                raise OutputError(
+                    f"{pipeline.failure} (stopped: {written} rows recorded; rerun to do the rest)"
+                )
+            tell_findings(plan, pipeline.sink.written, fail=pipeline.interrupted is None)
+        except PipelineError as exc:
+            exc.report = report  # the CLI shows what was done, then the line
+            raise
     return report
 
 

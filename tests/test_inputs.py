@@ -180,10 +180,12 @@ def test_damaged_and_hostile_files_are_named_and_the_others_are_done(tmp_path, s
     code, stdout, _ = run(tmp_path, "in", "--out", "out", "--dry-run")
     stdout = said(stdout)
     assert "stray.csv: a quote opened on line 3 runs to line 6" in stdout
-    code, _, stderr = run(tmp_path, "in", "--out", "out")
+    code, stdout, stderr = run(tmp_path, "in", "--out", "out")
     assert code == 2
     (line,) = errors(stderr)
     assert "broken.txt.gz" in line and "table.parquet: row group 2 (from line 4)" in line
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert f"{report['ok']} ok" in stdout  # the work done is reported before the line
     assert "a quote opened on line 3" in stderr  # the warning
     done = rows(tmp_path / "out")
     assert done[("good.txt", 1)]["status"] == "ok"
