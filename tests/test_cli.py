@@ -39,6 +39,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
         ("[download]\nworkers = 'many'\n", ["download.workers", "many"]),
         ("[transform]\nstart_method = 'fork'\n", ["transform.start_method", "fork"]),
         ("[[transform.ops]]\nop = 'sepia'\n", ["transform.ops[0].op", "sepia"]),
+        # the tests' ops are registered by the tests, never offered to a config file
+        ("[[transform.ops]]\nop = '_sleep'\nseconds = 1.0\n", ["must be one of", "'_sleep'"]),
         ("[queue]\nfetched = 1\n", ["queue"]),
         ("[download\n", ["invalid TOML"]),
     ],
