@@ -1,4 +1,6 @@
-"""The command line: ``pipeline run | demo | serve``. The only module that parses arguments.
+"""The command line: ``pipeline run | init | demo | report | bench | serve``. The only module
+that parses arguments. ``pipeline.bench`` (the demo, the servers, the sweep) is imported only by
+the commands that use it, so a run's start-up does not pay for it.
 
 Exit status: 0 when the run completed (failed URLs are records, not errors), 2 for a user error
 (bad config, unreadable source) printed as one line, 130 on Ctrl-C (SIGINT), 143 on SIGTERM,
@@ -20,9 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .bench.demo import SAMPLES, run_demo
-from .bench.faults import FaultServer
-from .bench.server import StaticServer
 from .config import Config, available_cores, lane_count, load_config, with_overrides
 from .errors import PipelineError, limit_hint, require
 from .logs import configure, printable
@@ -116,8 +115,10 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .bench.demo import SAMPLES, run_demo
+
     config = _config(args)
-    report = run_demo(config, args.images, progress=_bars(args))
+    report = run_demo(config, args.images or SAMPLES, progress=_bars(args))
     _print_report(report, config, args)
     return _exit_status(report)
 
@@ -134,7 +135,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import sweep as bench  # here: a run's start-up need not import its modules
+    require("tomlkit", "bench", "pipeline bench")  # it writes each run's config file with it
+    from .bench import sweep as bench
 
     path = args.config
     if path is None and DEFAULT_CONFIG.is_file():
@@ -282,6 +284,9 @@ def _exit_status(report: Report) -> int:
 def _serve(args: argparse.Namespace) -> int:
     if not args.folder.is_dir():
         raise PipelineError(f"{args.folder}: no such folder")
+    from .bench.faults import FaultServer
+    from .bench.server import StaticServer
+
     server_class = FaultServer if args.faults else StaticServer
     with server_class(args.folder, args.port) as server:
         print(f"serving {args.folder} at {server.url()} (Ctrl-C to stop)", flush=True)
@@ -357,7 +362,6 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--images",
         type=Path,
-        default=SAMPLES,
         help="folder of images to serve (default: the samples)",
     )
     _add_run_options(demo, default_out=Path("out/demo"))

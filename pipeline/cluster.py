@@ -38,7 +38,7 @@ from typing import Any
 
 from .config import Config
 from .dedupe import plan_jobs
-from .errors import OutputError, PipelineError, install_hint, require
+from .errors import OutputError, PipelineError, require
 from .metrics import TOP_HOSTS, Meter
 from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
@@ -50,7 +50,6 @@ from .sources import Source
 
 log = logging.getLogger(__name__)
 
-INSTALL = install_hint("distributed", "dask", "the dask executor")
 DAEMON_HELP = (
     "this Dask worker is a daemon process, which may not start the transform pool: start "
     "workers with DASK_DISTRIBUTED__WORKER__DAEMON=False (config distributed.worker.daemon)"

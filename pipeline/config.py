@@ -145,42 +145,15 @@ class Blur:
         _require(0 < self.radius <= 100, "radius", "in (0, 100]", self.radius)
 
 
-@dataclass(frozen=True, slots=True)
-class Crash:
-    """Test-only: the worker process exits at once on an image of exactly width x height."""
-
-    width: int
-    height: int
-
-
-@dataclass(frozen=True, slots=True)
-class Sleep:
-    """Test-only: the worker sleeps ``seconds`` per image (an artificially slow transform)."""
-
-    seconds: float
-
-    def __post_init__(self) -> None:
-        _require(0 <= self.seconds <= 60, "seconds", "in [0, 60]", self.seconds)
-
-
 def _check_box(width: int, height: int) -> None:
     _require(1 <= width <= 65535, "width", "in [1, 65535]", width)
     _require(1 <= height <= 65535, "height", "in [1, 65535]", height)
 
 
-Op = (
-    ExifTranspose
-    | Thumbnail
-    | Resize
-    | CenterCrop
-    | Grayscale
-    | Rotate
-    | Sharpen
-    | Blur
-    | Crash
-    | Sleep
-)
-OPS: dict[str, type[Op]] = {  # names starting with "_" are for tests and left out of messages
+Op = ExifTranspose | Thumbnail | Resize | CenterCrop | Grayscale | Rotate | Sharpen | Blur
+#: Every op name [[transform.ops]] accepts, and its dataclass. ``pipeline.ops.register`` adds to
+#: it (the tests' slow and crashing ops); messages offer the built-in ones.
+OPS: dict[str, type[Any]] = {
     "exif_transpose": ExifTranspose,
     "thumbnail": Thumbnail,
     "resize": Resize,
@@ -189,10 +162,8 @@ OPS: dict[str, type[Op]] = {  # names starting with "_" are for tests and left o
     "rotate": Rotate,
     "sharpen": Sharpen,
     "blur": Blur,
-    "_crash": Crash,
-    "_sleep": Sleep,
 }
-PUBLIC_OPS = [name for name in OPS if not name.startswith("_")]
+BUILTIN_OPS = tuple(OPS)
 
 
 # --- sections ---------------------------------------------------------------------------------
@@ -621,7 +592,7 @@ def _build_ops(value: Any, key: str) -> tuple[Op, ...]:
         name = params.pop("op", None)
         if name not in OPS:
             raise ConfigError(
-                f"{where}.op", f"must be one of {', '.join(PUBLIC_OPS)} (got {name!r})"
+                f"{where}.op", f"must be one of {', '.join(BUILTIN_OPS)} (got {name!r})"
             )
         ops.append(_build(OPS[name], params, f"{where}({name})"))
     return tuple(ops)

@@ -347,7 +347,6 @@ class LaneHandle:
         self.credit = credit(setup.config, setup.transform_workers)
         self.outstanding: dict[str, Job] = {}  # dealt, no outcome yet
         self.progress = Progress()
-        self.done: LaneDone | None = None
         self.told: str | None = None  # END or STOP, once sent
         self.heard = time.monotonic()  # its last message (a lane beats when it has no rows)
 

@@ -8,32 +8,26 @@ Images reach an op in L, LA, RGB or RGBA mode.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import time
 from collections.abc import Callable
 from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
 from .config import (
+    BUILTIN_OPS,
     OPS,
     Blur,
     CenterCrop,
-    Crash,
     ExifTranspose,
     Grayscale,
     Op,
     Resize,
     Rotate,
     Sharpen,
-    Sleep,
     Thumbnail,
     TransformConfig,
 )
-
-log = logging.getLogger(__name__)
 
 ORIENTATION = 0x0112  # the EXIF tag
 
@@ -84,7 +78,7 @@ def leaves_alone(op: Op, image: Image.Image) -> bool:
         return op.degrees % 360 == 0
     if isinstance(op, Grayscale):
         return image.mode in ("L", "LA")
-    return False  # sharpen, blur, and the test-only ops
+    return False  # sharpen, blur, and any registered op
 
 
 def apply_op(image: Image.Image, op: Op, config: TransformConfig) -> Image.Image:
@@ -174,23 +168,13 @@ def _blur(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(op.radius))
 
 
-def _crash(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    if image.size == (op.width, op.height):
-        os._exit(70)  # as a segfaulting decoder or the OOM killer would: no cleanup, no result
-    return image
-
-
-def _sleep(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
-    log.debug("_sleep: %g s", op.seconds)  # a test knows a transform is under way
-    time.sleep(op.seconds)
-    return image
-
-
 def _exif_transpose(image: Image.Image, op: Any, config: TransformConfig) -> Image.Image:
     return ImageOps.exif_transpose(image) or image
 
 
-_APPLY: dict[type[Any], Callable[[Image.Image, Any, TransformConfig], Image.Image]] = {
+Apply = Callable[[Image.Image, Any, TransformConfig], Image.Image]
+
+_APPLY: dict[type[Any], Apply] = {
     ExifTranspose: _exif_transpose,
     Thumbnail: _thumbnail,
     Resize: _resize,
@@ -199,9 +183,19 @@ _APPLY: dict[type[Any], Callable[[Image.Image, Any, TransformConfig], Image.Imag
     Rotate: _rotate,
     Sharpen: _sharpen,
     Blur: _blur,
-    Crash: _crash,
-    Sleep: _sleep,
 }
+
+
+def register(name: str, op_class: type[Any], apply: Apply) -> None:
+    """Add an op: ``[[transform.ops]] op = name`` then builds an ``op_class`` (a frozen dataclass,
+    validated in its ``__post_init__``) from the table's keys, and ``apply(image, op, config)``
+    runs it. A worker process that unpickles an ``op_class`` imports its module: register at the
+    import of that module, and every process that meets the op knows it. A built-in op, or a name
+    taken by another class, is not replaced."""
+    if name in BUILTIN_OPS or OPS.get(name, op_class) is not op_class:
+        raise ValueError(f"the op name {name!r} is taken by {OPS[name].__name__}")
+    OPS[name] = op_class
+    _APPLY[op_class] = apply
 
 
 def op_name(op: Op) -> str:

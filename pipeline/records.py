@@ -173,10 +173,6 @@ class Outcome:
         """The manifest row: every field, in declaration order."""
         return {name: getattr(self, name) for name in _OUTCOME_FIELDS}
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Outcome:
-        return cls(**row)
-
     def encode(self) -> Row:
         """The manifest line, and what the coordinator needs to file and count it."""
         row = self.to_row()

@@ -16,7 +16,6 @@ from .config import OPS, Config
 
 #: The transform settings of an output's bytes, in the order older run.json files listed them.
 _TRANSFORM_KEYS = ("format", "quality", "background", "resample", "reducing_gap", "max_pixels")
-_OP_NAMES = {cls.__name__: name for name, cls in OPS.items()}
 _SHOWN = 3  # differing keys named in one message
 OLDER = (
     "made by an older version of pipeline, whose settings cannot be compared; rerun with "
@@ -41,7 +40,7 @@ def pinned(config: Config) -> dict[str, Any]:
     for key in _TRANSFORM_KEYS:
         settings[f"transform.{key}"] = getattr(transform, key)
     settings["transform.ops"] = [
-        {"op": _OP_NAMES[type(op).__name__], **dataclasses.asdict(op)} for op in transform.ops
+        {"op": _op_names()[type(op).__name__], **dataclasses.asdict(op)} for op in transform.ops
     ]
     normal: dict[str, Any] = json.loads(json.dumps(settings))  # as read back: tuples are lists
     return normal
@@ -107,13 +106,18 @@ def _from_lists(then: dict[str, Any]) -> dict[str, Any]:
     named.update((f"transform.{k}", v) for k, v in zip(_TRANSFORM_KEYS, output, strict=True))
     ops = []
     for cls_name, *values in then["ops"]:
-        name = _OP_NAMES[cls_name]
+        name = _op_names()[cls_name]
         fields = [f.name for f in dataclasses.fields(OPS[name])]
         if len(values) > len(fields):
             raise ValueError(f"an unknown form of {name}")
         ops.append({"op": name, **dict(zip(fields, values, strict=False))})  # later: defaults
     named["transform.ops"] = ops
     return named
+
+
+def _op_names() -> dict[str, str]:
+    """Each op's name in config.toml, by its class's name (ops may be registered at any time)."""
+    return {cls.__name__: name for name, cls in OPS.items()}
 
 
 def _show(value: Any) -> str:

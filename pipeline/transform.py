@@ -42,7 +42,6 @@ from .config import (
     Op,
     Resize,
     Rotate,
-    Sleep,
     Thumbnail,
     TransformConfig,
 )
@@ -239,7 +238,7 @@ def draft_size(
         if isinstance(op, Thumbnail | Resize):
             need = scaled_size(op, upright)
             return (need[1], need[0]) if swaps_axes else need
-        if not isinstance(op, ExifTranspose | Grayscale | Sleep):
+        if not isinstance(op, ExifTranspose | Grayscale):
             return None
     return None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +14,13 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from pipeline.bench.server import QuietHandler
+
+LAUNCHER = str(Path(__file__).resolve().parent / "run_with_testops.py")
+
+
+def command(*args: str) -> list[str]:
+    """The command line of ``pipeline *args`` with the test-only ops (``testops``) registered."""
+    return [sys.executable, LAUNCHER, *args]
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -19,6 +19,7 @@ import pytest
 import requests
 from test_cli import ROOT, pipeline
 
+from pipeline.bench import interrupt, transform_modes
 from pipeline.bench.faults import FaultServer
 from pipeline.bench.hostile import FAULTS, urls
 from pipeline.bench.sweep import (
@@ -309,6 +310,22 @@ def test_the_hostile_benchmark_spreads_every_fault_evenly(image_dir):
     assert kinds == dict.fromkeys(FAULTS, 3)  # each of the ten, as often as the others
     positions = [i for i, line in enumerate(lines) if "/_fault/" in line]
     assert max(b - a for a, b in itertools.pairwise(positions)) <= 4  # spread, not bunched
+
+
+def test_the_interrupt_benchmark_times_a_run_stopped_by_ctrl_c(capsys):
+    # 120 URLs, one stalling: the run cannot end before the SIGINT sent after 3 images
+    assert interrupt.main(["--urls", "120", "--after", "3", "--repeat", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [run["status"] for run in result["runs"]] == [130]
+    assert 0 < result["max_ms"] < 10_000
+
+
+def test_the_transform_modes_benchmark_keeps_only_unchanged_images_as_they_came(capsys):
+    assert transform_modes.main(["--repeat", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in lines] == list(transform_modes.CONFIGS)
+    kept = [int(line.split(", ")[-1].split()[0]) for line in lines]
+    assert kept[0] == kept[2] == kept[3] == 0 and kept[1] > 0  # reencode = false keeps some
 
 
 def test_readback_evicts_its_own_files_only_and_never_the_whole_page_cache(tmp_path, monkeypatch):

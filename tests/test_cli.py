@@ -39,6 +39,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
         ("[download]\nworkers = 'many'\n", ["download.workers", "many"]),
         ("[transform]\nstart_method = 'fork'\n", ["transform.start_method", "fork"]),
         ("[[transform.ops]]\nop = 'sepia'\n", ["transform.ops[0].op", "sepia"]),
+        # the tests' ops are registered by the tests, never offered to a config file
+        ("[[transform.ops]]\nop = '_sleep'\nseconds = 1.0\n", ["must be one of", "'_sleep'"]),
         ("[queue]\nfetched = 1\n", ["queue"]),
         ("[download\n", ["invalid TOML"]),
     ],
@@ -103,6 +105,22 @@ def test_version_and_help(tmp_path):
     assert helped.returncode == 0 and "--transform-workers" in helped.stdout
 
 
+def test_a_run_does_not_import_the_bench_or_its_libraries(tmp_path):
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    script = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        f"assert main(['run', {str(tmp_path / 'urls.txt')!r}, '--dry-run', '-q']) == 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tomlkit', 'matplotlib')"
+        " or m.startswith('pipeline.bench')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_demo_processes_every_sample_image(tmp_path):
     samples = sorted(
         p for p in (ROOT / "data" / "images").iterdir() if p.suffix in (".jpg", ".png")
@@ -119,6 +137,7 @@ def test_demo_processes_every_sample_image(tmp_path):
     ("missing", "args", "config", "says"),
     [
         ("matplotlib", ("bench", "--plot", "x.png", "--images", "4"), "", '".[plot]"'),
+        ("tomlkit", ("bench", "--write-config", "--images", "4"), "", '".[bench]"'),
         ("distributed", ("run", "urls.txt", "--dask", "local"), "", '".[dask]"'),
         ("pyarrow", ("run", "urls.txt"), "[output]\nparquet = true\n", '".[parquet]"'),
     ],

@@ -26,7 +26,7 @@ from pipeline.config import (
     TransformConfig,
     parse_config,
 )
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, install_hint
 from pipeline.runner import run
 from pipeline.sink import read_manifest
 
@@ -34,7 +34,6 @@ pytest.importorskip("distributed")
 
 from pipeline.cluster import (
     DAEMON_HELP,
-    INSTALL,
     ShardResult,
     connect,
     merge,
@@ -196,7 +195,7 @@ def test_without_dask_the_message_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
     with pytest.raises(PipelineError) as err, connect(make_config(Path("x"))):
         pass
-    assert str(err.value) == INSTALL
+    assert str(err.value) == install_hint("distributed", "dask", "the dask executor")
 
 
 @pytest.mark.parametrize(

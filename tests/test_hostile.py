@@ -12,7 +12,6 @@ import json
 import resource
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 from collections import Counter
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import descendants, gated_handler, wait_for
+from helpers import command, descendants, gated_handler, wait_for
 
 from pipeline.bench.faults import FaultServer
 from pipeline.bench.server import QuietHandler, StaticServer
@@ -62,7 +61,7 @@ class Run:
     def start(self, *args: str, limit: Callable[[], None] | None = None) -> subprocess.Popen[str]:
         self.stderr = self.folder / "stderr.txt"
         return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run", "urls.txt", "--out", "out", "-q", *args],
+            command("run", "urls.txt", "--out", "out", "-q", *args),
             cwd=self.folder,
             stdout=subprocess.PIPE,
             stderr=self.stderr.open("w"),  # a file: -vv output never fills a pipe

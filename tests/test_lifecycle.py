@@ -9,17 +9,17 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import descendants, leftover_workers, wait_for
+from helpers import command, descendants, leftover_workers, wait_for
 from PIL import Image
+from testops import Crash
 
 from pipeline.bench.faults import FaultServer
-from pipeline.config import Config, Crash, OutputConfig, Thumbnail, TransformConfig
+from pipeline.config import Config, OutputConfig, Thumbnail, TransformConfig
 from pipeline.errors import PipelineError
 from pipeline.runner import run
 from pipeline.sink import read_manifest
@@ -51,7 +51,7 @@ def images_written(out: Path) -> int:
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
+        command(*args),
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -11,12 +11,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from helpers import _cmdline, descendants, gated_handler, wait_for
+from helpers import _cmdline, command, descendants, gated_handler, wait_for
 
 from pipeline.bench.server import StaticServer
 from pipeline.sink import read_manifest
@@ -42,9 +41,9 @@ def start(
 ) -> subprocess.Popen[str]:
     (folder / "urls.txt").write_text("".join(f"{url}\n" for url in urls))
     (folder / "config.toml").write_text(ops + CONFIG.format(heartbeat=heartbeat))
-    command = ["run", "urls.txt", "--out", "out", "-q", "--lanes", "1", *args]
+    argv = ["run", "urls.txt", "--out", "out", "-q", "--lanes", "1", *args]
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *command],
+        command(*argv),
         cwd=folder,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

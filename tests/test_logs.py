@@ -15,6 +15,7 @@ import termios
 from pathlib import Path
 
 import pytest
+from helpers import command
 
 from pipeline.logs import LogSetup, configure, configure_child, relay
 
@@ -83,7 +84,7 @@ def run_in_a_pty(tmp_path: Path, server, *args: str) -> str:
     main, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", "urls.txt", "--out", "out", *args],
+        command("run", "urls.txt", "--out", "out", *args),
         cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
         env={**os.environ, "TERM": "xterm"},
     )  # fmt: skip

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import write_images
 from test_cli import ROOT, pipeline
+from testops import Sleep
 
 from pipeline.bench.server import StaticServer
 from pipeline.config import (
@@ -26,7 +27,6 @@ from pipeline.config import (
     DownloadConfig,
     OutputConfig,
     QueuesConfig,
-    Sleep,
     Thumbnail,
     TransformConfig,
 )

@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 from helpers import encode, leftover_workers, photo, wait_for
+from testops import Crash, Sleep
 
 import pipeline.pool
-from pipeline.config import Config, Crash, QueuesConfig, Sleep, Thumbnail, TransformConfig
+from pipeline.config import Config, QueuesConfig, Thumbnail, TransformConfig
 from pipeline.metrics import Stage
 from pipeline.pool import CHUNK, Inbox, TransformPool, in_flight_bound
 from pipeline.records import Fetched, Job, Outcome

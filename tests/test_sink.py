@@ -184,7 +184,7 @@ def test_interleaved_shards_go_to_their_own_files_and_an_open_one_stays_a_part(t
 def test_rows_have_every_field_in_order_and_round_trip(tmp_path):
     outcome = failed(0, 1, "http_4xx", 404)
     assert list(outcome.to_row()) == FIELDS
-    assert Outcome.from_row(outcome.to_row()) == outcome
+    assert Outcome(**outcome.to_row()) == outcome
     assert (outcome.error_kind, outcome.http_status, outcome.status) == ("http_4xx", 404, "failed")
     strange = Outcome.of(Job(0, 1, "http://x/\udcff", make_key(0, 1)), "ok")
     columns = {"caption": "a \u00e9 \U0001f600", "n": 3, "score": 0.5, "tags": ["a"], "no": None}
@@ -198,7 +198,7 @@ def test_rows_have_every_field_in_order_and_round_trip(tmp_path):
     rows = list(read_manifest(tmp_path))
     assert rows[0]["url"] == "http://x/\udcff"
     assert rows[1]["columns"] == columns
-    assert [Outcome.from_row(row) for row in rows] == [strange, with_columns, outcome]
+    assert [Outcome(**row) for row in rows] == [strange, with_columns, outcome]
 
 
 def test_read_manifest_skips_a_half_written_line(tmp_path):

@@ -430,3 +430,15 @@ def test_a_bug_in_an_op_is_a_retryable_internal_error(worker: Path, monkeypatch,
     assert not is_final("internal_error")
     tracebacks = [r for r in caplog.records if r.exc_info and r.levelno == logging.WARNING]
     assert len(tracebacks) == 1  # once, not once an image
+
+
+def test_an_op_name_is_registered_once_and_a_built_in_never_replaced():
+    import testops  # registers _crash and _sleep on import
+
+    ops.register("_sleep", testops.Sleep, testops._sleep)  # again, as a re-import would: kept
+    with pytest.raises(ValueError, match="'thumbnail' is taken by Thumbnail"):
+        ops.register("thumbnail", testops.Sleep, testops._sleep)
+    with pytest.raises(ValueError, match="'_sleep' is taken by Sleep"):
+        ops.register("_sleep", testops.Crash, testops._crash)
+    image = Image.new("RGB", (100, 80))
+    assert ops.apply_op(image, testops.Sleep(0), TransformConfig()) is image

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import encode, photo
+from helpers import command, encode, photo
 from PIL import Image
 
 from pipeline.bench.server import StaticServer
@@ -110,3 +110,25 @@ def test_kept_bytes_re_encoded_ones_and_a_hash_mismatch(tmp_path, served):
     )
     assert Image.open(tmp_path / "out" / wide["path"]).size == (128, 85)  # fitted: re-encoded
     assert (tall["status"], tall["error_kind"], tall["path"]) == ("failed", "hash_mismatch", None)
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_a_registered_op_runs_in_the_transform_processes(tmp_path, served, start_method):
+    # _crash is known only where testops was imported: the launcher registers it, and each lane
+    # and transform process imports testops when it unpickles the op (no start method forks us)
+    server, _ = served
+    (tmp_path / "urls.txt").write_text(f"{server.url('wide.jpg')}\n{server.url('small.jpg')}\n")
+    (tmp_path / "config.toml").write_text(
+        f'[transform]\nstart_method = "{start_method}"\nworkers = 1\n'
+        '[[transform.ops]]\nop = "_crash"\nwidth = 100\nheight = 80\n'  # small.jpg's size
+    )
+    done = subprocess.run(
+        command("run", "urls.txt", "--out", "out", "--config", "config.toml", "-q"),
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {row["url"].rsplit("/", 1)[1]: row for row in read_manifest(tmp_path / "out")}
+    assert {name: row["error_kind"] for name, row in rows.items()} == {
+        "wide.jpg": None,
+        "small.jpg": "worker_crash",
+    }

@@ -6,4 +6,8 @@ workload   photo-like JPEGs, and a keep-alive server of several processes for th
 baselines  the simple designs the pipeline is compared with (sequential, threads, ...)
 sweep      ``pipeline bench``: sweep worker counts, compare strategies, keep the best
 demo       ``pipeline demo``: serve the sample images and run the pipeline on them
+
+and, each run as ``python -m pipeline.bench.NAME``: hostile (slow and broken servers), deadhosts
+(refusing hosts), buffered (memory against slow large bodies), readback (reading outputs back),
+interrupt (Ctrl-C to exit), transform_modes (CPU per image of a few chains)
 """
