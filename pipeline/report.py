@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
-from .config import available_cores
 from .errors import PipelineError
 from .logs import printable
 from .metrics import TOP_HOSTS, Meter, RunStats, Stage
+from .shape import available_cores
 from .sink import MANIFEST_DIR, read_manifest
 
 REPORT_FILE = "report.json"
