@@ -340,6 +340,7 @@ def merge(
     meters: dict[str, Meter] = {}
     workers: dict[str, int] = {}
     queues: dict[str, list[QueueStat]] = {}
+    shapes = {result.report.shape for result in results}  # each worker's: the same on like nodes
     for result in results:
         failed.update(result.report.failed)
         filtered.update(result.report.filtered)
@@ -381,5 +382,6 @@ def merge(
         pool_restarts=sum(r.report.pool_restarts for r in results),
         duplicates=sum(r.report.duplicates for r in results),
         filtered=dict(filtered.most_common()),
+        shape=shapes.pop() if len(shapes) == 1 else (),
     )
     return replace(report, verdict=diagnose(report))

@@ -453,6 +453,7 @@ class Coordinator:
             pool_restarts=sum(d.pool_restarts for d in finished),
             lane_restarts=self.lanes.restarts,
             stragglers=stragglers.summary(self.config.download.straggler_after),
+            shape=self.shape.describe(),
         )
 
     def _queues(self) -> tuple[QueueStat, ...]:

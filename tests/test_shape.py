@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import pytest
@@ -18,6 +19,7 @@ from pipeline.config import (
     Thumbnail,
     TransformConfig,
 )
+from pipeline.report import Report, format_report
 from pipeline.runner import Coordinator, open_run
 from pipeline.shape import BATCH, CHUNK, CORES_PER_LANE, available_cores, lane_count, shape_of
 
@@ -136,6 +138,11 @@ def test_the_lanes_run_with_the_shape_they_are_given(tmp_path, server, image_dir
     assert (queues["pool"].bound, queues["fetched"].bound) == (1, 1)
     assert queues["pool"].peak == 1 and queues["fetched"].peak <= 1
     assert queues["jobs"].bound == narrow.credit
+    assert report.shape == shape.describe()  # in report.json, and on the screen
+    assert Report.from_json(json.loads(json.dumps(report.to_json()))).shape == report.shape
+    shown = format_report(report)
+    assert "shape       1 lane x 3 download threads and 1 transform workers" in shown
+    assert f"a lane's credit {narrow.credit} jobs, its pool 1 images" in shown
     assert leftover_workers() == []
 
 
