@@ -457,20 +457,26 @@ class Coordinator:
         )
 
     def _queues(self) -> tuple[QueueStat, ...]:
-        """Each gauge per lane: its bound, its mean over the run, its peak in any lane."""
-        lanes = len(self.shape.lanes)
-        occupancy = self.sampler.occupancy
-        peaks = {
-            "fetched": max((d.fetched_peak for d in self.lanes.finished), default=0),
-            "pool": max((d.pool_peak for d in self.lanes.finished), default=0),
-            "jobs": self._jobs_peak,
-            "bodies_kb": kilobytes(max((d.buffered_peak for d in self.lanes.finished), default=0)),
+        """Each gauge per lane: its bound (the shape's; the larger where lanes differ), its mean
+        over the run, its peak in any lane."""
+        shapes, finished = self.shape.lanes, self.lanes.finished
+        bounds = {
+            "fetched": max(s.fetched for s in shapes),
+            "pool": max(s.in_flight for s in shapes),
+            "jobs": max(s.credit for s in shapes),
+            "bodies_kb": kilobytes(max(s.buffered_bytes for s in shapes)),
         }
+        peaks = {
+            "fetched": max((d.fetched_peak for d in finished), default=0),
+            "pool": max((d.pool_peak for d in finished), default=0),
+            "jobs": self._jobs_peak,
+            "bodies_kb": kilobytes(max((d.buffered_peak for d in finished), default=0)),
+        }
+        means = {name: gauge.mean / len(shapes) for name, gauge in self.sampler.occupancy.items()}
         return tuple(
-            QueueStat(g.name, g.bound // lanes, peaks[g.name],
-                      round(occupancy[g.name].mean / lanes, 2))
+            QueueStat(g.name, bounds[g.name], peaks[g.name], round(means[g.name], 2))
             for g in self.lanes.gauges
-        )  # fmt: skip
+        )
 
     # --- lifecycle: called from the signal handler, in the main thread ------------------------
 
