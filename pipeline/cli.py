@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import Config, available_cores, lane_count, load_config, with_overrides
+from .config import Config, load_config, with_overrides
 from .errors import PipelineError, limit_hint, require
 from .logs import configure, printable
 from .preview import dry_run, write_default_config
@@ -38,6 +38,7 @@ from .report import (
     load_report,
 )
 from .runner import run
+from .shape import available_cores, shape_of
 
 if TYPE_CHECKING:
     from .bench.sweep import Choice
@@ -180,10 +181,11 @@ def _bench(args: argparse.Namespace) -> int:
             "repeat": args.repeat,
         }
         if args.compare:
+            shape = shape_of(b.config)
             workers = bench.Setting(
                 (args.download_workers or [b.config.download.workers])[0],
-                (args.transform_workers or [b.config.transform.pool_workers])[0],
-                lanes=(args.lanes or [lane_count(b.config)])[0],
+                (args.transform_workers or [shape.workers])[0],
+                lanes=(args.lanes or [len(shape.lanes)])[0],
             )
             show(
                 f"workers     {workers.lanes} lane(s) of {workers.download_workers} download "

@@ -14,11 +14,11 @@ manifest part is sealed (renamed to ``.jsonl``) when complete, so a rerun skips 
 and a shard retried after its worker was lost first keeps the final rows the lost attempt
 flushed, exactly as a local resume.
 
-Each shard starts its lanes (as many as the worker's cores call for) and their pools, so a
-node uses all its cores; that costs ~0.5 s a shard. Dask's worker processes are daemons by
-default, and a daemon process may not start children: workers must run with
-``distributed.worker.daemon`` off (``DASK_DISTRIBUTED__WORKER__DAEMON=False dask worker ...``);
-a LocalCluster is started that way.
+Each shard starts its lanes and their pools as the run's shape (shape.py) says, computed on the
+Dask worker from that worker's cores, not the driver's, so a node uses all its cores; that costs
+~0.5 s a shard. Dask's worker processes are daemons by default, and a daemon process may not
+start children: workers must run with ``distributed.worker.daemon`` off
+(``DASK_DISTRIBUTED__WORKER__DAEMON=False dask worker ...``); a LocalCluster is started that way.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from .report import QueueStat, Report, StageStat, count_rows, diagnose
 from .resume import Plan, Resume
 from .runner import Coordinator, now_utc, open_run, tell_findings
 from .seals import MANIFEST_DIR, InOrder, part_path, shard_path
+from .shape import shape_of
 from .sink import read_rows
 from .sources import Source
 
@@ -77,7 +78,8 @@ def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> Shar
     resume = Resume(Plan(folder, [], config.output, partial=frozenset({shard} if opened else ())))
     if multiprocessing.current_process().daemon:
         raise PipelineError(DAEMON_HELP)
-    run = Coordinator(config, folder, name_tars=False)  # the driver names the tars, in order
+    # the driver names the tars, in order; the shape is this worker's (its cores)
+    run = Coordinator(config, folder, name_tars=False, shape=shape_of(config))
     report = run.process(resume.pending(iter(items)), resume)
     if run.failure is not None:  # a full disk, ...: the task fails; the driver says it in one line
         raise OutputError(run.failure)
@@ -337,6 +339,7 @@ def merge(
     meters: dict[str, Meter] = {}
     workers: dict[str, int] = {}
     queues: dict[str, list[QueueStat]] = {}
+    shapes = {result.report.shape for result in results}  # each worker's: the same on like nodes
     for result in results:
         failed.update(result.report.failed)
         filtered.update(result.report.filtered)
@@ -378,5 +381,6 @@ def merge(
         pool_restarts=sum(r.report.pool_restarts for r in results),
         duplicates=sum(r.report.duplicates for r in results),
         filtered=dict(filtered.most_common()),
+        shape=shapes.pop() if len(shapes) == 1 else (),
     )
     return replace(report, verdict=diagnose(report))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import multiprocessing
-import os
 import re
 import tomllib
 import typing
@@ -31,19 +30,6 @@ INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # decoders that hand the server's bytes to another program (EPS runs Ghostscript): never allowed
 UNSAFE_FORMATS = {"EPS": "runs Ghostscript on the file", "PDF": "is not an image decoder"}
 _COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity), which may be fewer than the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-# A lane's download threads and hand-off cost ~1.8 ms of CPU an image, its workers' transforms
-# ~5.2 ms (pipeline bench's workload): one lane per 3 cores keeps each lane under ~3/4 of its core
-CORES_PER_LANE = 3
 
 
 # an HTTP header value (RFC 9110 field-value, ASCII only): no CR, LF, NUL or other control
@@ -411,16 +397,6 @@ class TransformConfig:
         ratio = self.max_aspect_ratio
         _require(ratio == 0 or ratio >= 1, "max_aspect_ratio", "0 (off) or >= 1.0", ratio)
 
-    @property
-    def pool_workers(self) -> int:
-        """The number of pool processes: ``workers``, or every core when it is 0."""
-        return self.workers or available_cores()
-
-    @property
-    def in_flight(self) -> int:
-        """How many items may be submitted to the pool and not yet collected."""
-        return self.max_in_flight or 2 * self.pool_workers
-
 
 def _check_input_formats(formats: tuple[str, ...]) -> None:
     for name in formats:
@@ -508,13 +484,6 @@ SECTIONS: dict[str, type[Any]] = typing.get_type_hints(Config)
 
 
 # --- loading ----------------------------------------------------------------------------------
-
-
-def lane_count(config: Config) -> int:
-    """Lanes for a run: ``executor.lanes``, or one per CORES_PER_LANE cores; never more lanes
-    than transform workers, so that every lane has a pool."""
-    lanes = config.executor.lanes or -(-available_cores() // CORES_PER_LANE)
-    return max(1, min(lanes, config.transform.pool_workers))
 
 
 def load_config(path: Path | None) -> Config:

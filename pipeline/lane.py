@@ -4,9 +4,9 @@
                                                                        | Job
                                                                        v
                                                     [jobs queue: bounded by the coordinator's
-                                                     credit for this lane]
+                                                     credit for this lane (shape.py)]
                                                                        |
-                                   download threads x download.workers, elastic (a Session each)
+                                   download threads x shape.threads, elastic (a Session each)
                                                | Fetched                \\ failed Outcome
                                                v                         \\
                                      TransformPool (pool.py): dispatcher   \\
@@ -42,8 +42,9 @@ from .elastic import Crew, Stragglers
 from .errors import FetchError, PipelineError, limit_hint
 from .logs import LogSetup, configure_child
 from .metrics import Meter, Stage
-from .pool import TransformPool, in_flight_bound
+from .pool import TransformPool
 from .records import Job, Outcome, Row
+from .shape import BATCH, LaneShape
 from .stages import DONE, BoundedQueue, _Done
 from .transform import exit_with
 
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 
 END = "end"  # no more jobs: finish those you have, send the last rows and LaneDone
 STOP = "stop"  # interrupted: take no more jobs, give the pool its grace, send what is done
-BATCH = 64  # jobs or rows per message at most
 # How long the sender lets rows gather before it sends what it has: at 200 images/s a lane
 # would otherwise send one row a message, and every message costs the coordinator a wake-up,
 # two reads and an unpickling. A bounded linger, as Nagle's or a producer's linger.ms: the
@@ -66,7 +66,7 @@ class LaneSetup:
     index: int
     config: Config
     out_dir: str
-    transform_workers: int
+    shape: LaneShape  # its threads, workers and bounds
     coordinator_pid: int
     log_setup: LogSetup | None = None
 
@@ -115,14 +115,6 @@ class LaneDone:
     buffered_peak: int = 0  # bytes of bodies held at once, at most
 
 
-def credit(config: Config, transform_workers: int) -> int:
-    """Jobs a lane may hold at once: enough to keep its threads (stragglers too) and its pool
-    busy."""
-    in_flight = in_flight_bound(config, transform_workers)
-    threads = config.download.workers + config.download.max_stragglers
-    return threads + config.queues.fetched + in_flight + BATCH
-
-
 def lane_main(setup: LaneSetup, jobs: Connection, results: Connection) -> None:
     """The body of a lane process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
@@ -143,25 +135,23 @@ class Lane:
     """The threads of one lane process."""
 
     def __init__(self, setup: LaneSetup) -> None:
-        config = setup.config
+        config, shape = setup.config, setup.shape
         self.config = config
-        self.workers = config.download.workers
+        self.workers = shape.threads
         self.stop = threading.Event()
         self.jobs: queue.SimpleQueue[Job | _Done] = queue.SimpleQueue()
-        self.results: BoundedQueue[Outcome | LaneFailed] = BoundedQueue(
-            "results", config.queues.results
-        )
+        self.results: BoundedQueue[Outcome | LaneFailed] = BoundedQueue("results", shape.results)
         self.download = Stage("download", self.workers)
-        self.transform = Stage("transform", setup.transform_workers)
-        self.budget = ByteBudget(config.download.max_buffered_bytes)
+        self.transform = Stage("transform", shape.workers)
+        self.budget = ByteBudget(shape.buffered_bytes)
         self.downloader = Downloader(config.download, self.budget)
         self.pool = TransformPool(
             config, Path(setup.out_dir), self.results, self.transform, self.stop,
-            producers=1, workers=setup.transform_workers, fail=self.fail, budget=self.budget,
+            producers=1, shape=shape, fail=self.fail, budget=self.budget,
         )  # fmt: skip
         self.crew = Crew(
             self.jobs, self._download, lambda: self.pool.inbox.put(DONE),
-            workers=self.workers, max_stragglers=config.download.max_stragglers,
+            workers=self.workers, max_stragglers=shape.stragglers,
             straggler_after=config.download.straggler_after,
         )  # fmt: skip
         self._meters = threading.local()  # each download thread's Meter
@@ -321,12 +311,6 @@ def _unexpected(exc: Exception) -> FetchError:
     return FetchError("network", f"{type(exc).__name__}: {exc}")
 
 
-def lane_config(config: Config, lanes: int) -> Config:
-    """The config each of ``lanes`` lanes runs with: the run's. (download.per_host holds for the
-    run as it is: the coordinator deals every URL of a host to the same lane, routes.py.)"""
-    return config
-
-
 class LaneHandle:
     """The coordinator's side of one lane process: its pipes, and the jobs it holds now."""
 
@@ -343,8 +327,7 @@ class LaneHandle:
         jobs_end.close()  # the lane holds the only other ends now: its death closes them
         results_end.close()
         self.index = setup.index
-        self.transform_workers = setup.transform_workers
-        self.credit = credit(setup.config, setup.transform_workers)
+        self.credit = setup.shape.credit
         self.outstanding: dict[str, Job] = {}  # dealt, no outcome yet
         self.progress = Progress()
         self.told: str | None = None  # END or STOP, once sent

@@ -1,6 +1,7 @@
 """The coordinator's side of its lanes: start them, wait on them all at once, replace a dead one.
 
-    Lanes.start(i)      a lane process, with its share of the transform workers
+    Lanes.start(i)      a lane process, with its LaneShape: its threads, its share of the
+                        transform workers, its bounds (shape.py)
     Lanes.wait()        the lanes with a message ready (one epoll for every results pipe, and a
                         wake-up pipe that a signal handler writes to)
     Lanes.ended(h, d)   a lane said LaneDone: its figures are kept, its pipes closed
@@ -23,12 +24,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import Config, lane_count
+from .config import Config
 from .errors import PipelineError, limit_hint
-from .lane import LaneDone, LaneHandle, LaneSetup, lane_config
+from .lane import LaneDone, LaneHandle, LaneSetup
 from .logs import LogSetup
-from .pool import in_flight_bound
 from .progress import LaneGauge
+from .shape import RunShape
 
 
 def kilobytes(size: int) -> int:
@@ -38,14 +39,10 @@ def kilobytes(size: int) -> int:
 class Lanes:
     """Every lane of one run: those running, those that ended, and their figures."""
 
-    def __init__(self, config: Config, out_dir: Path) -> None:
+    def __init__(self, config: Config, shape: RunShape, out_dir: Path) -> None:
         self.config = config
+        self.shape = shape
         self.out_dir = out_dir
-        self.wanted = lane_count(config)
-        self.lane_config = lane_config(config, self.wanted)
-        workers = config.transform.pool_workers
-        self.shares = [workers // self.wanted + (i < workers % self.wanted)
-                       for i in range(self.wanted)]  # fmt: skip
         self.running: list[LaneHandle] = []
         self.every: list[LaneHandle] = []  # ... and those that ended: the bars' counts
         self.finished: list[LaneDone] = []
@@ -54,12 +51,12 @@ class Lanes:
         os.set_blocking(self._wake_w, False)
         self._selector = selectors.DefaultSelector()  # results pipes, and the wake pipe
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        lanes = shape.lanes
         self.gauges = (
-            LaneGauge("fetched", self.wanted * config.queues.fetched, lambda h: h.progress.fetched),
-            LaneGauge("pool", sum(in_flight_bound(config, w) for w in self.shares),
-                      lambda h: h.progress.pool),
+            LaneGauge("fetched", sum(s.fetched for s in lanes), lambda h: h.progress.fetched),
+            LaneGauge("pool", sum(s.in_flight for s in lanes), lambda h: h.progress.pool),
             LaneGauge("jobs", 0, lambda h: len(h.outstanding)),
-            LaneGauge("bodies_kb", self.wanted * config.download.max_buffered_bytes // 1000,
+            LaneGauge("bodies_kb", sum(s.buffered_bytes for s in lanes) // 1000,
                       lambda h: kilobytes(h.progress.buffered)),
         )  # fmt: skip
 
@@ -68,7 +65,7 @@ class Lanes:
         context = multiprocessing.get_context(method)
         if method == "forkserver":  # lanes fork from a server that has imported their code
             context.set_forkserver_preload(["pipeline.lane"])
-        setup = LaneSetup(index, self.lane_config, str(self.out_dir), self.shares[index],
+        setup = LaneSetup(index, self.config, str(self.out_dir), self.shape.lanes[index],
                           os.getpid(), LogSetup.current())  # fmt: skip
         try:
             handle = LaneHandle(setup, context)

@@ -4,9 +4,9 @@
                                          |                ^ finished tasks: the pools' callbacks
                                          v                | only post them here, never decide
                       dispatcher thread (the owner) ------+
-                        | submit, at most transform.in_flight images held at once
+                        | submit, at most shape.in_flight images held at once (shape.py)
                         v
-                      RestartingPool x transform.workers: decode -> ops -> encode -> write file
+                      RestartingPool x shape.workers: decode -> ops -> encode -> write file
                       quarantine pool x 1: images that were in a pool when a worker died
                         |
                         v  Outcome (a small record)
@@ -46,14 +46,12 @@ from .errors import PipelineError, TransformError, limit_hint
 from .logs import LogSetup
 from .metrics import Stage
 from .records import Fetched, Outcome
+from .shape import CHUNK, LaneShape
 from .stages import DONE, _Done
 from .transform import WorkerSetup, init_worker, internal_error, process_many
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Images per pool task at most, when that many bodies are waiting: the executor's hand-off
-# (its feeder and manager threads, a pickle and a future) is paid per task, in the lane.
-CHUNK = 4
 
 
 def make_pool(config: Config, out_dir: Path, workers: int) -> ProcessPoolExecutor:
@@ -93,11 +91,6 @@ def _widen_pipe(conn: object) -> None:
         return
     with contextlib.suppress(OSError, ValueError):
         fcntl.fcntl(fileno(), getattr(fcntl, "F_SETPIPE_SZ", _F_SETPIPE_SZ), _PIPE_BYTES)
-
-
-def in_flight_bound(config: Config, workers: int) -> int:
-    """Images a pool of ``workers`` holds at once: two chunks a worker, unless configured."""
-    return config.transform.max_in_flight or 2 * workers * CHUNK
 
 
 class RestartingPool:
@@ -262,22 +255,22 @@ class TransformPool:
         stage: Stage,
         stop: threading.Event,
         producers: int,
-        workers: int,
+        shape: LaneShape,
         fail: Callable[[str], None],
         budget: ByteBudget | None = None,
     ) -> None:
         self.config = config
         self.budget = budget  # the lane's: bodies are given back to it as tasks end
         self.fail = fail  # the lane's: stop the run with this one-line error
-        self.inbox = Inbox(config.queues.fetched)
+        self.inbox = Inbox(shape.fetched)
         self.results = results
         self.stage = stage
         self.stop = stop
         self.producers = producers
-        self.bound = in_flight_bound(config, workers)
+        self.bound = shape.in_flight
         self.name, self.peak = "pool", 0  # a gauge: images held by the pool
         self.in_flight = 0
-        self.pool = RestartingPool(functools.partial(make_pool, config, out_dir, workers))
+        self.pool = RestartingPool(functools.partial(make_pool, config, out_dir, shape.workers))
         self.quarantine = RestartingPool(functools.partial(make_pool, config, out_dir, 1))
         self._suspects: deque[tuple[Fetched, int]] = deque()
         self._suspect_running = False

@@ -2,8 +2,9 @@
 
 A dry run reads the config and every input file, checks them against what earlier runs recorded in
 the output folder (the same checks a run makes, so a changed line is refused here too), and prints
-what would run: each file with its lines and shards, the settings that decide the speed, and what
-a resume would skip. It fetches nothing and writes nothing, not even the output folder.
+what would run: each file with its lines and shards, what a resume would skip, and the run's
+shape on this machine (shape.py: lanes, threads, workers, what a lane holds at most). It fetches
+nothing and writes nothing, not even the output folder.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import importlib.resources
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Config, lane_count
+from .config import Config
 from .errors import PipelineError, UnreadableSource
 from .inputs import Findings
 from .records import ShardEnd
 from .resume import plan_run, unreadable
+from .shape import shape_of
 from .sources import Known, Source, shard_records
 
 
@@ -46,7 +48,9 @@ def dry_run(sources: Sequence[Path], config: Config, *, restart: bool) -> list[s
         lines.append(f"{'resume':<12}{summary}")
     else:
         lines.append(f"{'resume':<12}a first run into {out_dir}: every line is to do")
-    lines.append(f"{'settings':<12}{_settings(config)}")
+    processes, bounds = shape_of(config).describe()
+    output = f"{config.output.format} of {config.transform.format}"
+    lines.extend([f"{'settings':<12}{processes}, {output}", f"{'bounds':<12}{bounds}"])
     return lines
 
 
@@ -68,14 +72,6 @@ def _count(
     except UnreadableSource as exc:
         findings.failed(str(exc))
     return count, ends, f" ({failed} with no usable URL: failed rows)" if failed else ""
-
-
-def _settings(config: Config) -> str:
-    return (
-        f"{_n(lane_count(config), 'lane')} x {config.download.workers} download threads, "
-        f"{config.transform.pool_workers} transform workers, "
-        f"{config.output.format} of {config.transform.format}"
-    )
 
 
 def _n(count: int, noun: str) -> str:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
-from .config import available_cores
 from .errors import PipelineError
 from .logs import printable
 from .metrics import TOP_HOSTS, Meter, RunStats, Stage
+from .shape import available_cores
 from .sink import MANIFEST_DIR, read_manifest
 
 REPORT_FILE = "report.json"
@@ -139,6 +139,8 @@ class Report:
     # downloads that waited past download.straggler_after: count, after_s, median_s, longest_s,
     # peak (at once), capped (not replaced: max_stragglers were waiting), hosts [[host, n], ...]
     stragglers: dict[str, Any] | None = None
+    # the run's shape (shape.py), in words: its lanes, threads and workers; what a lane holds
+    shape: tuple[str, ...] = ()
 
     @property
     def images_per_s(self) -> float:
@@ -166,6 +168,7 @@ class Report:
         values["queues"] = tuple(QueueStat(**q) for q in values.get("queues", ()))
         values["failing_hosts"] = tuple(tuple(h) for h in values.get("failing_hosts", ()))
         values["sources"] = tuple(values.get("sources", ()))
+        values["shape"] = tuple(values.get("shape", ()))
         if values.get("verdict") is not None:
             values["verdict"] = Verdict(**values["verdict"])
         return cls(**values)
@@ -293,6 +296,7 @@ def format_report(report: Report) -> str:
         f"throughput  {report.images_per_s:.1f} images/s, {report.mb_per_s_in:.2f} MB/s in "
         f"({report.bytes_in / 1e6:.1f} MB in, {report.bytes_out / 1e6:.1f} MB out)",
     ]
+    lines += [f"{'shape' if i == 0 else '':<12}{line}" for i, line in enumerate(report.shape)]
     lines += _stage_table(report) + _queue_table(report)
     if report.urls:
         per = 1000 / report.urls

@@ -15,9 +15,10 @@ The coordinator reads the input and owns resume, the manifest and the report. It
 per byte: image bodies go from a lane's download threads to that lane's transform workers, and
 the coordinator handles small records, a batch at a time, so its cost per image is a share of
 two batches' pickling and one manifest row, and the run multiplies with the lanes. ShardEnds,
-lines without a usable URL and duplicates never leave it. Each lane may hold ``credit`` jobs
-(its download threads, its queue and its pool's slots, and a batch more); the coordinator deals
-to the lane with the most room, so memory stays flat and a slow lane gets less.
+lines without a usable URL and duplicates never leave it. The run's shape (shape.py: lanes,
+each one's threads, workers and bounds) is computed once, here; each lane may hold its credit of
+jobs (its download threads, its queue and its pool's slots, and a batch more); the coordinator
+deals to the lane with the most room, so memory stays flat and a slow lane gets less.
 
 Lifecycle. The first SIGINT/SIGTERM stops dealing and sends STOP to every lane: it cuts its
 downloads at once, gives its pool ``transform.shutdown_grace`` seconds, then kills its workers,
@@ -52,7 +53,7 @@ from .dedupe import plan_jobs
 from .elastic import Stragglers
 from .errors import FetchError, OutputError, PipelineError, SourceError, TransformError
 from .formats import require_parquet
-from .lane import BATCH, END, STOP, Batch, LaneDone, LaneFailed, LaneHandle
+from .lane import END, STOP, Batch, LaneDone, LaneFailed, LaneHandle
 from .lanes import Lanes, kilobytes
 from .logs import relay
 from .metrics import Meter, RunStats, Sampler, Stage
@@ -61,6 +62,7 @@ from .records import Job, Outcome, Row, ShardEnd
 from .report import QueueStat, Report, StageStat, build_report, cpu_stage, meter_stage
 from .resume import Plan, Resume, plan_run, unreadable
 from .routes import Routes
+from .shape import BATCH, RunShape, shape_of
 from .sink import Sink, lock
 from .sources import Source
 
@@ -154,13 +156,21 @@ def now_utc() -> str:
 class Coordinator:
     """The lanes of one run, what they hold, and the sink."""
 
-    def __init__(self, config: Config, out_dir: Path, *, name_tars: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        out_dir: Path,
+        *,
+        name_tars: bool = True,
+        shape: RunShape | None = None,
+    ) -> None:
         self.config = config
+        self.shape = shape_of(config) if shape is None else shape  # this machine's, by default
         self.out_dir = out_dir
         self.stopping = False
         self.interrupted: int | None = None  # the signal that stopped the run
         self.failure: str | None = None  # what stopped the run, when no URL is to blame
-        self.lanes = Lanes(config, out_dir)
+        self.lanes = Lanes(config, self.shape, out_dir)
         self.sink = Sink(out_dir, config.output, config.transform.start_method, name_tars=name_tars)
         self._writable = True  # False once a manifest write failed: rows after it are dropped
         self.write = Stage("write", 1)
@@ -168,14 +178,15 @@ class Coordinator:
         self.meters: dict[str, Meter] = {}  # each stage's, merged over the lanes, once it ends
         self.workers: dict[str, int] = {}
         self._deaths: Counter[str] = Counter()  # lane deaths per job key
-        self._restarts_left = 2 * self.lanes.wanted + 2
+        lanes = len(self.shape.lanes)
+        self._restarts_left = 2 * lanes + 2
         self._redo: deque[Job] = deque()
         self._items: Iterator[Job | ShardEnd] = iter(())
         self._exhausted = False
         self._jobs_peak = 0
         # per_host across lanes: every URL of a host is dealt to one lane (routes.py)
-        several = self.lanes.wanted > 1 and config.download.per_host > 0
-        self._routes = Routes(self.lanes.wanted, ROUTED) if several else None
+        several = lanes > 1 and config.download.per_host > 0
+        self._routes = Routes(lanes, ROUTED) if several else None
         self._stop_by: float | None = None  # once stopping: lanes still running then are killed
         self._watched = time.monotonic()  # when the main loop last looked for hung lanes
         self.sampler = Sampler(self.lanes.gauges)
@@ -208,7 +219,7 @@ class Coordinator:
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
             with relay(), self._monitor(sources, resume, progress):
-                for index in range(self.lanes.wanted):
+                for index in range(len(self.shape.lanes)):
                     self.lanes.start(index)
                 self._loop()
         finally:
@@ -418,21 +429,21 @@ class Coordinator:
 
     def _report(self, started: float, ended: float, cpu_s: float, skipped: int) -> Report:
         download, transform, stragglers = Meter(), Meter(), Stragglers()
-        finished, shares = self.lanes.finished, self.lanes.shares
+        finished = self.lanes.finished
         for done in finished:
             download.merge(done.download)
             transform.merge(done.transform)
             stragglers.merge(done.stragglers)
         wall = ended - started
-        threads = self.config.download.workers * self.lanes.wanted
+        threads, workers = self.shape.threads, self.shape.workers
         self.meters = {"download": download, "transform": transform, "write": self.write.total()}
-        self.workers = {"download": threads, "transform": sum(shares), "write": 1}
+        self.workers = {"download": threads, "transform": workers, "write": 1}
         return build_report(
             self.stats,
             wall,
             stages=(
                 meter_stage("download", threads, download, ended),
-                cpu_stage("transform", sum(shares), transform, ended),
+                cpu_stage("transform", workers, transform, ended),
                 StageStat.of(self.write, ended),
             ),
             queues=self._queues(),
@@ -446,23 +457,30 @@ class Coordinator:
             pool_restarts=sum(d.pool_restarts for d in finished),
             lane_restarts=self.lanes.restarts,
             stragglers=stragglers.summary(self.config.download.straggler_after),
+            shape=self.shape.describe(),
         )
 
     def _queues(self) -> tuple[QueueStat, ...]:
-        """Each gauge per lane: its bound, its mean over the run, its peak in any lane."""
-        lanes = max(1, self.lanes.wanted)
-        occupancy = self.sampler.occupancy
-        peaks = {
-            "fetched": max((d.fetched_peak for d in self.lanes.finished), default=0),
-            "pool": max((d.pool_peak for d in self.lanes.finished), default=0),
-            "jobs": self._jobs_peak,
-            "bodies_kb": kilobytes(max((d.buffered_peak for d in self.lanes.finished), default=0)),
+        """Each gauge per lane: its bound (the shape's; the larger where lanes differ), its mean
+        over the run, its peak in any lane."""
+        shapes, finished = self.shape.lanes, self.lanes.finished
+        bounds = {
+            "fetched": max(s.fetched for s in shapes),
+            "pool": max(s.in_flight for s in shapes),
+            "jobs": max(s.credit for s in shapes),
+            "bodies_kb": kilobytes(max(s.buffered_bytes for s in shapes)),
         }
+        peaks = {
+            "fetched": max((d.fetched_peak for d in finished), default=0),
+            "pool": max((d.pool_peak for d in finished), default=0),
+            "jobs": self._jobs_peak,
+            "bodies_kb": kilobytes(max((d.buffered_peak for d in finished), default=0)),
+        }
+        means = {name: gauge.mean / len(shapes) for name, gauge in self.sampler.occupancy.items()}
         return tuple(
-            QueueStat(g.name, g.bound // lanes, peaks[g.name],
-                      round(occupancy[g.name].mean / lanes, 2))
+            QueueStat(g.name, bounds[g.name], peaks[g.name], round(means[g.name], 2))
             for g in self.lanes.gauges
-        )  # fmt: skip
+        )
 
     # --- lifecycle: called from the signal handler, in the main thread ------------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -154,8 +153,6 @@ def test_overrides_are_validated_like_the_file():
         with_overrides(Config(), "download", workers=0)
 
 
-def test_pool_size_and_in_flight_defaults():
-    assert TransformConfig(workers=0).pool_workers == (os.cpu_count() or 1)
-    assert TransformConfig(workers=3).in_flight == 6
-    assert TransformConfig(workers=3, max_in_flight=4).in_flight == 4
+def test_content_types_default_to_images():
+    # the pool's size and bounds are the run's shape: tests/test_shape.py
     assert DownloadConfig().content_types == ("image/*",)

@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,7 @@ from pipeline.config import (
     OutputConfig,
     Thumbnail,
     TransformConfig,
-    lane_count,
 )
-from pipeline.lane import credit
 from pipeline.runner import Coordinator, open_run, run
 from pipeline.sink import read_manifest
 
@@ -71,15 +68,6 @@ def test_every_line_is_recorded_once_whatever_the_lanes(tmp_path, server, image_
     assert report.lane_cpu_s > 0 and report.stage("download").workers == 3 * lanes
     assert report.stage("transform").workers == 3  # the pool is shared out, not multiplied
     assert leftover_workers() == []
-
-
-def test_lanes_come_from_the_cores_and_never_outnumber_the_workers():
-    config = make_config(Path("x"), lanes=0, workers=1)
-    assert lane_count(config) == 1  # one transform worker: one lane
-    assert lane_count(replace(config, executor=ExecutorConfig(lanes=5))) == 1
-    many = replace(config, transform=TransformConfig(workers=8), executor=ExecutorConfig(lanes=4))
-    assert lane_count(many) == 4
-    assert credit(many, 2) > many.download.workers + many.queues.fetched  # never starved
 
 
 def test_a_lane_killed_mid_run_loses_nothing_and_duplicates_nothing(tmp_path, image_dir):

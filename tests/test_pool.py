@@ -26,8 +26,9 @@ from testops import Crash, Sleep
 import pipeline.pool
 from pipeline.config import Config, QueuesConfig, Thumbnail, TransformConfig
 from pipeline.metrics import Stage
-from pipeline.pool import CHUNK, Inbox, TransformPool, in_flight_bound
+from pipeline.pool import Inbox, TransformPool
 from pipeline.records import Fetched, Job, Outcome
+from pipeline.shape import CHUNK, shape_of
 from pipeline.stages import DONE, BoundedQueue
 
 GUARD = 10.0  # seconds: far above what any wait here needs; only a hang reaches it
@@ -90,8 +91,9 @@ class Run:
         self.stage = Stage("transform", workers)
         self.stop = stop if stop is not None else threading.Event()
         self.failures: list[str] = []  # what the pool told the lane to stop the run with
+        self.shape = shape_of(self.config, cores=1).lanes[0]  # one lane: every worker its own
         self.pool = TransformPool(
-            self.config, out, self.results, self.stage, self.stop, producers, workers,
+            self.config, out, self.results, self.stage, self.stop, producers, self.shape,
             fail=self.failures.append,
         )  # fmt: skip
         self.outcomes: list[Outcome] = []
@@ -190,13 +192,12 @@ def test_every_body_comes_back_once_and_the_bounds_hold(make_run):
     assert (total.items, total.failed) == (12, 3)
 
 
-def test_the_bound_is_two_chunks_a_worker_unless_configured():
+def test_the_pool_holds_what_its_lane_shape_says(make_run):
     assert CHUNK > 1
-    for workers in (1, 3):
-        config = Config(transform=TransformConfig(workers=workers))
-        assert in_flight_bound(config, workers) == 2 * workers * CHUNK
-        config = Config(transform=TransformConfig(workers=workers, max_in_flight=5))
-        assert in_flight_bound(config, workers) == 5
+    run = make_run(workers=3, fetched=5)
+    assert run.pool.bound == run.shape.in_flight == 2 * 3 * CHUNK  # two chunks a worker
+    assert run.pool.inbox.bound == 5
+    assert make_run(workers=3, max_in_flight=5).pool.bound == 5
 
 
 def record_chunks(
@@ -436,7 +437,7 @@ def test_a_stop_drops_the_bodies_and_lets_the_tasks_in_flight_settle(make_run):
     got = lines(run.outcomes)
     # the bodies wait before the start: the pool is filled to its bound (bodies are taken in
     # order), the stop comes with the first outcome, then the rest are dropped
-    assert run.pool.bound == in_flight_bound(run.config, 1) < 12
+    assert run.pool.bound == run.shape.in_flight < 12
     assert got == list(range(run.pool.bound))
     assert all(o.status == "ok" for o in run.outcomes)
     written = {p.name.split("-")[0] for p in (run.out / "images").rglob("*.jpg")}

@@ -32,6 +32,7 @@ from ..config import Config, load_config
 from ..download import Downloader
 from ..errors import ItemError
 from ..records import Fetched, Job
+from ..shape import shape_of
 from ..sources import Source, iter_jobs
 from ..transform import EXTENSIONS, transform_bytes
 
@@ -98,7 +99,7 @@ def threads(urls: Path, config: Config, out: Path) -> dict[str, Any]:
 
 
 def processes(urls: Path, config: Config, out: Path) -> dict[str, Any]:
-    with _pool(config, out, config.transform.pool_workers) as pool:
+    with _pool(config, out, shape_of(config).workers) as pool:
         return {"ok": sum(pool.imap_unordered(_both, _jobs(urls, config), chunksize=4))}
 
 
@@ -108,7 +109,7 @@ def two_phase(urls: Path, config: Config, out: Path) -> dict[str, Any]:
     with ThreadPoolExecutor(config.download.workers) as threads:
         bodies = list(threads.map(_download, _jobs(urls, config)))
     downloaded = time.perf_counter()
-    with _pool(config, out, config.transform.pool_workers) as pool:
+    with _pool(config, out, shape_of(config).workers) as pool:
         ok = sum(pool.map(_transform, bodies, chunksize=8))
     return {
         "ok": ok,

@@ -33,9 +33,10 @@ from typing import Any
 import tomlkit
 
 from ..atomic import write_atomic
-from ..config import CORES_PER_LANE, available_cores, load_config
+from ..config import load_config
 from ..errors import PipelineError, require
 from ..report import REPORT_FILE, load_report
+from ..shape import available_cores, lane_count
 from .baselines import STRATEGIES
 from .workload import Workload, WorkloadServer
 
@@ -446,9 +447,7 @@ def choose(rows: Sequence[Row], cores: int) -> Choice:
     workers = setting.transform_workers
     if workers == cores:  # what auto (0) gives on this machine: keep it auto, for any machine
         setting = replace(setting, transform_workers=0)
-    if setting.lanes is not None and setting.lanes == max(
-        1, min(-(-cores // CORES_PER_LANE), workers)
-    ):
+    if setting.lanes is not None and setting.lanes == lane_count(0, workers, cores):
         setting = replace(setting, lanes=0)
     return Choice(setting, f"{top.name}: every run faster than any run of another setting")
 
