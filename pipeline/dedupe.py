@@ -19,11 +19,12 @@ from types import TracebackType
 
 from .config import InputConfig
 from .errors import PipelineError
+from .layout import DEDUPE
 from .records import Job, ShardEnd
 from .resume import Plan
 from .sources import iter_jobs
 
-DB_FILE = ".dedupe.sqlite"
+DB_FILE = DEDUPE
 _CACHE_KB = 16 * 1024  # SQLite's page cache: the memory this costs, whatever the input's size
 _COMMIT_EVERY = 50_000
 
