@@ -261,7 +261,7 @@ def _drive(
     out_dir = plan.out_dir
     started_at, started = now_utc(), time.perf_counter()
     results: list[ShardResult] = []
-    skipped = 0
+    skipped = plan.unread_lines  # files done whole are not read again
     running = as_completed()
     in_flight = 0
     token = uuid.uuid4().hex[:12]  # this run's task keys: never a finished task of another run

@@ -84,7 +84,8 @@ class Dedupe:
 def plan_jobs(plan: Plan, config: InputConfig) -> Iterator[Iterator[Job | ShardEnd]]:
     """The job stream of ``plan``: every line of its sources, cut into the plan's shards, with
     duplicates marked when ``input.dedupe`` asks (the table lives as long as the stream)."""
-    items = iter_jobs(plan.sources, config.shard_size, config.url_column, plan.known, plan.findings)
+    sources = plan.reading  # not the files done whole (with dedupe, every file is read)
+    items = iter_jobs(sources, config.shard_size, config.url_column, plan.known, plan.findings)
     if not config.dedupe:
         yield items
         return

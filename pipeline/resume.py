@@ -51,6 +51,21 @@ _NOTES = 4  # files named in a resume summary
 
 
 @dataclass(slots=True)
+class Tally:
+    """What checking one input file counted, as it read it: the run's bar total and the dry run
+    use these figures instead of reading the file again."""
+
+    lines: int = 0  # records
+    shards: int = 0
+    no_url: int = 0  # records with no usable URL: failed rows
+    done: int = 0  # records earlier runs finished (sealed shards, final rows of open ones)
+
+    @property
+    def todo(self) -> int:
+        return self.lines - self.done
+
+
+@dataclass(slots=True)
 class Plan:
     """What one run does in an output folder: its sources and the shards earlier runs made."""
 
@@ -63,6 +78,8 @@ class Plan:
     done: int = 0  # lines of sealed shards: skipped
     notes: list[str] = field(default_factory=list)  # what is left to do, file by file
     findings: Findings = field(default_factory=Findings)  # warnings; files that cannot be read
+    tallies: dict[int, Tally] = field(default_factory=dict)  # by file id: the files read whole
+    unread: frozenset[int] = frozenset()  # files done whole: the run need not read them again
     layout: OutputLayout = field(init=False)  # what output.format decides, decided once
 
     def __post_init__(self) -> None:
@@ -71,6 +88,21 @@ class Plan:
     @property
     def resumed(self) -> bool:
         return bool(self.sealed or self.partial)
+
+    @property
+    def reading(self) -> list[Source]:
+        """The sources the run reads: all, less those earlier runs did whole."""
+        return [source for source in self.sources if source.id not in self.unread]
+
+    @property
+    def unread_lines(self) -> int:
+        """The lines of the files the run does not read: done, all of them."""
+        return sum(self.tallies[file].lines for file in self.unread)
+
+    @property
+    def lines(self) -> dict[int, int]:
+        """The records of each file the check read, by file id (not the files new to it)."""
+        return {file: tally.lines for file, tally in self.tallies.items()}
 
     def summary(self) -> str | None:
         """One line for the user on a rerun: what is skipped and what is left."""
@@ -114,6 +146,8 @@ def plan_run(
     if state is not None:
         _load_known(plan)
         _verify(plan, config, new)
+        if not config.input.dedupe:  # dedupe needs every URL of the input, done or not
+            plan.unread = _done_whole(plan)
     if not plan.sources:  # one bad file never blocks the others; with no other, it is the error
         raise SourceError(unreadable(findings))
     if record:
@@ -296,11 +330,12 @@ def _verify(plan: Plan, config: Config, new: set[int]) -> None:
 def _verify_source(plan: Plan, config: Config, source: Source) -> None:
     size, column = config.input.shard_size, config.input.url_column
     known = {make_key(source.id, k.first): k for k in plan.known.get(source.id, ())}
-    todo, first_todo, done = 0, None, 0
+    first_todo, tally = None, Tally()
     adopted: dict[int, bytes] = {}
     shards = shard_records(source, size, column, list(known.values()), plan.findings)
     for item in shards:
         if isinstance(item, ShardEnd):
+            tally.shards += 1
             if adopted:  # rows of an open shard whose lines are gone
                 _changed(plan, source, min(adopted), "was removed")
             shard = known.pop(item.shard, None)
@@ -308,22 +343,31 @@ def _verify_source(plan: Plan, config: Config, source: Source) -> None:
                 _refuse(plan, source, shard, column)
             continue
         record, name = item
-        if name in plan.sealed:
-            continue
+        tally.lines, tally.no_url = tally.lines + 1, tally.no_url + (record.problem is not None)
         if name in plan.partial and record.line == _first_line(name):
             adopted = _final_rows(part_path(plan.out_dir / MANIFEST, name), plan)
-        if record.line in adopted:
-            if adopted.pop(record.line) != record.canonical():
+        if name in plan.sealed or record.line in adopted:
+            if record.line in adopted and adopted.pop(record.line) != record.canonical():
                 _changed(plan, source, record.line, "changed")
-            done += 1
+            tally.done += 1
             continue
-        todo += 1
         first_todo = first_todo or record.line
     if known:  # shards whose lines are gone: the file was cut short
         _changed(plan, source, min(k.first for k in known.values()), "was removed")
-    plan.done += done + sum(k.count or 0 for k in plan.known.get(source.id, ()) if k.count)
-    if todo:
-        plan.notes.append(f"{todo} in {source.name} from line {first_todo}")
+    plan.done += tally.done
+    plan.tallies[source.id] = tally
+    if tally.todo:
+        plan.notes.append(f"{tally.todo} in {source.name} from line {first_todo}")
+
+
+def _done_whole(plan: Plan) -> frozenset[int]:
+    """The files whose every line is in a sealed shard: a run has nothing to read in them."""
+    open_files = {_parse_name(name)[0] for name in plan.partial}
+    return frozenset(
+        file
+        for file, tally in plan.tallies.items()
+        if tally.lines and tally.todo == 0 and file not in open_files
+    )
 
 
 def _first_line(name: str) -> int:
@@ -384,7 +428,7 @@ class Resume:
         self.folder = plan.out_dir / MANIFEST
         self.sealed = plan.sealed
         self.partial = plan.partial
-        self.skipped = 0  # lines found done, for the report
+        self.skipped = plan.unread_lines  # lines found done, for the report
         _sweep_staging(plan)
 
     def pending(self, items: Iterable[Job | ShardEnd]) -> Iterator[Job | ShardEnd]:
