@@ -24,7 +24,6 @@ from .records import Job, ShardEnd
 from .resume import Plan
 from .sources import iter_jobs
 
-DB_FILE = DEDUPE
 _CACHE_KB = 16 * 1024  # SQLite's page cache: the memory this costs, whatever the input's size
 _COMMIT_EVERY = 50_000
 
@@ -33,7 +32,7 @@ class Dedupe:
     """Marks the jobs whose URL an earlier job had."""
 
     def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / DB_FILE
+        self.path = out_dir / DEDUPE
         self.path.unlink(missing_ok=True)
         try:
             # used from whichever thread pulls the job stream, one at a time

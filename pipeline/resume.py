@@ -46,7 +46,6 @@ from .sources import (
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = RUN
 _NOTES = 4  # files named in a resume summary
 
 
@@ -183,12 +182,12 @@ def unreadable(findings: Findings) -> str:
 def _check_restart(out_dir: Path) -> None:
     """--restart removes only what a run of pipeline wrote: a folder without run.json that holds
     a manifest/ or shards/ of its own is refused."""
-    if (out_dir / RUN_FILE).is_file():
+    if (out_dir / RUN).is_file():
         return
     held = [name for name in (MANIFEST, SHARDS) if os.path.lexists(out_dir / name)]
     if held:
         raise PipelineError(
-            f"{out_dir}: not an output folder of pipeline (no {RUN_FILE}), and --restart would "
+            f"{out_dir}: not an output folder of pipeline (no {RUN}), and --restart would "
             f"remove its {' and '.join(held)}; move them away, or choose another --out"
         )
 
@@ -207,7 +206,7 @@ def forget(out_dir: Path) -> None:
 
 
 def _read_state(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / RUN_FILE
+    path = out_dir / RUN
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -235,9 +234,7 @@ def _write_state(
         for name, id_ in sorted(ids.items(), key=lambda item: item[1])
     ]
     state = {"settings": settings, "root": str(root), "files": files}
-    write_atomic(
-        out_dir / RUN_FILE, (json.dumps(state, indent=1) + "\n").encode("utf-8"), root=out_dir
-    )
+    write_atomic(out_dir / RUN, (json.dumps(state, indent=1) + "\n").encode("utf-8"), root=out_dir)
 
 
 def _number(

@@ -51,8 +51,6 @@ from .seals import read_seal as read_seal
 from .seals import seal_path as seal_path
 from .seals import shard_path as shard_path
 
-LOCK_FILE = LOCK
-
 
 @dataclass(slots=True)
 class _Part:
