@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .config import Config, load_config, with_overrides
 from .errors import PipelineError, limit_hint, require
+from .layout import MANIFEST, REPORT, REPORTS, OutputLayout
 from .logs import configure, printable
 from .preview import dry_run, write_default_config
 from .progress import terminal
@@ -317,8 +318,8 @@ def _config(args: argparse.Namespace) -> Config:
 def _print_report(report: Report, config: Config, args: argparse.Namespace) -> None:
     if args.quiet < 2:
         print(format_report(report))
-        images = "shards/" if config.output.format == "webdataset" else "images/"
-        print(f"output      {config.output.dir} (manifest/, {images}, report.json, reports/)")
+        outputs = OutputLayout.of(config.output).outputs
+        print(f"output      {config.output.dir} ({MANIFEST}/, {outputs}/, {REPORT}, {REPORTS}/)")
 
 
 def _parser() -> argparse.ArgumentParser:

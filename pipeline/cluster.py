@@ -39,12 +39,13 @@ from typing import Any
 from .config import Config
 from .dedupe import plan_jobs
 from .errors import OutputError, PipelineError, require
+from .layout import MANIFEST, OutputLayout
 from .metrics import TOP_HOSTS, Meter
 from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
 from .resume import Plan, Resume
 from .runner import Coordinator, now_utc, open_run, tell_findings
-from .seals import MANIFEST_DIR, InOrder, part_path, shard_path
+from .seals import InOrder, part_path, shard_path
 from .shape import shape_of
 from .sink import read_rows
 from .sources import Source
@@ -74,7 +75,7 @@ def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> Shar
     """A Dask task: run one shard through the local staged pipeline, on this worker."""
     folder, shard = Path(out_dir), items[-1].shard
     # a shard an earlier run left open, or retried after its worker was lost, keeps its final rows
-    opened = part_path(folder / MANIFEST_DIR, shard).exists()
+    opened = part_path(folder / MANIFEST, shard).exists()
     resume = Resume(Plan(folder, [], config.output, partial=frozenset({shard} if opened else ())))
     if multiprocessing.current_process().daemon:
         raise PipelineError(DAEMON_HELP)
@@ -83,7 +84,7 @@ def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> Shar
     report = run.process(resume.pending(iter(items)), resume)
     if run.failure is not None:  # a full disk, ...: the task fails; the driver says it in one line
         raise OutputError(run.failure)
-    sealed = shard_path(folder / MANIFEST_DIR, shard)
+    sealed = shard_path(folder / MANIFEST, shard)
     if sealed.exists():  # count the whole shard: rows a lost attempt wrote belong to this run too
         stats = count_rows(read_rows(sealed))
         report = replace(
@@ -260,7 +261,7 @@ def _drive(
     out_dir = plan.out_dir
     started_at, started = now_utc(), time.perf_counter()
     results: list[ShardResult] = []
-    skipped = 0
+    skipped = plan.unread_lines  # files done whole are not read again
     running = as_completed()
     in_flight = 0
     token = uuid.uuid4().hex[:12]  # this run's task keys: never a finished task of another run
@@ -326,7 +327,7 @@ def _drive(
 
 def _tar_names(config: Config, out_dir: Path) -> InOrder | None:
     """webdataset: names for the shards' tars, given here, in the order of the input."""
-    return InOrder.start(out_dir) if config.output.format == "webdataset" else None
+    return InOrder.start(out_dir) if OutputLayout.of(config.output).webdataset else None
 
 
 def merge(

@@ -19,11 +19,11 @@ from types import TracebackType
 
 from .config import InputConfig
 from .errors import PipelineError
+from .layout import DEDUPE
 from .records import Job, ShardEnd
 from .resume import Plan
 from .sources import iter_jobs
 
-DB_FILE = ".dedupe.sqlite"
 _CACHE_KB = 16 * 1024  # SQLite's page cache: the memory this costs, whatever the input's size
 _COMMIT_EVERY = 50_000
 
@@ -32,7 +32,7 @@ class Dedupe:
     """Marks the jobs whose URL an earlier job had."""
 
     def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / DB_FILE
+        self.path = out_dir / DEDUPE
         self.path.unlink(missing_ok=True)
         try:
             # used from whichever thread pulls the job stream, one at a time
@@ -83,7 +83,8 @@ class Dedupe:
 def plan_jobs(plan: Plan, config: InputConfig) -> Iterator[Iterator[Job | ShardEnd]]:
     """The job stream of ``plan``: every line of its sources, cut into the plan's shards, with
     duplicates marked when ``input.dedupe`` asks (the table lives as long as the stream)."""
-    items = iter_jobs(plan.sources, config.shard_size, config.url_column, plan.known, plan.findings)
+    sources = plan.reading  # not the files done whole (with dedupe, every file is read)
+    items = iter_jobs(sources, config.shard_size, config.url_column, plan.known, plan.findings)
     if not config.dedupe:
         yield items
         return

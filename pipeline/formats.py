@@ -33,10 +33,9 @@ from typing import Any
 from .atomic import open_dir, output_error, read_inside, remove_inside, write_atomic
 from .config import OutputConfig
 from .errors import OutputError, require
-from .records import STAGING_DIR, Job, caption
+from .layout import PACKED, SHARDS, OutputLayout, member, packed_tar, parse_tar
+from .records import caption
 
-SHARDS_DIR = "shards"
-PACKED_DIR = f"{SHARDS_DIR}/.packed"  # a shard's tars until they are named (seals.py)
 # the fields of a sample's .json: the manifest row less its timings, which differ between two
 # builds of the same input (they stay in the manifest)
 SAMPLE_FIELDS = ("key", "shard", "source", "line", "url", "status", "http_status", "bytes_in",
@@ -53,14 +52,6 @@ class Packed:
     staged: tuple[Path, ...] = ()
 
 
-def packed_name(shard: str, index: int) -> str:
-    return f"{PACKED_DIR}/{shard}-{index:05d}.tar"
-
-
-def tar_name(number: int) -> str:
-    return f"{SHARDS_DIR}/{number:05d}.tar"
-
-
 def sample_json(row: Mapping[str, Any], sample_columns: tuple[str, ...]) -> bytes:
     """A sample's ``.json``: the same for the same input line, whichever build made it."""
     sample = {name: row.get(name) for name in SAMPLE_FIELDS}
@@ -70,21 +61,13 @@ def sample_json(row: Mapping[str, Any], sample_columns: tuple[str, ...]) -> byte
     return (_ENCODER.encode(sample) + "\n").encode("utf-8")
 
 
-def staged_path(row: dict[str, Any], folder_size: int) -> str:
-    """Where the worker wrote an ok row's output before it was packed."""
-    file_id = int(str(row["key"]).split("-")[0])
-    extension = str(row["path"]).rsplit(".", 1)[1]
-    job = Job(file_id, int(row["line"]), str(row["url"]), str(row["shard"]))
-    return job.output_path(extension, folder_size, STAGING_DIR)
-
-
 def make_formats(out_dir: Path, part: Path, parquet: Path, config: OutputConfig) -> Packed:
     """The tars and the ``parquet`` manifest of a shard whose rows are all in its ``part`` (in
     the packing process); the staged outputs, to remove once the shard is sealed."""
     rows = list(_rows_with_text(part))
     if config.parquet:
         write_parquet(out_dir, parquet, rows)
-    if config.format != "webdataset":
+    if not OutputLayout.of(config).webdataset:
         return Packed()
     return pack_shard(out_dir, rows, config)
 
@@ -100,12 +83,13 @@ def pack_shard(
 ) -> Packed:
     """Write the tars of one shard from its rows (text, parsed) under ``shards/.packed/``."""
     samples = sorted((row["line"], row) for _, row in rows if row["status"] == "ok")
+    layout = OutputLayout.of(config)
     staged: list[Path] = []
     counts = []
     for index, start in enumerate(range(0, len(samples), config.shard_size)):
         chunk = [row for _, row in samples[start : start + config.shard_size]]
-        paths = [out_dir / staged_path(row, config.folder_size) for row in chunk]
-        _write_tar(out_dir, packed_name(str(chunk[0]["shard"]), index), chunk, paths, config)
+        paths = [out_dir / layout.staged(row) for row in chunk]
+        _write_tar(out_dir, packed_tar(str(chunk[0]["shard"]), index), chunk, paths, config)
         staged += paths
         counts.append(len(chunk))
     return Packed(tuple(counts), tuple(staged))
@@ -120,7 +104,7 @@ def _write_tar(
 ) -> None:
     target = out_dir / name
     part = target.with_name(target.name + ".part")
-    folder = _folder(out_dir, PACKED_DIR)
+    folder = _folder(out_dir, PACKED)
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(part.name, flags, 0o644, dir_fd=folder)
@@ -129,12 +113,12 @@ def _write_tar(
             tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar,
         ):
             for row, path in zip(chunk, paths, strict=True):
-                key, extension = str(row["path"]).rsplit(".", 1)
-                _add(tar, f"{key}.{extension}", _read(out_dir, path))
+                key, extension = str(row["key"]), str(row["path"]).rsplit(".", 1)[1]
+                _add(tar, member(key, extension), _read(out_dir, path))
                 text = caption(row.get("columns"), config.caption_column)
                 if text is not None:
-                    _add(tar, f"{key}.txt", text)
-                _add(tar, f"{key}.json", sample_json(row, config.sample_columns))
+                    _add(tar, member(key, "txt"), text)
+                _add(tar, member(key, "json"), sample_json(row, config.sample_columns))
         os.replace(part.name, target.name, src_dir_fd=folder, dst_dir_fd=folder)
     except OSError as exc:
         raise output_error(part, exc) from None
@@ -193,5 +177,7 @@ def require_parquet() -> None:
 
 def read_shards(out_dir: Path) -> Iterator[Path]:
     """The webdataset tars of an output folder, in order (those named: sealed shards')."""
-    folder = out_dir / SHARDS_DIR
-    return iter(sorted(folder.glob("[0-9]*.tar")) if folder.is_dir() else [])
+    folder = out_dir / SHARDS
+    if not folder.is_dir():
+        return iter([])
+    return iter(sorted(path for path in folder.iterdir() if parse_tar(path.name) is not None))

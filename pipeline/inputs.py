@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from .errors import PipelineError, SourceError, UnreadableSource
+from .layout import MANIFEST, OUTPUT_NAMES, RUN
 
 FORMATS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
@@ -43,8 +44,6 @@ _MAGIC = {
     b"PK\x03\x04": "zip",
 }
 _MAX_WARNINGS = 20  # more are counted, not listed
-# what an output folder holds: never read as input (a rerun would read its own manifest)
-_RUN_FILE, _OUTPUT_DIRS = "run.json", ("manifest", "images", "shards", "reports", ".staging")
 
 
 @dataclass(slots=True)
@@ -150,10 +149,10 @@ def _walk(folder: Path, out_dir: Path | None, findings: Findings) -> list[Path]:
 def _is_output(folder: Path, parent: Path, out: Path | None) -> bool:
     resolved = folder.resolve()
     if out is not None and (
-        resolved == out or (parent.resolve() == out and folder.name in _OUTPUT_DIRS)
+        resolved == out or (parent.resolve() == out and folder.name in OUTPUT_NAMES)
     ):
         return True
-    return (folder / _RUN_FILE).is_file() and (folder / _OUTPUT_DIRS[0]).is_dir()
+    return (folder / RUN).is_file() and (folder / MANIFEST).is_dir()
 
 
 def input_root(paths: Sequence[Path]) -> Path:

@@ -42,11 +42,11 @@ from .elastic import Crew, Stragglers
 from .errors import FetchError, PipelineError, limit_hint
 from .logs import LogSetup, configure_child
 from .metrics import Meter, Stage
+from .parent import exit_with
 from .pool import TransformPool
 from .records import Job, Outcome, Row
 from .shape import BATCH, LaneShape
 from .stages import DONE, BoundedQueue, _Done
-from .transform import exit_with
 
 log = logging.getLogger(__name__)
 

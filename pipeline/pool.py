@@ -43,6 +43,7 @@ from typing import Any, Protocol, TypeVar
 from .budget import ByteBudget
 from .config import Config
 from .errors import PipelineError, TransformError, limit_hint
+from .layout import OutputLayout
 from .logs import LogSetup
 from .metrics import Stage
 from .records import Fetched, Outcome
@@ -62,7 +63,7 @@ def make_pool(config: Config, out_dir: Path, workers: int) -> ProcessPoolExecuto
         context.set_forkserver_preload(["pipeline.transform"])
     setup = WorkerSetup(
         config.transform, str(out_dir), config.output.folder_size, os.getpid(),
-        LogSetup.current(), config.output.format, config.input.hash_column,
+        LogSetup.current(), OutputLayout.of(config.output), config.input.hash_column,
         config.output.caption_column,
     )  # fmt: skip
     pool = ProcessPoolExecutor(

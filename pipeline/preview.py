@@ -1,10 +1,11 @@
 """``pipeline run --dry-run`` and ``pipeline init``: what a run would do; a config to start from.
 
-A dry run reads the config and every input file, checks them against what earlier runs recorded in
-the output folder (the same checks a run makes, so a changed line is refused here too), and prints
-what would run: each file with its lines and shards, what a resume would skip, and the run's
-shape on this machine (shape.py: lanes, threads, workers, what a lane holds at most). It fetches
-nothing and writes nothing, not even the output folder.
+A dry run reads the config and every input file once, checks them against what earlier runs
+recorded in the output folder (the same checks a run makes, so a changed line is refused here too;
+what the check counts is what is printed for the files it read), and prints what would run: each
+file with its lines and shards, what a resume would skip, and the run's shape on this machine
+(shape.py: lanes, threads, workers, what a lane holds at most). It fetches nothing and writes
+nothing, not even the output folder.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .config import Config
 from .errors import PipelineError, UnreadableSource
 from .inputs import Findings
 from .records import ShardEnd
-from .resume import plan_run, unreadable
+from .resume import Plan, Tally, plan_run, unreadable
 from .shape import shape_of
 from .sources import Known, Source, shard_records
 
@@ -29,7 +30,7 @@ def dry_run(sources: Sequence[Path], config: Config, *, restart: bool) -> list[s
     lines = ["dry run     nothing is fetched or written"]
     total = shards = 0
     for source in plan.sources:
-        count, ends, failed = _count(source, config, plan.known.get(source.id, ()), plan.findings)
+        count, ends, failed = _count(source, config, plan)
         total, shards = total + count, shards + ends
         label = "sources" if len(lines) == 1 else ""
         kind = f"{source.format}, {source.compression}" if source.compression else source.format
@@ -54,24 +55,35 @@ def dry_run(sources: Sequence[Path], config: Config, *, restart: bool) -> list[s
     return lines
 
 
-def _count(
-    source: Source, config: Config, known: Sequence[Known], findings: Findings
-) -> tuple[int, int, str]:
-    """A file's records and shards, and how many records have no usable URL (failed rows)."""
-    count = ends = failed = 0
+def _count(source: Source, config: Config, plan: Plan) -> tuple[int, int, str]:
+    """A file's records and shards, and how many records have no usable URL (failed rows): as
+    the resume check counted them, or (a file new to the output folder) read now."""
+    tally = plan.tallies.get(source.id)
+    if tally is None:
+        tally = _tally(source, config, plan.known.get(source.id, ()), plan.findings)
+    failed = tally.no_url
+    return (
+        tally.lines,
+        tally.shards,
+        f" ({failed} with no usable URL: failed rows)" if failed else "",
+    )
+
+
+def _tally(source: Source, config: Config, known: Sequence[Known], findings: Findings) -> Tally:
+    tally = Tally()
     shards = shard_records(
         source, config.input.shard_size, config.input.url_column, known, findings
     )
     try:
         for item in shards:
             if isinstance(item, ShardEnd):
-                ends += 1
+                tally.shards += 1
             else:
-                count += 1
-                failed += item[0].problem is not None
+                tally.lines += 1
+                tally.no_url += item[0].problem is not None
     except UnreadableSource as exc:
         findings.failed(str(exc))
-    return count, ends, f" ({failed} with no usable URL: failed rows)" if failed else ""
+    return tally
 
 
 def _n(count: int, noun: str) -> str:

@@ -9,15 +9,16 @@ at its width) shortens the bar and loses the depths, never a count.
 
 The stages never touch the bars: they count into their meters, and ``Bars.refresh`` (called from
 the sampler thread, and once at the end) copies the counts over, so drawing costs the hot path
-nothing. The total is counted by a thread reading the URL files (the same parser as the run, so it
-is exact); until it is known the bars show counts and rates only.
+nothing. The total is what the resume check counted as it read the URL files; a file it did not
+read (new to the output folder) is counted by a thread (the same parser as the run, so it is
+exact); until that is done the bars show counts and rates only.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from tqdm import tqdm
 
@@ -104,17 +105,23 @@ class Bars:
 
 
 class UrlCount:
-    """Counts the URLs of the sources in a thread, so the bars can show a total and an ETA."""
+    """Counts the URLs of the sources in a thread, so the bars can show a total and an ETA; a
+    file whose records are ``counted`` already (by file id: the resume check read it) is not
+    read again, and when every file is, no thread is started."""
 
-    def __init__(self, sources: Sequence[Source], url_column: str) -> None:
-        self.total: int | None = None  # set once every file has been read
-        self._sources = sources
+    def __init__(
+        self, sources: Sequence[Source], url_column: str, counted: Mapping[int, int] | None = None
+    ) -> None:
+        counted = counted or {}
+        self._known = sum(counted[s.id] for s in sources if s.id in counted)
+        self._sources = [source for source in sources if source.id not in counted]
+        self.total: int | None = None if self._sources else self._known  # once every file is read
         self._column = url_column
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._count, name="url-counter")
 
     def _count(self) -> None:
-        count = 0
+        count = self._known
         try:
             for source in self._sources:
                 for _ in read_records(source, self._column):
@@ -126,12 +133,14 @@ class UrlCount:
         self.total = count
 
     def __enter__(self) -> UrlCount:
-        self._thread.start()
+        if self._sources:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.ident is not None:  # started
+            self._thread.join()
 
 
 class LaneCounts:

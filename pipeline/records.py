@@ -14,7 +14,6 @@ changes when lines are appended to a file or when a new file joins the input.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -25,9 +24,6 @@ from .errors import Filtered, ItemError
 
 # "filtered": a filter of the config left the image out (error_kind says which); final
 Status = Literal["ok", "failed", "duplicate", "filtered"]
-
-# webdataset layout: workers write each output here, the sink packs a shard's into its tars
-STAGING_DIR = ".staging"
 
 
 def make_key(file: int, line: int) -> str:
@@ -64,16 +60,6 @@ class Job:
     def __reduce__(self) -> tuple[Any, ...]:  # values, not a state dict: far cheaper to pickle
         return (Job, (self.file, self.line, self.url, self.shard, self.source, self.columns,
                       self.problem, self.duplicate_of))  # fmt: skip
-
-    def output_path(self, extension: str, folder_size: int, folder: str = "images") -> str:
-        """The output file, relative to the output folder: named by a hash, never by the URL.
-
-        ``images/<file id>/<block>/<line>-<hash>.<ext>``: at most ``folder_size`` files a folder.
-        """
-        digest = hashlib.blake2b(self.url.encode("utf-8", "surrogatepass"), digest_size=8)
-        block = self.line // folder_size
-        name = f"{self.line:09d}-{digest.hexdigest()}.{extension}"
-        return f"{folder}/{self.file:05d}/{block:05d}/{name}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,13 +22,13 @@ from typing import Any
 
 from .atomic import write_atomic
 from .errors import PipelineError
+from .layout import MANIFEST, REPORT, REPORTS, history_file
 from .logs import printable
 from .metrics import TOP_HOSTS, Meter, RunStats, Stage
 from .shape import available_cores
-from .sink import MANIFEST_DIR, read_manifest
+from .sink import read_manifest
 
-REPORT_FILE = "report.json"
-HISTORY_DIR = "reports"
+REPORT_FILE = REPORT
 WIDTH = 79  # the report fits an 80-column terminal, with room for its cursor
 
 
@@ -177,8 +177,8 @@ class Report:
         """Into ``reports/<started>.json``, this run's own, and ``report.json``, the latest."""
         data = (json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8")
         stamp = self.started.replace("-", "").replace(":", "").replace("+0000", "Z") or "unknown"
-        write_atomic(out_dir / HISTORY_DIR / f"{stamp}.json", data, root=out_dir)
-        write_atomic(out_dir / REPORT_FILE, data, root=out_dir)
+        write_atomic(out_dir / history_file(stamp), data, root=out_dir)
+        write_atomic(out_dir / REPORT, data, root=out_dir)
 
 
 def build_report(stats: RunStats, wall_s: float, **extra: Any) -> Report:
@@ -395,15 +395,15 @@ def _queue_table(report: Report) -> list[str]:
 
 def load_report(out_dir: Path) -> Report | None:
     """The report its last run saved in ``out_dir`` (None when no run finished there)."""
-    if not (out_dir / MANIFEST_DIR).is_dir():
+    if not (out_dir / MANIFEST).is_dir():
         raise PipelineError(f"{out_dir}: not an output folder of pipeline run (no manifest/)")
-    path = out_dir / REPORT_FILE
+    path = out_dir / REPORT
     return _read_report(path) if path.is_file() else None
 
 
 def load_history(out_dir: Path) -> list[Report]:
     """The report of every run into ``out_dir`` that finished, oldest first."""
-    return [_read_report(p) for p in sorted((out_dir / HISTORY_DIR).glob("*.json"))]
+    return [_read_report(p) for p in sorted((out_dir / REPORTS).glob("*.json"))]
 
 
 def _read_report(path: Path) -> Report:

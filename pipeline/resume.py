@@ -29,10 +29,10 @@ from typing import Any
 from .atomic import remove_inside, remove_temporaries, write_atomic
 from .config import Config, OutputConfig
 from .errors import PipelineError, SourceError, UnreadableSource, is_final
-from .formats import SHARDS_DIR, staged_path
 from .inputs import Findings, find_files, input_root
-from .records import STAGING_DIR, Job, ShardEnd, make_key
-from .seals import MANIFEST_DIR, part_path, read_seal, seal_path, shard_path
+from .layout import IMAGES, MANIFEST, RUN, SHARDS, STAGING, OutputLayout, parse_key, parse_output
+from .records import Job, ShardEnd, make_key
+from .seals import part_path, read_seal, seal_path, shard_path, shards_of
 from .settings import OLDER, differences, pinned
 from .sink import read_rows
 from .sources import (
@@ -46,8 +46,22 @@ from .sources import (
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 _NOTES = 4  # files named in a resume summary
+
+
+@dataclass(slots=True)
+class Tally:
+    """What checking one input file counted, as it read it: the run's bar total and the dry run
+    use these figures instead of reading the file again."""
+
+    lines: int = 0  # records
+    shards: int = 0
+    no_url: int = 0  # records with no usable URL: failed rows
+    done: int = 0  # records earlier runs finished (sealed shards, final rows of open ones)
+
+    @property
+    def todo(self) -> int:
+        return self.lines - self.done
 
 
 @dataclass(slots=True)
@@ -63,10 +77,31 @@ class Plan:
     done: int = 0  # lines of sealed shards: skipped
     notes: list[str] = field(default_factory=list)  # what is left to do, file by file
     findings: Findings = field(default_factory=Findings)  # warnings; files that cannot be read
+    tallies: dict[int, Tally] = field(default_factory=dict)  # by file id: the files read whole
+    unread: frozenset[int] = frozenset()  # files done whole: the run need not read them again
+    layout: OutputLayout = field(init=False)  # what output.format decides, decided once
+
+    def __post_init__(self) -> None:
+        self.layout = OutputLayout.of(self.output)
 
     @property
     def resumed(self) -> bool:
         return bool(self.sealed or self.partial)
+
+    @property
+    def reading(self) -> list[Source]:
+        """The sources the run reads: all, less those earlier runs did whole."""
+        return [source for source in self.sources if source.id not in self.unread]
+
+    @property
+    def unread_lines(self) -> int:
+        """The lines of the files the run does not read: done, all of them."""
+        return sum(self.tallies[file].lines for file in self.unread)
+
+    @property
+    def lines(self) -> dict[int, int]:
+        """The records of each file the check read, by file id (not the files new to it)."""
+        return {file: tally.lines for file, tally in self.tallies.items()}
 
     def summary(self) -> str | None:
         """One line for the user on a rerun: what is skipped and what is left."""
@@ -110,6 +145,8 @@ def plan_run(
     if state is not None:
         _load_known(plan)
         _verify(plan, config, new)
+        if not config.input.dedupe:  # dedupe needs every URL of the input, done or not
+            plan.unread = _done_whole(plan)
     if not plan.sources:  # one bad file never blocks the others; with no other, it is the error
         raise SourceError(unreadable(findings))
     if record:
@@ -145,12 +182,12 @@ def unreadable(findings: Findings) -> str:
 def _check_restart(out_dir: Path) -> None:
     """--restart removes only what a run of pipeline wrote: a folder without run.json that holds
     a manifest/ or shards/ of its own is refused."""
-    if (out_dir / RUN_FILE).is_file():
+    if (out_dir / RUN).is_file():
         return
-    held = [name for name in (MANIFEST_DIR, SHARDS_DIR) if os.path.lexists(out_dir / name)]
+    held = [name for name in (MANIFEST, SHARDS) if os.path.lexists(out_dir / name)]
     if held:
         raise PipelineError(
-            f"{out_dir}: not an output folder of pipeline (no {RUN_FILE}), and --restart would "
+            f"{out_dir}: not an output folder of pipeline (no {RUN}), and --restart would "
             f"remove its {' and '.join(held)}; move them away, or choose another --out"
         )
 
@@ -158,7 +195,7 @@ def _check_restart(out_dir: Path) -> None:
 def forget(out_dir: Path) -> None:
     """--restart: what earlier runs recorded goes, and their tar shards (a training job reading
     shards/*.tar must not find an old one); image files are overwritten as redone."""
-    for path in (out_dir / MANIFEST_DIR, out_dir / RUN_FILE, out_dir / SHARDS_DIR):
+    for path in (out_dir / MANIFEST, out_dir / RUN, out_dir / SHARDS):
         try:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -169,7 +206,7 @@ def forget(out_dir: Path) -> None:
 
 
 def _read_state(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / RUN_FILE
+    path = out_dir / RUN
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -197,9 +234,7 @@ def _write_state(
         for name, id_ in sorted(ids.items(), key=lambda item: item[1])
     ]
     state = {"settings": settings, "root": str(root), "files": files}
-    write_atomic(
-        out_dir / RUN_FILE, (json.dumps(state, indent=1) + "\n").encode("utf-8"), root=out_dir
-    )
+    write_atomic(out_dir / RUN, (json.dumps(state, indent=1) + "\n").encode("utf-8"), root=out_dir)
 
 
 def _number(
@@ -229,20 +264,18 @@ def _number(
 
 def _load_known(plan: Plan) -> None:
     """The shards of the manifest folder: sealed ones with their seal, open ones by name."""
-    folder = plan.out_dir / MANIFEST_DIR
+    folder = plan.out_dir / MANIFEST
     if not folder.is_dir():
         return
     sealed, partial = set(), set()
-    for path in folder.glob("*.jsonl"):
-        name = path.name.removesuffix(".jsonl")
-        end = read_seal(seal_path(folder, name)) or _reseal(path, name)
+    for name in shards_of(folder, "rows"):
+        end = read_seal(seal_path(folder, name)) or _reseal(shard_path(folder, name), name)
         if end is not None:
             plan.known.setdefault(end.file, []).append(
                 Known(end.first, end.last, end.count, end.digest)
             )
             sealed.add(name)
-    for path in folder.glob("*.jsonl.part"):
-        name = path.name.removesuffix(".jsonl.part")
+    for name in shards_of(folder, "part"):
         file, first = _parse_name(name)
         if name not in sealed and file is not None:
             plan.known.setdefault(file, []).append(Known(first))
@@ -251,10 +284,8 @@ def _load_known(plan: Plan) -> None:
 
 
 def _parse_name(name: str) -> tuple[int | None, int]:
-    file, _, line = name.partition("-")
-    if not (file.isdigit() and line.isdigit()):
-        return None, 0
-    return int(file), int(line)
+    parsed = parse_key(name)
+    return (None, 0) if parsed is None else parsed
 
 
 def _reseal(path: Path, name: str) -> ShardEnd | None:
@@ -296,11 +327,12 @@ def _verify(plan: Plan, config: Config, new: set[int]) -> None:
 def _verify_source(plan: Plan, config: Config, source: Source) -> None:
     size, column = config.input.shard_size, config.input.url_column
     known = {make_key(source.id, k.first): k for k in plan.known.get(source.id, ())}
-    todo, first_todo, done = 0, None, 0
+    first_todo, tally = None, Tally()
     adopted: dict[int, bytes] = {}
     shards = shard_records(source, size, column, list(known.values()), plan.findings)
     for item in shards:
         if isinstance(item, ShardEnd):
+            tally.shards += 1
             if adopted:  # rows of an open shard whose lines are gone
                 _changed(plan, source, min(adopted), "was removed")
             shard = known.pop(item.shard, None)
@@ -308,22 +340,31 @@ def _verify_source(plan: Plan, config: Config, source: Source) -> None:
                 _refuse(plan, source, shard, column)
             continue
         record, name = item
-        if name in plan.sealed:
-            continue
+        tally.lines, tally.no_url = tally.lines + 1, tally.no_url + (record.problem is not None)
         if name in plan.partial and record.line == _first_line(name):
-            adopted = _final_rows(part_path(plan.out_dir / MANIFEST_DIR, name), plan)
-        if record.line in adopted:
-            if adopted.pop(record.line) != record.canonical():
+            adopted = _final_rows(part_path(plan.out_dir / MANIFEST, name), plan)
+        if name in plan.sealed or record.line in adopted:
+            if record.line in adopted and adopted.pop(record.line) != record.canonical():
                 _changed(plan, source, record.line, "changed")
-            done += 1
+            tally.done += 1
             continue
-        todo += 1
         first_todo = first_todo or record.line
     if known:  # shards whose lines are gone: the file was cut short
         _changed(plan, source, min(k.first for k in known.values()), "was removed")
-    plan.done += done + sum(k.count or 0 for k in plan.known.get(source.id, ()) if k.count)
-    if todo:
-        plan.notes.append(f"{todo} in {source.name} from line {first_todo}")
+    plan.done += tally.done
+    plan.tallies[source.id] = tally
+    if tally.todo:
+        plan.notes.append(f"{tally.todo} in {source.name} from line {first_todo}")
+
+
+def _done_whole(plan: Plan) -> frozenset[int]:
+    """The files whose every line is in a sealed shard: a run has nothing to read in them."""
+    open_files = {_parse_name(name)[0] for name in plan.partial}
+    return frozenset(
+        file
+        for file, tally in plan.tallies.items()
+        if tally.lines and tally.todo == 0 and file not in open_files
+    )
 
 
 def _first_line(name: str) -> int:
@@ -345,15 +386,15 @@ def _kept(row: dict[str, Any], plan: Plan) -> str | None:
     could never be packed without (removed by hand, or lost with a crash)."""
     if not is_final(row.get("error_kind"), row.get("http_status")):
         return "transient"
-    if plan.output.format != "webdataset" or row.get("status") != "ok":
+    if not plan.layout.webdataset or row.get("status") != "ok":
         return None
-    staged = plan.out_dir / staged_path(row, plan.output.folder_size)
+    staged = plan.out_dir / plan.layout.staged(row)
     return None if staged.is_file() else f"its staged output {staged} is missing"
 
 
 def _refuse(plan: Plan, source: Source, shard: Known, column: str) -> None:
     """A sealed shard's fingerprint differs: find its first changed line, and say it."""
-    folder = plan.out_dir / MANIFEST_DIR
+    folder = plan.out_dir / MANIFEST
     name = make_key(source.id, shard.first)
     then = {row["line"]: _as_record(row).canonical() for row in read_rows(shard_path(folder, name))}
     last = shard.last or shard.first
@@ -381,11 +422,10 @@ class Resume:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.folder = plan.out_dir / MANIFEST_DIR
-        self.images = plan.out_dir / "images"
+        self.folder = plan.out_dir / MANIFEST
         self.sealed = plan.sealed
         self.partial = plan.partial
-        self.skipped = 0  # lines found done, for the report
+        self.skipped = plan.unread_lines  # lines found done, for the report
         _sweep_staging(plan)
 
     def pending(self, items: Iterable[Job | ShardEnd]) -> Iterator[Job | ShardEnd]:
@@ -419,7 +459,7 @@ class Resume:
         write_atomic(path, "".join(kept).encode("utf-8"), root=self.folder.parent)
         file, _ = _parse_name(shard)
         out_dir = self.folder.parent
-        for folder in ("images", STAGING_DIR):  # left by workers killed mid-write
+        for folder in (IMAGES, STAGING):  # left by workers killed mid-write
             remove_temporaries(out_dir, PurePath(folder, f"{file:05d}"))
         return frozenset(keys)
 
@@ -427,7 +467,7 @@ class Resume:
 def _sweep_staging(plan: Plan) -> None:
     """Staged outputs of shards sealed already (a kill came between a seal and the removal of
     its staged files): they were packed, so they go."""
-    staging = plan.out_dir / STAGING_DIR
+    staging = plan.out_dir / STAGING
     if not plan.sealed or not staging.is_dir() or staging.is_symlink():
         return
     ranges: dict[int, list[tuple[int, int]]] = {}
@@ -435,17 +475,10 @@ def _sweep_staging(plan: Plan) -> None:
         ranges[file_id] = [(k.first, k.last) for k in shards if k.last is not None]
     stale = []
     for path in staging.glob("*/*/*"):  # .staging/<file>/<block>/<line>-<hash>.<ext>
-        file_id, line = _staged_line(path)
+        file_id, line = parse_output(path.relative_to(plan.out_dir).as_posix()) or (-1, -1)
         if any(first <= line <= last for first, last in ranges.get(file_id, ())):
             stale.append(path)
     remove_inside(stale, root=plan.out_dir)
-
-
-def _staged_line(path: Path) -> tuple[int, int]:
-    try:
-        return int(path.parent.parent.name), int(path.name.split("-", 1)[0])
-    except ValueError:
-        return -1, -1
 
 
 def _parse_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

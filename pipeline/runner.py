@@ -44,7 +44,7 @@ import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -196,7 +196,11 @@ class Coordinator:
         resume = Resume(plan)
         with plan_jobs(plan, self.config.input) as items:
             report = self.process(
-                resume.pending(items), resume, progress=progress, sources=plan.sources
+                resume.pending(items),
+                resume,
+                progress=progress,
+                sources=plan.sources,
+                counted=plan.lines,
             )
         return dataclasses.replace(
             report, sources=tuple(s.name for s in plan.sources), resume=plan.summary()
@@ -209,16 +213,18 @@ class Coordinator:
         *,
         progress: bool = False,
         sources: Sequence[Source] = (),
+        counted: Mapping[int, int] | None = None,
     ) -> Report:
         """Deal ``items`` (already filtered by ``resume``) to the lanes; the report.
 
-        ``sources`` are counted for the progress bars' totals.
+        ``sources`` are counted for the progress bars' totals, but for the records ``counted``
+        already, by file id (the resume check's figures).
         """
         self._items = items
         started_at = now_utc()
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
-            with relay(), self._monitor(sources, resume, progress):
+            with relay(), self._monitor(sources, counted, resume, progress):
                 for index in range(len(self.shape.lanes)):
                     self.lanes.start(index)
                 self._loop()
@@ -409,13 +415,19 @@ class Coordinator:
         self.lanes.start(handle.index)
 
     @contextlib.contextmanager
-    def _monitor(self, sources: Sequence[Source], resume: Resume, progress: bool) -> Iterator[None]:
+    def _monitor(
+        self,
+        sources: Sequence[Source],
+        counted: Mapping[int, int] | None,
+        resume: Resume,
+        progress: bool,
+    ) -> Iterator[None]:
         """The sampler thread, and the progress bars it redraws when they are on."""
         if not progress:
             with self.sampler:
                 yield
             return
-        with UrlCount(sources, self.config.input.url_column) as count:
+        with UrlCount(sources, self.config.input.url_column, counted) as count:
             total = lambda: None if count.total is None else count.total - resume.skipped  # noqa: E731
             download = LaneCounts(self.lanes.every, "downloaded", "download_failed")
             transform = LaneCounts(self.lanes.every, "transformed", "transform_failed")

@@ -7,7 +7,7 @@
                               samples of each of its tars ("tar_samples") ...
     manifest/<S>.jsonl        ... then the part is renamed: the shard is sealed
 
-    webdataset: shards/.packed/<S>-00000.tar (formats.py) -> shards/NNNNN.tar
+    webdataset: shards/.packed/<S>-00000.tar (formats.py) -> shards/NNNNN.tar (names: layout.py)
       a sealed shard's tars are named in the order the run met its shards, each shard once every
       shard before it is named: the seal gets "tar_first" (the record, written before any
       rename), then the tars are renamed, then shards/index.json is written again. Numbers run
@@ -33,29 +33,50 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from .atomic import open_dir, output_error, write_atomic
-from .formats import PACKED_DIR, SHARDS_DIR, packed_name, tar_name
+from .layout import (
+    INDEX,
+    MANIFEST,
+    PACKED,
+    SHARDS,
+    manifest_file,
+    packed_tar,
+    parse_manifest,
+    tar_file,
+)
 from .records import ShardEnd
 
 log = logging.getLogger(__name__)
 
-MANIFEST_DIR = "manifest"
-INDEX_FILE = f"{SHARDS_DIR}/index.json"
+MANIFEST_DIR = MANIFEST  # the manifest folder, under the output root
+
+
+def _in(folder: Path, shard: str, kind: str) -> Path:
+    """A shard's file of ``kind`` in the manifest ``folder`` (named by layout.py)."""
+    return folder / PurePath(manifest_file(shard, kind)).name
 
 
 def part_path(folder: Path, shard: str) -> Path:
-    return folder / f"{shard}.jsonl.part"
+    return _in(folder, shard, "part")
 
 
 def shard_path(folder: Path, shard: str) -> Path:
-    return folder / f"{shard}.jsonl"
+    return _in(folder, shard, "rows")
 
 
 def seal_path(folder: Path, shard: str) -> Path:
-    return folder / f"{shard}.seal.json"
+    return _in(folder, shard, "seal")
 
 
 def stats_path(folder: Path, shard: str) -> Path:
-    return folder / f"{shard}.stats.json"
+    return _in(folder, shard, "stats")
+
+
+def shards_of(folder: Path, kind: str) -> list[str]:
+    """The shards that have a file of ``kind`` in the manifest ``folder``, by name."""
+    if not folder.is_dir():
+        return []
+    found = (parse_manifest(path.name) for path in folder.iterdir())
+    return sorted(shard for shard, what in filter(None, found) if what == kind)
 
 
 def seal_json(end: ShardEnd, **more: Any) -> bytes:
@@ -133,16 +154,15 @@ class TarNames:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
-        self.folder = out_dir / MANIFEST_DIR
+        self.folder = out_dir / MANIFEST
         self.tars: list[dict[str, Any]] = []  # shards/index.json's entries, by number
         self.unnamed: list[str] = []  # sealed shards whose tars are packed still, by name
 
     def load(self) -> None:
         """What earlier runs named (renames a kill cut short are finished now), and which
         sealed shards they left unnamed; writes the index."""
-        for path in sorted(self.folder.glob("*.seal.json")):
-            shard = path.name.removesuffix(".seal.json")
-            data = _read_json(path)
+        for shard in shards_of(self.folder, "seal"):
+            data = _read_json(seal_path(self.folder, shard))
             if data is None or "tar_samples" not in data:
                 continue
             if not shard_path(self.folder, shard).exists():
@@ -171,13 +191,13 @@ class TarNames:
         self._write_index()
 
     def _rename(self, shard: str, first: int, samples: list[int]) -> None:
-        packed = _folder(self.out_dir, PACKED_DIR)
+        packed = _folder(self.out_dir, PACKED)
         try:
-            named = _folder(self.out_dir, SHARDS_DIR)
+            named = _folder(self.out_dir, SHARDS)
             try:
                 for index, count in enumerate(samples):
-                    source = PurePath(packed_name(shard, index)).name
-                    target = tar_name(first + index)
+                    source = PurePath(packed_tar(shard, index)).name
+                    target = tar_file(first + index)
                     _move(packed, source, named, PurePath(target).name, self.out_dir / target)
                     self.tars.append({"name": PurePath(target).name, "samples": count,
                                       "shard": shard})  # fmt: skip
@@ -189,7 +209,7 @@ class TarNames:
     def _write_index(self) -> None:
         total = sum(int(entry["samples"]) for entry in self.tars)
         index = {"tars": self.tars, "samples": total}
-        write_atomic(self.out_dir / INDEX_FILE, _json(index), root=self.out_dir)
+        write_atomic(self.out_dir / INDEX, _json(index), root=self.out_dir)
 
 
 class InOrder:

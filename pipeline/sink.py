@@ -41,6 +41,8 @@ from .atomic import open_append, open_dir, output_error, write_all, write_atomic
 from .config import OutputConfig
 from .errors import OutputError, PipelineError
 from .formats import Packed, make_formats, remove_staged
+from .layout import LOCK, MANIFEST, OutputLayout, manifest_file, parse_manifest
+from .parent import exit_with
 from .records import Outcome, Row, ShardEnd
 from .seals import MANIFEST_DIR as MANIFEST_DIR
 from .seals import InOrder, ShardStats, seal_json, stats_path
@@ -48,9 +50,6 @@ from .seals import part_path as part_path
 from .seals import read_seal as read_seal
 from .seals import seal_path as seal_path
 from .seals import shard_path as shard_path
-from .transform import exit_with
-
-LOCK_FILE = ".lock"
 
 
 @dataclass(slots=True)
@@ -84,7 +83,8 @@ class Sink:
         self._stats: dict[str, ShardStats] = {}  # of the shards being packed
         self._names: InOrder | None = None
         self.out_dir = out_dir
-        self.folder = out_dir / MANIFEST_DIR
+        self.layout = OutputLayout.of(config)
+        self.folder = out_dir / MANIFEST
         self.flush_rows = config.flush_rows
         self.flush_seconds = config.flush_seconds
         self._parts: dict[str, _Part] = {}
@@ -93,10 +93,10 @@ class Sink:
         self.sealed = 0
         self.written = 0  # rows written to the manifest by this Sink
         try:
-            os.close(open_dir(out_dir, Path(MANIFEST_DIR)))
+            os.close(open_dir(out_dir, Path(MANIFEST)))
         except OSError as exc:
             raise output_error(self.folder, exc) from None
-        if config.format == "webdataset" and name_tars:
+        if self.layout.webdataset and name_tars:
             self._names = InOrder.start(out_dir)
 
     def add(self, outcome: Outcome) -> None:
@@ -177,7 +177,7 @@ class Sink:
         self._write(shard, part)
         os.close(part.fd)
         del self._parts[shard]
-        if self.config.format == "files" and not self.config.parquet:
+        if not self.layout.packs:
             self._seal(shard, part.end, part.stats, Packed())
             return
         if self._packer is None:  # one process packs, off the coordinator's GIL; it ends with
@@ -185,7 +185,7 @@ class Sink:
             self._packer = ProcessPoolExecutor(
                 1, mp_context=context, initializer=exit_with, initargs=(os.getpid(),)
             )
-        parquet = self.folder / f"{shard}.parquet"
+        parquet = self.out_dir / manifest_file(shard, "parquet")
         part_file = part_path(self.folder, shard)
         future = self._packer.submit(make_formats, self.out_dir, part_file, parquet, self.config)
         self._packing.append((shard, part.end, future))
@@ -204,7 +204,7 @@ class Sink:
 
     def _seal(self, shard: str, end: ShardEnd, stats: ShardStats, packed: Packed) -> None:
         write_atomic(stats_path(self.folder, shard), stats.to_json(end), root=self.out_dir)
-        more = {"tar_samples": list(packed.samples)} if self.config.format == "webdataset" else {}
+        more = {"tar_samples": list(packed.samples)} if self.layout.webdataset else {}
         write_atomic(seal_path(self.folder, shard), seal_json(end, **more), root=self.out_dir)
         try:
             os.replace(part_path(self.folder, shard), shard_path(self.folder, shard))
@@ -261,9 +261,10 @@ def _count_rows(path: Path) -> ShardStats:
 
 def read_manifest(out_dir: Path, *, include_parts: bool = True) -> Iterator[dict[str, Any]]:
     """Every manifest row of ``out_dir``, shard by shard (sealed shards, and parts if asked)."""
-    folder = out_dir / MANIFEST_DIR
-    patterns = ["*.jsonl", "*.jsonl.part"] if include_parts else ["*.jsonl"]
-    paths = sorted(p for pattern in patterns for p in folder.glob(pattern))
+    folder = out_dir / MANIFEST
+    kinds = ("rows", "part") if include_parts else ("rows",)
+    found = [(parse_manifest(p.name), p) for p in folder.iterdir()] if folder.is_dir() else []
+    paths = sorted(path for named, path in found if named is not None and named[1] in kinds)
     for path in paths:
         yield from read_rows(path)
 
@@ -289,7 +290,7 @@ def read_rows(path: Path) -> Iterator[dict[str, Any]]:
 @contextlib.contextmanager
 def lock(out_dir: Path) -> Iterator[None]:
     """Hold the output folder for one run; raise PipelineError when another run holds it."""
-    path = out_dir / LOCK_FILE
+    path = out_dir / LOCK
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:

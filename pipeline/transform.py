@@ -23,10 +23,7 @@ import hashlib
 import io
 import logging
 import math
-import os
-import select
 import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,9 +43,11 @@ from .config import (
     TransformConfig,
 )
 from .errors import Filtered, ItemError, PipelineError, TransformError
+from .layout import OutputLayout, caption_file
 from .logs import LogSetup, configure_worker
 from .ops import ORIENTATION, apply_op, background, leaves_alone, op_name, output_size, scaled_size
-from .records import STAGING_DIR, Fetched, Job, Outcome, caption
+from .parent import exit_with
+from .records import Fetched, Job, Outcome, caption
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +298,7 @@ class WorkerSetup:
     folder_size: int
     main_pid: int  # the process that owns the run; a worker must not outlive it
     log_setup: LogSetup | None = None  # None: leave this process's logging as it is
-    layout: str = "files"  # output.format
+    layout: OutputLayout = OutputLayout(webdataset=False)  # noqa: RUF009 (frozen: shared safely)
     hash_column: str = ""  # input.hash_column: the input column with each body's sha256
     caption_column: str = ""  # output.caption_column: written beside each file as .txt
 
@@ -315,28 +314,6 @@ def init_worker(setup: WorkerSetup) -> None:
         configure_worker(setup.log_setup)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     exit_with(setup.main_pid)
-
-
-def exit_with(pid: int) -> None:
-    """End this worker when process ``pid`` ends, even by SIGKILL.
-
-    A worker of a killed run would wait forever: it holds both ends of the pool's task pipe, so
-    it never sees an end of file, and it keeps the forkserver alive too. A pidfd becomes readable
-    when its process exits; one thread blocks on it. It is a daemon thread on purpose: it must
-    never hold up the worker's own exit.
-    """
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        os._exit(1)
-    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): the old behaviour
-        return
-
-    def wait() -> None:
-        select.select([pidfd], [], [])
-        os._exit(1)
-
-    threading.Thread(target=wait, name="main-process-watch", daemon=True).start()
 
 
 def process_many(items: list[Fetched]) -> list[Outcome]:
@@ -388,11 +365,11 @@ def _write_caption(job: Job, out_dir: Path, stored: str) -> None:
     """The files layout's caption: ``<image name>.txt`` beside the image (the webdataset
     layout's is packed from the row's columns)."""
     assert _setup is not None
-    if _setup.layout != "files":
+    if not _setup.layout.captions_beside:
         return
     text = caption(job.columns, _setup.caption_column)
     if text is not None:
-        write_atomic(out_dir / f"{stored.rsplit('.', 1)[0]}.txt", text, root=out_dir)
+        write_atomic(out_dir / caption_file(stored), text, root=out_dir)
 
 
 def process(fetched: Fetched) -> Outcome:
@@ -410,10 +387,9 @@ def process(fetched: Fetched) -> Outcome:
         verify(job, original, _setup.hash_column)
         encoded = transform_bytes(fetched.body, _setup.config)
         ext = EXTENSIONS[_setup.config.format]
-        if _setup.layout == "webdataset":  # staged; the row names the sample's member
-            stored, path = job.output_path(ext, _setup.folder_size, STAGING_DIR), f"{job.key}.{ext}"
-        else:
-            stored = path = job.output_path(ext, _setup.folder_size)
+        layout = _setup.layout  # webdataset: staged; the row names the sample's member
+        stored = layout.stored(job.file, job.line, job.url, ext)
+        path = layout.row_path(job.key, stored)
         out_dir = Path(_setup.out_dir)
         write_atomic(out_dir / stored, encoded.data, root=out_dir)  # OutputError: stops the run
         _write_caption(job, out_dir, stored)

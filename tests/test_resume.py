@@ -306,3 +306,72 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, image_dir):
         "run", str(root), "--out", str(out), "--config", str(config), "-q", cwd=ROOT
     )
     assert again.returncode == 0, again.stderr  # the lock went with the first run
+
+
+# --- one plan of the input: each file is read as few times as the run needs ---------------------
+
+
+@pytest.fixture
+def parses(monkeypatch) -> Counter[str]:
+    """How many times each input file is parsed (opened by the record readers), by name."""
+    import pipeline.sources as sources
+
+    opened: Counter[str] = Counter()
+    real = sources.open_lines
+
+    def counting(path: Path, *args: Any, **kwargs: Any) -> Any:
+        opened[Path(path).name] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "open_lines", counting)
+    return opened
+
+
+def test_a_rerun_reads_a_file_done_whole_once_with_the_bars_on(tmp_path, served, parses):
+    root, out = tmp_path / "urls", tmp_path / "out"
+    root.mkdir()
+    (root / "done.txt").write_text(lines_of(served[:5]))
+    (root / "more.txt").write_text(lines_of(served[5:7]))
+    first = run([root], make_config(out), progress=True)
+    assert first.urls == 7
+    assert parses == {"done.txt": 2, "more.txt": 2}  # new files: the bars' count, the run
+
+    parses.clear()
+    with (root / "more.txt").open("a") as f:
+        f.write(lines_of(served[7:8]))
+    again = run([root], make_config(out), progress=True)
+    # done.txt: the check only (its counts make the bars' total; nothing in it is left to do);
+    # more.txt: the check, then the run for its appended line; neither is counted a third time
+    assert parses == {"done.txt": 1, "more.txt": 2}
+    assert (again.urls, again.skipped) == (1, 7)
+    assert_rows_match_input(out, root)
+
+
+def test_a_dry_run_reads_each_file_once(tmp_path, served, parses):
+    from pipeline.preview import dry_run
+
+    root, out = tmp_path / "urls", tmp_path / "out"
+    root.mkdir()
+    (root / "old.txt").write_text(lines_of(served[:4]) + "#\n")
+    run([root], make_config(out))
+    (root / "new.txt").write_text(lines_of(served[4:6]))
+    parses.clear()
+    lines = dry_run([root], make_config(out), restart=False)
+    assert parses == {"old.txt": 1, "new.txt": 1}  # the check's counts serve for old.txt
+    assert any("old.txt (txt): 4 lines, 2 shards" in line for line in lines), lines
+    assert any("new.txt (txt): 2 lines, 1 shard" in line for line in lines), lines
+    assert any("6 URLs in 2 files, 3 shards" in line for line in lines), lines
+
+
+def test_with_dedupe_a_file_done_whole_is_read_again_for_its_urls(tmp_path, served, parses):
+    root, out = tmp_path / "urls", tmp_path / "out"
+    root.mkdir()
+    (root / "a.txt").write_text(lines_of(served[:3]))
+    run([root], make_config(out, dedupe=True))
+    (root / "b.txt").write_text(lines_of(served[:1]))  # an earlier file's URL
+    parses.clear()
+    again = run([root], make_config(out, dedupe=True))
+    assert parses["a.txt"] == 2  # the check, then the run: its URLs mark b.txt's duplicate
+    rows = [row for row in read_manifest(out) if row["source"] == "b.txt"]
+    assert [(row["status"], row["duplicate_of"]) for row in rows] == [("duplicate", make_key(0, 1))]
+    assert again.skipped == 3

@@ -19,7 +19,7 @@ import webdataset as wds
 from helpers import gated_handler, wait_for
 
 from pipeline.bench.server import StaticServer
-from pipeline.formats import staged_path
+from pipeline.layout import OutputLayout
 from pipeline.sink import read_manifest
 
 CONFIG = """
@@ -196,7 +196,7 @@ def test_a_staged_file_lost_after_a_kill_is_done_again(tmp_path, server, image_d
             proc.wait(timeout=30)
             gated.gate.set()
         row = next(json.loads(t) for t in part.read_text().splitlines() if '"line":3,' in t)
-        staged = out / staged_path(row, 1000)
+        staged = out / OutputLayout(webdataset=True, folder_size=1000).staged(row)
         staged.unlink()
         done = run(tmp_path, "wds")
     assert done.returncode == 0, done.stderr

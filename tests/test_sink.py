@@ -16,6 +16,7 @@ import pytest
 import pipeline.sink
 from pipeline.config import Config, InputConfig, OutputConfig
 from pipeline.errors import FetchError, OutputError, PipelineError, SourceError
+from pipeline.layout import output_file
 from pipeline.records import Job, Outcome, ShardEnd, make_key
 from pipeline.resume import Plan, Resume, plan_run
 from pipeline.sink import (
@@ -45,7 +46,7 @@ def job(file: int, line: int, first: int = 1, columns: dict[str, object] | None 
 
 def ok(file: int, line: int, first: int = 1) -> Outcome:
     j = job(file, line, first)
-    return Outcome.of(j, "ok", bytes_in=10, path=j.output_path("jpg", 1000))
+    return Outcome.of(j, "ok", bytes_in=10, path=output_file(file, line, j.url, "jpg", 1000))
 
 
 def failed(file: int, line: int, kind: str, status: int | None = None, first: int = 1) -> Outcome:

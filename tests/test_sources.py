@@ -4,7 +4,6 @@ streaming, and output paths."""
 from __future__ import annotations
 
 import tracemalloc
-from collections import Counter
 from itertools import islice
 from pathlib import Path
 
@@ -478,25 +477,3 @@ def test_reading_streams_instead_of_loading_the_file(tmp_path):
         tracemalloc.stop()
     assert consumed == 100_000
     assert peak < size / 20, f"peak {peak} bytes for a {size} byte file: it is not streamed"
-
-
-# --- output paths --------------------------------------------------------------------------------
-
-
-def test_output_paths_come_from_the_key_and_a_hash_never_the_url():
-    evil = Job(3, 1234, "http://x/../../etc/passwd/evil.jpg", make_key(3, 1))
-    path = evil.output_path("jpg", 1000)
-    assert path.startswith("images/00003/00001/000001234-") and path.endswith(".jpg")
-    assert "evil" not in path and ".." not in path and "passwd" not in path
-    assert len(path.rsplit("-", 1)[1]) == len("0123456789abcdef.jpg")
-
-    def at(line: int, url: str = "u", ext: str = "jpg", size: int = 1000) -> str:
-        return Job(0, line, url, "s").output_path(ext, size)
-
-    assert at(999).split("/")[2] == "00000" and at(1000).split("/")[2] == "00001"
-    assert at(5, "http://a", "png", 10) == at(5, "http://a", "png", 10)
-    assert at(5, "http://a", "png", 10) != at(5, "http://b", "png", 10)
-    assert at(5, "http://a") != at(6, "http://a")
-    assert at(5, "http://\udcff") != at(5, "http://a")  # a surrogate-escaped URL hashes too
-    blocks = Counter(at(line, size=10).rsplit("/", 1)[0] for line in range(1, 36))
-    assert max(blocks.values()) <= 10 and len(blocks) == 4

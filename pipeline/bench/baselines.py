@@ -31,6 +31,7 @@ from ..atomic import write_atomic
 from ..config import Config, load_config
 from ..download import Downloader
 from ..errors import ItemError
+from ..layout import output_file
 from ..records import Fetched, Job
 from ..shape import shape_of
 from ..sources import Source, iter_jobs
@@ -73,7 +74,8 @@ def _transform(fetched: Fetched | None) -> bool:
     except ItemError:
         return False
     ext = EXTENSIONS[_config.transform.format]
-    path = _out / fetched.job.output_path(ext, _config.output.folder_size)
+    job = fetched.job
+    path = _out / output_file(job.file, job.line, job.url, ext, _config.output.folder_size)
     write_atomic(path, encoded.data, root=_out)
     return True
 

@@ -27,7 +27,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..atomic import write_atomic
-from ..transform import exit_with
+from ..parent import exit_with
 
 HOST = "127.0.0.1"
 
