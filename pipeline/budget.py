@@ -1,6 +1,7 @@
 """A lane's byte budget: image bodies it may hold at once, read so far or waiting for its pool.
 
-    download thread: take(chunk) per chunk read --(blocks while the lane holds its budget)
+    download thread: take(size) per chunk read, or for the whole declared body before reading it
+                     --(blocks while the lane holds its budget)
                      hand_over(size): the whole body goes to the pool   | drop(): it failed
     dispatcher:      release(size) once the pool is done with a body (its task has ended)
 

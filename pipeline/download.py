@@ -30,7 +30,7 @@ from .errors import ConfigError, FetchError
 from .hosts import DeadHosts
 from .optout import refusal
 from .records import Fetched, Job
-from .transport import new_session
+from .transport import get, new_session
 
 SCHEMES = ("http", "https")
 
@@ -82,7 +82,7 @@ class Downloader:
         )
 
     def _get(self, url: str) -> tuple[requests.Response, bytes]:
-        with self._session().get(url, stream=True, timeout=self._timeout) as response:
+        with get(self._session(), url, self._timeout) as response:
             _check_response(response, self.config)
             return response, _read_body(response, self.config, self.budget)
 
@@ -214,7 +214,12 @@ def _read_body(
         raise FetchError(
             "too_large", f"Content-Length {length} > download.max_bytes {config.max_bytes}"
         )
-    # one read when the length is known and small: fewer, larger chunks cost the GIL less
+    if length is not None and not response.headers.get("Content-Encoding"):
+        if budget is not None and length:  # room for the whole body, before it is read
+            budget.take(length)
+        return _read_all(response)  # the declared length, no more: one read, no chunk loop
+    # unknown length, or encoded (a decoded body can outgrow its Content-Length): read in chunks,
+    # each counted; one read when the length is known and small (fewer chunks cost the GIL less)
     chunk_size = min(config.chunk_size, length + 1) if length else config.chunk_size
     chunks, size = [], 0
     for chunk in response.iter_content(chunk_size):
@@ -226,6 +231,22 @@ def _read_body(
             raise FetchError("too_large", f"body exceeds download.max_bytes {config.max_bytes}")
     # usually one chunk: returned as it is, not copied twice through a growing buffer
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _read_all(response: requests.Response) -> bytes:
+    """The whole body in one read of the urllib3 response, its errors wrapped as requests'
+    ``iter_content`` wraps them (``translate`` reads the same exceptions either way)."""
+    try:
+        body: bytes = response.raw.read(decode_content=True)
+    except urllib3.exceptions.ProtocolError as exc:
+        raise requests.exceptions.ChunkedEncodingError(exc) from exc
+    except urllib3.exceptions.DecodeError as exc:
+        raise requests.exceptions.ContentDecodingError(exc) from exc
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise requests.exceptions.ConnectionError(exc) from exc
+    except urllib3.exceptions.SSLError as exc:
+        raise requests.exceptions.SSLError(exc) from exc
+    return body
 
 
 def _content_length(response: requests.Response) -> int | None:

@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from test_cli import ROOT, pipeline
 from pipeline.bench import interrupt, transform_modes
 from pipeline.bench.faults import FaultServer
 from pipeline.bench.hostile import FAULTS, urls
+from pipeline.bench.lanecpu import NAMING, Sample, group, table
 from pipeline.bench.sweep import (
     Overlap,
     Row,
@@ -377,3 +379,36 @@ def test_readback_without_webdataset_is_one_line_before_any_work(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and 'pip install "imagelist-pipeline[webdataset]"' in lines[0], lines
     assert not (tmp_path / "workload").exists()  # no image was drawn
+
+
+# --- lanecpu: CPU per image by process and by lane thread ----------------------------------------
+
+
+def test_lanecpu_names_every_thread_in_proc_and_reads_its_cpu():
+    script = NAMING + "\n".join([
+        "import os, threading",
+        "from pipeline.bench.lanecpu import thread_cpu",
+        "done = threading.Event()",
+        "worker = threading.Thread(target=done.wait, name='download-7')",
+        "worker.start()",
+        "print(sorted(name for name, _, _ in thread_cpu(os.getpid()).values()))",
+        "done.set()",
+        "worker.join()",
+    ])  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "'download-7'" in out.stdout
+
+
+def test_lanecpu_sums_thread_groups_and_processes_per_image():
+    sampled = Sample(kinds={10: "coordinator", 20: "lane", 30: "transform workers"})
+    sampled.threads = {
+        (10, 10): ("main (sender)", 0.2, 0.0),
+        (20, 21): ("download-0", 0.3, 0.1),
+        (20, 22): ("download-1", 0.5, 0.1),
+        (20, 23): ("dispatch", 0.1, 0.0),
+        (30, 30): ("main (sender)", 4.0, 1.0),
+    }
+    text = table(sampled, images=1000, wall=2.0)
+    assert group("download-12") == "download-*"
+    assert re.search(r"download-\*\s+x2\s+1\.000\s+0\.800\s+0\.200 ms", text)
+    assert re.search(r"lane\s+1\.100 ms", text) and re.search(r"whole tree\s+6\.300 ms", text)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import re
 import threading
+from typing import ClassVar
 
 import pytest
 import requests
@@ -12,7 +14,7 @@ import responses
 import urllib3.exceptions
 from helpers import gated_handler
 
-from pipeline.bench.server import StaticServer
+from pipeline.bench.server import QuietHandler, StaticServer
 from pipeline.config import DownloadConfig
 from pipeline.download import Downloader, _ours, check_url, translate
 from pipeline.errors import ConfigError, FetchError, is_final
@@ -67,6 +69,37 @@ def test_an_undeclared_body_over_the_cap_is_cut_while_streaming(downloader):
     responses.get(URL, body=b"x" * 40_000, content_type="image/jpeg")  # no Content-Length
     error = fetch_error(downloader)
     assert error.kind == "too_large" and "body exceeds" in error.message
+
+
+@responses.activate
+def test_an_encoded_body_is_measured_decoded_against_the_cap(downloader):
+    # a server may compress though asked not to: its Content-Length (the gzip's) is under
+    # max_bytes, the decoded body is over it, and is cut while streaming, not read whole
+    packed = gzip.compress(b"x" * 40_000)
+    responses.get(URL, body=packed, content_type="image/jpeg", auto_calculate_content_length=True,
+                  headers={"Content-Encoding": "gzip"})  # fmt: skip
+    assert len(packed) < downloader.config.max_bytes
+    error = fetch_error(downloader)
+    assert error.kind == "too_large" and "body exceeds" in error.message
+
+
+def test_no_cookie_goes_back_to_a_server(image_dir):
+    # each download stands alone: a cookie one answer sets is not sent with the next request
+    class Cookies(QuietHandler):
+        sent: ClassVar[list[str | None]] = []
+
+        def end_headers(self) -> None:
+            self.send_header("Set-Cookie", "visit=1; Path=/")
+            super().end_headers()
+
+        def do_GET(self) -> None:
+            type(self).sent.append(self.headers.get("Cookie"))
+            super().do_GET()
+
+    with StaticServer(image_dir, handler=Cookies) as server, Downloader(DownloadConfig()) as d:
+        for line in range(2):
+            assert d.fetch(Job(0, line, server.url("img-001.jpg"), "s")).body
+    assert Cookies.sent == [None, None]
 
 
 @responses.activate

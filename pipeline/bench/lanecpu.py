@@ -44,7 +44,7 @@ threading.Thread._set_native_id = _named
 class Sample:
     """The last utime+stime (seconds) seen of every thread of the tree, by (pid, tid)."""
 
-    threads: dict[tuple[int, int], tuple[str, float]] = field(default_factory=dict)
+    threads: dict[tuple[int, int], tuple[str, float, float]] = field(default_factory=dict)
     kinds: dict[int, str] = field(default_factory=dict)  # pid: coordinator, lane, ...
     lane_threads: dict[int, int] = field(default_factory=dict)  # lane pid: most threads seen
 
@@ -68,9 +68,9 @@ def descendants(root: int) -> dict[int, int]:
     return found
 
 
-def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """Every thread of ``pid``: its name and utime+stime in seconds."""
-    threads = {}
+def thread_cpu(pid: int) -> dict[int, tuple[str, float, float]]:
+    """Every thread of ``pid``: its name, utime and stime in seconds."""
+    threads: dict[int, tuple[str, float, float]] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -82,7 +82,7 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
             continue
         name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode("utf-8", "replace")
         fields = stat.rsplit(b")", 1)[1].split()
-        threads[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+        threads[int(tid)] = (name, int(fields[11]) / TICK, int(fields[12]) / TICK)
     return threads
 
 
@@ -111,13 +111,14 @@ def sample(root: int, into: Sample) -> None:
         threads = thread_cpu(pid)
         if not threads:
             continue
-        names = {name for name, _ in threads.values()}
-        into.kinds[pid] = kind(pid, parent, root, names) if into.kinds.get(pid) != "lane" else "lane"
+        names = {name for name, _, _ in threads.values()}
+        if into.kinds.get(pid) != "lane":  # a lane is one for good (its threads come and go)
+            into.kinds[pid] = kind(pid, parent, root, names)
         if into.kinds[pid] == "lane":
             into.lane_threads[pid] = max(into.lane_threads.get(pid, 0), len(threads))
-        for tid, (name, cpu) in threads.items():
+        for tid, (name, user, system) in threads.items():
             label = "main (sender)" if tid == pid else name
-            into.threads[(pid, tid)] = (label, cpu)
+            into.threads[(pid, tid)] = (label, user, system)
 
 
 def group(name: str) -> str:
@@ -161,16 +162,18 @@ def _sampling(root: int, into: Sample, done: threading.Event, options: argparse.
 def table(sampled: Sample, images: int, wall: float) -> str:
     per = 1000 / max(images, 1)
     by_kind: dict[str, float] = defaultdict(float)
-    lane_groups: dict[str, list[float]] = defaultdict(list)
-    for (pid, _), (name, cpu) in sampled.threads.items():
-        by_kind[sampled.kinds[pid]] += cpu
+    lane_groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for (pid, _), (name, user, system) in sampled.threads.items():
+        by_kind[sampled.kinds[pid]] += user + system
         if sampled.kinds[pid] == "lane":
-            lane_groups[group(name)].append(cpu)
+            lane_groups[group(name)].append((user, system))
     lines = [f"{images} images ok in {wall:.2f} s: {images / wall:.1f} images/s"]
     lines.append(f"lane threads, most at once: {sum(sampled.lane_threads.values())}")
-    lines.append("lane CPU per image, by thread:")
-    for name, cpus in sorted(lane_groups.items(), key=lambda kv: -sum(kv[1])):
-        lines.append(f"  {name:<20} x{len(cpus):<4} {sum(cpus) * per:8.3f} ms")
+    lines.append("lane CPU per image, by thread:            user+sys     user      sys")
+    for name, cpus in sorted(lane_groups.items(), key=lambda kv: -sum(map(sum, kv[1]))):
+        user, system = (sum(c[i] for c in cpus) * per for i in (0, 1))
+        text = f"{user + system:8.3f} {user:8.3f} {system:8.3f} ms"
+        lines.append(f"  {name:<20} x{len(cpus):<4} {text}")
     lines.append("CPU per image, by process:")
     for name, cpu in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name:<26} {cpu * per:8.3f} ms")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between samples")
     options = parser.parse_args(argv)
     sampled, images, wall = run(options)
-    print(table(sampled, images, wall))
+    sys.stdout.write(table(sampled, images, wall) + "\n")
 
 
 if __name__ == "__main__":
