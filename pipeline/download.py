@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from types import TracebackType
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import requests
 import urllib3.exceptions
@@ -57,10 +57,10 @@ class Downloader:
         """Download ``job.url`` whole, within the deadline, or raise a FetchError."""
         if job.problem is not None:
             raise FetchError("invalid_url", job.problem)
-        check_url(job.url)
-        host = self._dead.check(job.url)
+        host = self._dead.check(check_url(job.url))
         started = time.perf_counter()
-        with self._host_slot(job.url), self._watchdog.deadline(self.config.deadline) as ticket:
+        slot = self._host_slot(job.url) if self.config.per_host else contextlib.nullcontext()
+        with slot, self._watchdog.deadline(self.config.deadline) as ticket:
             try:
                 response, body = self._get(job.url)
             except (FetchError, DeadlineExceeded, *_TRANSPORT_ERRORS) as exc:
@@ -107,11 +107,8 @@ class Downloader:
 
     @contextlib.contextmanager
     def _host_slot(self, url: str) -> Iterator[None]:
-        """At most ``per_host`` downloads from one host at a time (politeness), if set. A
+        """At most ``per_host`` downloads from one host at a time (politeness, when set). A
         download waiting for its slot is cancelled with the others (``cancel``)."""
-        if not self.config.per_host:
-            yield
-            return
         host = (urlsplit(url).hostname or "").lower()
         with self._slots:
             self._slots.wait_for(
@@ -155,8 +152,8 @@ class Downloader:
         self.close()
 
 
-def check_url(url: str) -> None:
-    """Reject a URL that is malformed or not http/https before any network call."""
+def check_url(url: str) -> SplitResult:
+    """Reject a URL that is malformed or not http/https before any network call; its parts."""
     try:
         url.encode("utf-8")
         parts = urlsplit(url)
@@ -167,6 +164,7 @@ def check_url(url: str) -> None:
         raise FetchError("invalid_url", f"scheme {parts.scheme or '(none)'!r} is not http or https")
     if not parts.hostname:
         raise FetchError("invalid_url", "the URL has no host")
+    return parts
 
 
 def _check_response(response: requests.Response, config: DownloadConfig) -> None:

@@ -15,7 +15,7 @@ URLs are failed as ``connect``, a transient kind: a rerun tries them again.
 from __future__ import annotations
 
 import threading
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import urllib3.exceptions
 
@@ -35,9 +35,10 @@ class DeadHosts:
         self._failures: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def check(self, url: str) -> str:
-        """The URL's host key; raise FetchError(connect) without a try if that host is dead."""
-        parts = urlsplit(url)
+    def check(self, url: str | SplitResult) -> str:
+        """The URL's host key; raise FetchError(connect) without a try if that host is dead.
+        (A URL split already need not be split again.)"""
+        parts = urlsplit(url) if isinstance(url, str) else url
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
         host = f"{(parts.hostname or '').lower()}:{port}"
         if self.limit and self._failures.get(host, 0) >= self.limit:

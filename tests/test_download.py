@@ -21,7 +21,7 @@ from pipeline.errors import ConfigError, FetchError, is_final
 from pipeline.optout import refusal
 from pipeline.proxies import Proxies
 from pipeline.records import Job
-from pipeline.transport import AddressGuard, InterimFlood, new_session
+from pipeline.transport import AddressGuard, InterimFlood, new_session, prepared_url
 
 URL = "http://images.test/a.jpg"
 
@@ -186,6 +186,19 @@ def test_close_closes_every_session():
             session.close = lambda s=session: closed.append(s)  # type: ignore[method-assign]
             d._local.session = None  # as if another thread asked
     assert len(closed) == 2 and d._sessions == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8080/a/b-1.jpg?w=2&h=3", "https://img.example.com/p/1.jpg;v=2", "http://h/a?",
+     "HTTP://Img.Example.com/a.jpg", "http://h:080/a", "http://h", "http://h/a b.jpg",
+     "http://h/%7e/x%2f.jpg", "http://h/a/../b/./c.jpg", "http://h/a.jpg#top", "http://h/é.jpg",
+     "http://bücher.example/a.jpg", "http://[::1]:80/a", "http://h/.well-known/x", "http://h/a/.."],
+)  # fmt: skip
+def test_a_url_goes_out_as_requests_prepares_it(url):
+    request = requests.PreparedRequest()
+    request.prepare_url(url, None)
+    assert prepared_url(url) == request.url
 
 
 def test_a_header_the_http_library_refuses_is_the_configs_fault_not_a_row():
