@@ -299,7 +299,7 @@ def make_retry(config: DownloadConfig) -> DeadlineRetry:
 # A URL that requests' prepare_url leaves as it is: scheme and host in lower case, a port without
 # leading zeros, a path, nothing to quote, unquote or normalise (no %, no dot segment, no fragment)
 _PLAIN_URL = re.compile(
-    r"https?://[a-z0-9.-]+(?::[1-9][0-9]{0,4})?/[A-Za-z0-9_~!$&'()*+,;=:@/?.-]*"
+    r"https?://[a-z0-9][a-z0-9.-]*(?::[1-9][0-9]{0,4})?/[A-Za-z0-9_~!$&'()*+,;=:@/?.-]*"
 )
 
 
