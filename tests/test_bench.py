@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import itertools
 import json
@@ -23,7 +24,7 @@ from test_cli import ROOT, pipeline
 from pipeline.bench import interrupt, transform_modes
 from pipeline.bench.faults import FaultServer
 from pipeline.bench.hostile import FAULTS, urls
-from pipeline.bench.lanecpu import NAMING, Sample, group, table
+from pipeline.bench.lanecpu import NAMING, Sample, downloads, group, table
 from pipeline.bench.sweep import (
     Overlap,
     Row,
@@ -412,3 +413,10 @@ def test_lanecpu_sums_thread_groups_and_processes_per_image():
     assert group("download-12") == "download-*"
     assert re.search(r"download-\*\s+x2\s+1\.000\s+0\.800\s+0\.200 ms", text)
     assert re.search(r"lane\s+1\.100 ms", text) and re.search(r"whole tree\s+6\.300 ms", text)
+
+
+def test_lanecpu_measures_the_download_client_alone_and_profiles_it(workload):
+    options = argparse.Namespace(images=12, download_workers=2, config=None, profile=True)
+    text = downloads(options, workload)
+    assert re.match(r"12 downloads, 2 threads, \d+/s: \d+\.\d{3} ms of thread CPU", text)
+    assert "pipeline/download.py" in text and "(fetch)" in text  # where the CPU went

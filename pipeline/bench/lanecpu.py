@@ -8,12 +8,21 @@ name: a ``sitecustomize`` put first on the run's path gives every Python thread 
 ``/proc/.../comm`` (Python 3.11 leaves them all ``python``). Printed, per image: each lane thread
 group's CPU (``download-*`` threads together), the lane's, the coordinator's, the transform
 workers', the forkservers' and the whole tree's; and the lane's thread count at its peak.
+
+``--downloads-only`` measures the download client alone, as a lane's threads use it but without
+the lane or its pool: ``--download-workers`` threads fetch the workload with one Downloader, and
+their CPU per download is printed; ``--profile`` adds where it goes (cProfile, timed by each
+thread's own CPU clock, so a wait on the network counts nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
+import queue
 import re
 import subprocess
 import sys
@@ -24,8 +33,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..budget import ByteBudget
+from ..config import load_config
+from ..download import Downloader
+from ..records import Job
 from ..report import load_report
 from .sweep import Bench, BenchOptions, Setting, _child_env
+from .workload import Workload, WorkloadServer
 
 TICK = os.sysconf("SC_CLK_TCK")
 # every Python thread's name in /proc/<pid>/task/<tid>/comm (PR_SET_NAME = 15, 15 bytes at most)
@@ -181,6 +195,54 @@ def table(sampled: Sample, images: int, wall: float) -> str:
     return "\n".join(lines)
 
 
+def downloads(options: argparse.Namespace, workload: Workload | None = None) -> str:
+    """The download client alone: thread CPU per download (and its profile, with --profile)."""
+    workload = workload or Workload(BenchOptions(config_path=None).cache / "workload")
+    files = workload.make()
+    config = load_config(options.config).download
+    budget = ByteBudget(config.max_buffered_bytes)
+    jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+    cpu: list[float] = []
+    profiles = [cProfile.Profile(time.thread_time) for _ in range(options.download_workers)]
+
+    def fetch_all(profile: cProfile.Profile) -> None:
+        started = time.thread_time()
+        if options.profile:
+            profile.enable()
+        while (job := jobs.get()) is not None:
+            size = len(downloader.fetch(job).body)
+            budget.hand_over(size)
+            budget.release(size)  # as the pool gives a body back
+        profile.disable()
+        cpu.append(time.thread_time() - started)
+
+    with WorkloadServer(files) as server, Downloader(config, budget) as downloader:
+        for n in range(options.images):
+            jobs.put(Job(0, n + 1, f"{server.url}{n}.jpg", "lanecpu"))
+        threads = [threading.Thread(target=fetch_all, args=(p,)) for p in profiles]
+        started = time.perf_counter()
+        for thread in threads:
+            jobs.put(None)
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - started
+    text = (
+        f"{options.images} downloads, {len(threads)} threads, {options.images / wall:.0f}/s: "
+        f"{sum(cpu) * 1000 / options.images:.3f} ms of thread CPU per download"
+        + (" (profiled: slower)" if options.profile else "")
+    )
+    if not options.profile:
+        return text
+    out = io.StringIO()
+    stats = pstats.Stats(profiles[0], stream=out)
+    for profile in profiles[1:]:
+        stats.add(profile)
+    stats.sort_stats("cumulative").print_stats(40)
+    stats.sort_stats("tottime").print_stats(20)
+    return text + "\n" + out.getvalue()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench.lanecpu", description=__doc__)
     parser.add_argument("--images", type=int, default=2000)
@@ -188,7 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--transform-workers", type=int, default=2)
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between samples")
+    parser.add_argument("--downloads-only", action="store_true", help="the download client alone")
+    parser.add_argument("--profile", action="store_true", help="with --downloads-only: cProfile")
     options = parser.parse_args(argv)
+    if options.downloads_only:
+        sys.stdout.write(downloads(options) + "\n")
+        return
     sampled, images, wall = run(options)
     sys.stdout.write(table(sampled, images, wall) + "\n")
 
