@@ -40,6 +40,7 @@ from .report import (
 )
 from .runner import run
 from .shape import available_cores, shape_of
+from .storage import local_output, parse_location
 
 if TYPE_CHECKING:
     from .bench.sweep import Choice
@@ -81,21 +82,24 @@ def _run(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.dask is not None:
         config = with_overrides(config, "executor", kind="dask", address=args.dask)
+    local_output(config.output.dir)  # a URL: refused, one line
+    options = config.input.storage_options
+    sources = [parse_location(text, options, what="input") for text in args.sources]
     if args.dry_run:
         print(
             "\n".join(
-                fit(printable(line)) for line in dry_run(args.sources, config, restart=args.restart)
+                fit(printable(line)) for line in dry_run(sources, config, restart=args.restart)
             )
         )
         return 0
     if config.executor.kind == "dask":
         from .cluster import run_on_dask  # only then: it imports dask
 
-        report = run_on_dask(args.sources, config, restart=args.restart, progress=_bars(args))
+        report = run_on_dask(sources, config, restart=args.restart, progress=_bars(args))
     else:
         try:
             report = run(
-                args.sources,
+                sources,
                 config,
                 progress=_bars(args),
                 restart=args.restart,
@@ -334,9 +338,9 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd.add_argument(
         "sources",
         nargs="+",
-        type=Path,
         metavar="SOURCE",
-        help="a folder of URL lists (.txt .csv .tsv .jsonl .parquet), or a file",
+        help="a folder of URL lists (.txt .csv .tsv .jsonl .parquet), or a file; "
+        "or a URL of one in object storage (s3://bucket/urls/)",
     )
     _add_run_options(run_cmd)
     run_cmd.add_argument(
@@ -462,7 +466,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_run_options(cmd: argparse.ArgumentParser, default_out: Path | None = None) -> None:
     cmd.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
-    cmd.add_argument("--out", type=Path, default=default_out, help="output folder (output.dir)")
+    cmd.add_argument("--out", default=default_out, help="output folder (output.dir)")
     cmd.add_argument(
         "--download-workers", type=_positive, help="download threads (download.workers)"
     )

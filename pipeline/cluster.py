@@ -49,6 +49,7 @@ from .seals import InOrder, part_path, shard_path
 from .shape import shape_of
 from .sink import read_rows
 from .sources import Source
+from .storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ async def _identity(address: str, limit: float) -> object:
 
 
 def run_on_dask(
-    sources: Sequence[Path],
+    sources: Sequence[Path | Location],
     config: Config,
     *,
     restart: bool = False,

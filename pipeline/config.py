@@ -161,6 +161,8 @@ class InputConfig:
     url_column: str = "url"  # the column (csv, tsv, parquet) or field (jsonl) holding the URL
     dedupe: bool = False  # a URL seen before in the input gets a "duplicate" row, not a fetch
     hash_column: str = ""  # a column with each image's sha256 (hex): a download must match it
+    # fsspec options for inputs given as URLs (s3://...): endpoint, profile, anon...; never shown
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(
@@ -568,6 +570,10 @@ def _build_ops(value: Any, key: str) -> tuple[Op, ...]:
 
 
 def _coerce(value: Any, expected: Any, key: str) -> Any:
+    if expected == dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ConfigError(key, "must be a table of fsspec options ({ key = value, ... })")
+        return value
     if expected == tuple[str, ...]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(key, f"must be a list of strings (got {value!r})")

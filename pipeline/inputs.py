@@ -3,6 +3,8 @@
 ``find_files`` walks the folders given, taking the files whose names say an input format
 (``.txt .csv .tsv .jsonl .parquet``, the text ones also ``.gz``/``.zst``), and skipping the
 output folders in them: ``--out`` itself, and any folder holding a run's run.json and manifest/.
+A folder given as a URL (``s3://bucket/urls/``) is listed through fsspec the same way, and its
+files are read as streams, never copied first (storage.py).
 
     open_lines(path, compression) -> Lines: the file's lines, decompressed as they are read
         plain      the bytes as they are
@@ -21,6 +23,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import posixpath
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +33,10 @@ from typing import IO, Any
 
 from .errors import PipelineError, SourceError, UnreadableSource
 from .layout import MANIFEST, OUTPUT_NAMES, RUN
+from .storage import Location, StoredFile, list_stored, open_stored
+
+#: an input file: a local one, or one in an object store (read through fsspec as a stream)
+InputFile = Path | StoredFile
 
 FORMATS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
@@ -67,7 +74,7 @@ class Findings:
         if message not in self.unreadable:
             self.unreadable.append(message)
 
-    def counted(self, path: Path, records: int, usable: int) -> None:
+    def counted(self, path: InputFile, records: int, usable: int) -> None:
         """A file read to its end had ``records``, ``usable`` of them with a URL."""
         self.counts[str(path)] = (records, usable)
         if records and not usable:
@@ -102,14 +109,18 @@ def input_kind(name: str) -> str | None:
 
 
 def find_files(
-    paths: Sequence[Path], out_dir: Path | None = None, findings: Findings | None = None
-) -> list[Path]:
+    paths: Sequence[Path | Location],
+    out_dir: Path | None = None,
+    findings: Findings | None = None,
+) -> list[InputFile]:
     """The input files named by ``paths``: files as given, folders searched recursively, sorted.
     An output folder inside a folder (``out_dir``, or any holding a run's run.json) is skipped."""
     findings = Findings() if findings is None else findings
-    found: list[Path] = []
+    found: list[InputFile] = []
     for path in paths:
-        if path.is_dir():
+        if isinstance(path, Location):
+            found.extend(_stored(path, findings))
+        elif path.is_dir():
             files = _walk(path, out_dir, findings)
             if not files:
                 raise SourceError(
@@ -146,6 +157,34 @@ def _walk(folder: Path, out_dir: Path | None, findings: Findings) -> list[Path]:
     return sorted(files)
 
 
+def _stored(location: Location, findings: Findings) -> list[StoredFile]:
+    """The input files below a URL, as ``_walk`` takes them from a folder."""
+    listed = list_stored(location)
+    if listed is None:
+        raise SourceError(f"{location}: no such file or folder")
+    if len(listed) == 1 and listed[0].url == location.child(location.path):
+        return listed  # a file named on its own: read whatever its name
+    keys = {file.key for file in listed}
+    runs = {posixpath.dirname(k) for k in keys if posixpath.basename(k) == RUN}
+    files: list[StoredFile] = []
+    unread: list[StoredFile] = []
+    for file in listed:
+        if any(file.key.startswith(f"{run}/") for run in runs) or file.name == RUN:
+            continue  # an output folder of a run, not input
+        kind = input_kind(file.name)
+        if kind is not None:
+            (files if kind == "input" else unread).append(file)
+    for run in sorted(runs):
+        findings.warn(f"{location.child(run)}: skipped: an output folder of a run, not input")
+    if unread:
+        findings.warn(f"skipped {len(unread)} file(s) in a compression not read: {unread[0]}")
+    if not files:
+        raise SourceError(
+            f"{location}: no {', '.join(FORMATS)} files there (nor .gz, .zst of them)"
+        )
+    return files
+
+
 def _is_output(folder: Path, parent: Path, out: Path | None) -> bool:
     resolved = folder.resolve()
     if out is not None and (
@@ -155,22 +194,52 @@ def _is_output(folder: Path, parent: Path, out: Path | None) -> bool:
     return (folder / RUN).is_file() and (folder / MANIFEST).is_dir()
 
 
-def input_root(paths: Sequence[Path]) -> Path:
-    """The folder that source names are relative to: the deepest one holding every input."""
-    roots = [str(p.resolve() if p.is_dir() else p.resolve().parent) for p in paths]
-    return Path(os.path.commonpath(roots))
+def input_root(paths: Sequence[Path | Location]) -> str:
+    """The folder that source names are relative to: the deepest one holding every input (a
+    local path, or a URL when the inputs are in a store)."""
+    stores = {p.scheme for p in paths if isinstance(p, Location)}
+    if not stores:
+        local = [p for p in paths if isinstance(p, Path)]
+        return os.path.commonpath([str(p.resolve() if p.is_dir() else p.resolve().parent)
+                                   for p in local])  # fmt: skip
+    if len(stores) > 1 or len(stores) < len({type(p) for p in paths}):
+        raise SourceError("the inputs of one run are all local, or all in one object store")
+    keys = [p.path for p in paths if isinstance(p, Location)]
+    return f"{stores.pop()}://{posixpath.commonpath(keys)}"
+
+
+def where(file: InputFile) -> str:
+    """The input file's full name, as ``input_root`` names folders: a path or a URL."""
+    return file.url if isinstance(file, StoredFile) else str(file.resolve())
+
+
+def relative_name(file: InputFile, root: str) -> str | None:
+    """The file's name relative to ``root`` (posix), or None when it is not below it."""
+    full = where(file)
+    if isinstance(file, StoredFile):
+        prefix = root.rstrip("/") + "/"
+        return full.removeprefix(prefix) if full.startswith(prefix) else None
+    try:
+        return Path(full).relative_to(root).as_posix()
+    except ValueError:
+        return None
 
 
 # --- opening them ---------------------------------------------------------------------------------
 
 
-def sniff(path: Path, compression: str | None) -> None:
+def open_binary(path: InputFile) -> IO[bytes]:
+    """The file's bytes as a stream: a local file, or a store's object fetched as it is read."""
+    return open_stored(path) if isinstance(path, StoredFile) else path.open("rb")
+
+
+def sniff(path: InputFile, compression: str | None) -> None:
     """Refuse now a file whose first bytes say it is not what its name says."""
     try:
-        with path.open("rb") as f:
+        with open_binary(path) as f:
             head = f.read(6)
     except OSError as exc:
-        raise UnreadableSource(f"{path}: cannot read: {exc.strerror}") from None
+        raise UnreadableSource(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not head:
         return
     found = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
@@ -188,7 +257,7 @@ def sniff(path: Path, compression: str | None) -> None:
 class Lines:
     """The whole lines of one input file (each with its line break), decompressed."""
 
-    def __init__(self, path: Path, compression: str | None, findings: Findings) -> None:
+    def __init__(self, path: InputFile, compression: str | None, findings: Findings) -> None:
         self.path = path
         self.findings = findings
         self.count = 0  # whole lines read so far
@@ -226,7 +295,7 @@ class Lines:
         self._file.close()
 
 
-def open_lines(path: Path, compression: str | None, findings: Findings | None = None) -> Lines:
+def open_lines(path: InputFile, compression: str | None, findings: Findings | None = None) -> Lines:
     return Lines(path, compression, Findings() if findings is None else findings)
 
 
@@ -234,25 +303,33 @@ _ReadErrors = tuple[type[Exception], ...]
 _READ_ERRORS: _ReadErrors = (OSError, EOFError, zlib.error)  # gzip's BadGzipFile is an OSError
 
 
-def _open_text(path: Path, compression: str | None) -> tuple[IO[str], _ReadErrors]:
+def _open_text(path: InputFile, compression: str | None) -> tuple[IO[str], _ReadErrors]:
     """The file as text, and the errors that reading it raises when its bytes are bad."""
     # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first line;
     # surrogateescape: a stray non-UTF-8 byte makes an invalid URL (a failed row), not a crash
     text: dict[str, Any] = {"encoding": "utf-8-sig", "errors": "surrogateescape", "newline": ""}
     try:
-        if compression is None:
+        if compression is None and isinstance(path, Path):
             plain = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
             return plain, _READ_ERRORS
-        raw: Any = gzip.GzipFile(path, "rb") if compression == "gzip" else path.open("rb")
+        if compression == "gzip" and isinstance(path, Path):
+            raw: Any = gzip.GzipFile(path, "rb")
+        else:
+            raw = open_binary(path)
+        if compression is None:  # a stored file: its stream of bytes, decoded as it is read
+            return io.TextIOWrapper(raw, **text), _READ_ERRORS
+        if compression == "gzip" and not isinstance(raw, gzip.GzipFile):
+            raw = gzip.GzipFile(fileobj=raw, mode="rb")
+            raw.myfileobj = raw.fileobj  # closed with it, as when GzipFile opens a name itself
     except OSError as exc:
-        raise UnreadableSource(f"{path}: cannot read: {exc.strerror}") from None
+        raise UnreadableSource(f"{path}: cannot read: {exc.strerror or exc}") from None
     if compression == "gzip":
         return io.TextIOWrapper(raw, **text), _READ_ERRORS
     reader, error = _zstd_reader(path, raw)
     return io.TextIOWrapper(reader, **text), (*_READ_ERRORS, error)
 
 
-def _zstd_reader(path: Path, raw: IO[bytes]) -> tuple[Any, type[Exception]]:
+def _zstd_reader(path: InputFile, raw: IO[bytes]) -> tuple[Any, type[Exception]]:
     try:
         import zstandard
     except ImportError:

@@ -21,11 +21,12 @@ from .records import ShardEnd
 from .resume import Plan, Tally, plan_run, unreadable
 from .shape import shape_of
 from .sources import Known, Source, shard_records
+from .storage import Location, local_output
 
 
-def dry_run(sources: Sequence[Path], config: Config, *, restart: bool) -> list[str]:
+def dry_run(sources: Sequence[Path | Location], config: Config, *, restart: bool) -> list[str]:
     """The lines a dry run prints."""
-    out_dir = Path(config.output.dir)
+    out_dir = local_output(config.output.dir)
     plan = plan_run(sources, config, out_dir, restart=restart, record=False)
     lines = ["dry run     nothing is fetched or written"]
     total = shards = 0

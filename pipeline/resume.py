@@ -29,7 +29,7 @@ from typing import Any
 from .atomic import remove_inside, remove_temporaries, write_atomic
 from .config import Config, OutputConfig
 from .errors import PipelineError, SourceError, UnreadableSource, is_final
-from .inputs import Findings, find_files, input_root
+from .inputs import Findings, InputFile, find_files, input_root, relative_name, where
 from .layout import IMAGES, MANIFEST, RUN, SHARDS, STAGING, OutputLayout, parse_key, parse_output
 from .records import Job, ShardEnd, make_key
 from .seals import part_path, read_seal, seal_path, shard_path, shards_of
@@ -43,6 +43,7 @@ from .sources import (
     read_records,
     shard_records,
 )
+from .storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,12 @@ class Plan:
 
 
 def plan_run(
-    paths: Sequence[Path], config: Config, out_dir: Path, *, restart: bool, record: bool = True
+    paths: Sequence[Path | Location],
+    config: Config,
+    out_dir: Path,
+    *,
+    restart: bool,
+    record: bool = True,
 ) -> Plan:
     """Check ``paths`` against what earlier runs did in ``out_dir``; record the inputs (unless
     not ``record``: a dry run, which writes and removes nothing)."""
@@ -136,7 +142,7 @@ def plan_run(
             f"{out_dir}: this output folder was made with other settings ({differ}); rerun "
             "with the same ones, or with --restart to start over, or choose another --out"
         )
-    root = Path(state["root"]) if state else input_root(paths)
+    root: str = state["root"] if state else input_root(paths)
     ids: dict[str, int] = {f["path"]: f["id"] for f in state["files"]} if state else {}
     findings = Findings()
     sources, new = _number(find_files(paths, out_dir, findings), root, ids, out_dir)
@@ -226,35 +232,34 @@ def _read_state(out_dir: Path) -> dict[str, Any] | None:
 
 
 def _write_state(
-    out_dir: Path, settings: dict[str, Any], root: Path, ids: dict[str, int], given: list[Source]
+    out_dir: Path, settings: dict[str, Any], root: str, ids: dict[str, int], given: list[Source]
 ) -> None:
     formats = {s.name: s.format for s in given}
     files = [
         {"id": id_, "path": name, "format": formats.get(name), "given": name in formats}
         for name, id_ in sorted(ids.items(), key=lambda item: item[1])
     ]
-    state = {"settings": settings, "root": str(root), "files": files}
+    state = {"settings": settings, "root": root, "files": files}
     write_atomic(out_dir / RUN, (json.dumps(state, indent=1) + "\n").encode("utf-8"), root=out_dir)
 
 
 def _number(
-    files: list[Path], root: Path, ids: dict[str, int], out_dir: Path
+    files: list[InputFile], root: str, ids: dict[str, int], out_dir: Path
 ) -> tuple[list[Source], set[int]]:
     """Sources named relative to ``root``, each with its id: a known one, or the next free one."""
     sources, new, seen = [], set(), set()
     next_id = max(ids.values(), default=-1) + 1
     for path in files:
-        resolved = path.resolve()
+        resolved = where(path)
         if resolved in seen:
             continue  # named twice (a file inside a folder that is also given)
         seen.add(resolved)
-        try:
-            name = resolved.relative_to(root).as_posix()
-        except ValueError:
+        name = relative_name(path, root)
+        if name is None:
             raise PipelineError(
                 f"{path}: earlier runs into {out_dir} read their input under {root}, and this "
                 "file is not there; give inputs under it, or choose another --out"
-            ) from None
+            )
         if name not in ids:
             ids[name], next_id = next_id, next_id + 1
             new.add(ids[name])

@@ -65,6 +65,7 @@ from .routes import Routes
 from .shape import BATCH, RunShape, shape_of
 from .sink import Sink, lock
 from .sources import Source
+from .storage import Location, local_output
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ AWAY = 1.0  # a loop this much longer than its wait: this process was stopped (C
 
 
 def run(
-    sources: Sequence[Path],
+    sources: Sequence[Path | Location],
     config: Config,
     *,
     progress: bool = False,
@@ -136,11 +137,13 @@ def tell_findings(plan: Plan, written: int, *, fail: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def open_run(sources: Sequence[Path], config: Config, *, restart: bool) -> Iterator[Plan]:
+def open_run(
+    sources: Sequence[Path | Location], config: Config, *, restart: bool
+) -> Iterator[Plan]:
     """The output folder made, locked for this run, and checked against ``sources``: the plan."""
     if config.output.parquet:
         require_parquet()  # before any work, not at the first shard's seal
-    out_dir = Path(config.output.dir)
+    out_dir = local_output(config.output.dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -26,8 +26,10 @@ OLDER = (
 def pinned(config: Config) -> dict[str, Any]:
     """The settings that decide keys and output bytes, by dotted key, as run.json holds them."""
     transform = config.transform
-    settings: dict[str, Any] = {
-        f"input.{k}": v for k, v in dataclasses.asdict(config.input).items()
+    settings: dict[str, Any] = {  # where and how inputs are reached decides no key
+        f"input.{k}": v
+        for k, v in dataclasses.asdict(config.input).items()
+        if k != "storage_options"
     }
     output = config.output
     settings["output.folder_size"] = output.folder_size

@@ -30,7 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PipelineError, UnreadableSource, install_hint
-from .inputs import COMPRESSIONS, FORMATS, Findings, Lines, input_kind, open_lines, sniff
+from .inputs import (
+    COMPRESSIONS,
+    FORMATS,
+    Findings,
+    InputFile,
+    Lines,
+    input_kind,
+    open_binary,
+    open_lines,
+    sniff,
+)
 from .records import Job, ShardEnd, make_key
 
 PARQUET_INSTALL = install_hint("pyarrow", "parquet", "reading .parquet files")
@@ -41,9 +51,10 @@ _SAMPLE_LINES = 1000  # a .jsonl's first lines, looked at for its URL field befo
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """One input file: ``name`` is its path relative to the input root, ``id`` fixed in run.json."""
+    """One input file: ``name`` is its path relative to the input root, ``id`` fixed in run.json.
+    ``path`` is a local file, or a file in an object store (storage.StoredFile)."""
 
-    path: Path
+    path: InputFile
     name: str
     id: int = 0
 
@@ -271,7 +282,8 @@ def _parquet(source: Source) -> Any:
     except ImportError:
         raise PipelineError(f"{source.path}: {PARQUET_INSTALL}") from None
     try:
-        return pq.ParquetFile(source.path)
+        where = source.path if isinstance(source.path, Path) else open_binary(source.path)
+        return pq.ParquetFile(where)
     except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
         raise UnreadableSource(f"{source.path}: not a readable parquet file: {exc}") from None
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -148,3 +149,23 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "
     while not condition():
         assert time.monotonic() < end, f"timed out after {timeout} s waiting for {what}"
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, a free port; yields the
+    environment a client needs to reach it (``AWS_ENDPOINT_URL``, test credentials)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        _, port = server.get_host_and_port()
+        yield {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        }
+    finally:
+        server.stop()

@@ -361,10 +361,10 @@ def test_input_root_is_the_common_folder_of_the_inputs(tmp_path):
     file = tmp_path / "a" / "b" / "x.txt"
     file.write_text("")
     root = tmp_path.resolve()
-    assert input_root([file]) == root / "a" / "b"
-    assert input_root([tmp_path / "a"]) == root / "a"
-    assert input_root([file, tmp_path / "a"]) == root / "a"
-    assert input_root([file, tmp_path / "c"]) == root
+    assert input_root([file]) == str(root / "a" / "b")  # a str: a path, or a URL (a store's)
+    assert input_root([tmp_path / "a"]) == str(root / "a")
+    assert input_root([file, tmp_path / "a"]) == str(root / "a")
+    assert input_root([file, tmp_path / "c"]) == str(root)
 
 
 # --- shards --------------------------------------------------------------------------------------
