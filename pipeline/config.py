@@ -343,6 +343,7 @@ class TransformConfig:
     crash_retries: int = 1
     max_tasks_per_child: int = 0
     shutdown_grace: float = 2.0
+    timeout: float = 30.0  # seconds one image may take in a worker (wall time); 0 = off
     min_width: int = 0  # filters, on the header's size: smaller images get a "filtered" row
     min_height: int = 0
     max_aspect_ratio: float = 0.0  # max(w, h) / min(w, h); 0 = off
@@ -394,6 +395,7 @@ class TransformConfig:
         _require(0 <= limit <= 10**9, "max_tasks_per_child", "in [0, 1000000000] (0 = none)", limit)
         grace = self.shutdown_grace
         _require(0 <= grace <= 600, "shutdown_grace", "in [0, 600]", grace)
+        _require(0 <= self.timeout <= 86400, "timeout", "in [0, 86400] (0 = off)", self.timeout)
         _require(0 <= self.min_width <= 65535, "min_width", "in [0, 65535]", self.min_width)
         _require(0 <= self.min_height <= 65535, "min_height", "in [0, 65535]", self.min_height)
         ratio = self.max_aspect_ratio

@@ -17,7 +17,7 @@ bodies); past that, stragglers count again, as before.
 One lock guards the counts. The watch thread sleeps until the oldest running download reaches the
 threshold (with one threshold for all, the oldest started is the first to reach it: an ordered
 dict, no heap). End of input: one DONE in the jobs queue, which each thread puts back for the next
-before it leaves; the last thread to leave calls ``on_end`` (the pool's producer count is one).
+before it leaves; the last thread to leave calls ``on_end`` (it posts the end to the owner).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from .metrics import Histogram
 from .records import Job
-from .stages import DONE, _Done
+from .stages import DONE, _Done, label_thread
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ class Crew:
             raise
 
     def _loop(self) -> None:
+        label_thread()
         counted_out = False
         try:
             while (job := self.jobs.get()) is not DONE:
@@ -198,6 +199,7 @@ class Crew:
     # --- the watch thread -----------------------------------------------------------------------
 
     def _watch_loop(self) -> None:
+        label_thread()
         with self._lock:
             while not self._closed:
                 if not self._running:

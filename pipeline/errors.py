@@ -42,6 +42,7 @@ ERROR_KINDS: Final[dict[str, str]] = {
     "transform_error": "an op of the transform chain failed",
     "write_error": "(older manifests) the output file could not be written; now the run stops",
     "worker_crash": "the transform process died while handling this image",
+    "transform_timeout": "the transform took longer than transform.timeout (its process killed)",
     "network": "another network error",
     "blocked_address": "the host's address is denied (download.deny_networks, allow_private)",
     "hash_mismatch": "the downloaded bytes are not those whose sha256 input.hash_column gives",

@@ -1,25 +1,27 @@
-"""One lane: a process whose download threads feed its own transform pool; jobs in, rows out.
+"""One lane: a process whose download threads feed its own transform workers; jobs in, rows out.
 
-    coordinator --jobs pipe: batches of Jobs, then END (or STOP)--> receiver thread
+    coordinator --jobs pipe: batches of Jobs, then END (or STOP)--> owner thread (owner.py)
                                                                        | Job
                                                                        v
                                                     [jobs queue: bounded by the coordinator's
                                                      credit for this lane (shape.py)]
                                                                        |
                                    download threads x shape.threads, elastic (a Session each)
-                                               | Fetched                \\ failed Outcome
-                                               v                         \\
-                                     TransformPool (pool.py): dispatcher   \\
-                                     thread -> worker processes             v
-                                               | Outcome ------------> [results queue]
-                                                                            |
+                                          | post: Fetched, failures \\ failed Outcome
+                                          v                          \\
+                                     owner thread: the lane's only      \\
+                                     decisions -> its worker processes   v
+                                          | Outcome ------------> [results queue]
+                                                                       |
     coordinator <--results pipe: a batch of Outcomes at a time, ---- main thread (the sender)
                    the lane's progress with each; LaneDone last
 
-A body goes from the download thread that fetched it to a worker of this lane's own pool, never
-through the coordinator, which sees only jobs and outcomes, a batch at a time. A lane is started
-with the configured method (never plain fork) and ignores Ctrl-C: the coordinator decides, and
-sends STOP. A lane whose coordinator dies exits (its pidfd is watched), and its workers with it.
+A body goes from the download thread that fetched it to a worker of this lane, never through
+the coordinator, which sees only jobs and outcomes, a batch at a time. One thread, the owner,
+takes every decision: jobs in, what each worker does, a worker that died, stop and kill; the
+download threads only post to it. A lane is started with the configured method (never plain
+fork) and ignores Ctrl-C: the coordinator decides, and sends STOP. A lane whose coordinator dies
+exits (its owner waits on its pidfd too), and its workers with it (their pipes end).
 """
 
 from __future__ import annotations
@@ -42,16 +44,14 @@ from .elastic import Crew, Stragglers
 from .errors import FetchError, PipelineError, limit_hint
 from .logs import LogSetup, configure_child
 from .metrics import Meter, Stage
-from .parent import exit_with
-from .pool import TransformPool
+from .owner import END, STOP, Owner, pidfd
 from .records import Job, Outcome, Row
 from .shape import BATCH, LaneShape
-from .stages import DONE, BoundedQueue, _Done
+from .stages import DONE, BoundedQueue, _Done, label_thread
 
 log = logging.getLogger(__name__)
 
-END = "end"  # no more jobs: finish those you have, send the last rows and LaneDone
-STOP = "stop"  # interrupted: take no more jobs, give the pool its grace, send what is done
+__all__ = ["BATCH", "END", "STOP", "Lane", "LaneDone", "LaneFailed", "LaneHandle", "LaneSetup"]
 # How long the sender lets rows gather before it sends what it has: at 200 images/s a lane
 # would otherwise send one row a message, and every message costs the coordinator a wake-up,
 # two reads and an unpickling. A bounded linger, as Nagle's or a producer's linger.ms: the
@@ -118,11 +118,11 @@ class LaneDone:
 def lane_main(setup: LaneSetup, jobs: Connection, results: Connection) -> None:
     """The body of a lane process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+    label_thread(f"lane-{setup.index}")  # the main thread: the sender; ps shows the lane so
     if setup.log_setup is not None:
         configure_child(setup.log_setup)
-    exit_with(setup.coordinator_pid)
     try:
-        Lane(setup).run(jobs, results)
+        Lane(setup, watch=pidfd(setup.coordinator_pid)).run(jobs, results)
     except Exception as exc:  # cannot start a thread or a pipe, or a bug: one line, not a trace
         log.debug("lane %d failed", setup.index, exc_info=True)
         hint = limit_hint(exc) if isinstance(exc, OSError) else ""
@@ -134,101 +134,61 @@ def lane_main(setup: LaneSetup, jobs: Connection, results: Connection) -> None:
 class Lane:
     """The threads of one lane process."""
 
-    def __init__(self, setup: LaneSetup) -> None:
+    def __init__(self, setup: LaneSetup, watch: int | None = None) -> None:
         config, shape = setup.config, setup.shape
         self.config = config
         self.workers = shape.threads
-        self.stop = threading.Event()
         self.jobs: queue.SimpleQueue[Job | _Done] = queue.SimpleQueue()
         self.results: BoundedQueue[Outcome | LaneFailed] = BoundedQueue("results", shape.results)
         self.download = Stage("download", self.workers)
         self.transform = Stage("transform", shape.workers)
         self.budget = ByteBudget(shape.buffered_bytes)
         self.downloader = Downloader(config.download, self.budget)
-        self.pool = TransformPool(
-            config, Path(setup.out_dir), self.results, self.transform, self.stop,
-            producers=1, shape=shape, fail=self.fail, budget=self.budget,
+        self.owner = Owner(
+            config, Path(setup.out_dir), self.jobs, self.results, self.transform,
+            shape=shape, budget=self.budget, on_stop=self._cut,
+            failed=lambda message: self.results.put(LaneFailed(message)), watch=watch,
         )  # fmt: skip
+        self.stop = self.owner.stop  # set by the owner alone
         self.crew = Crew(
-            self.jobs, self._download, lambda: self.pool.inbox.put(DONE),
+            self.jobs, self._download, self.owner.mailbox.end,
             workers=self.workers, max_stragglers=shape.stragglers,
             straggler_after=config.download.straggler_after,
         )  # fmt: skip
         self._meters = threading.local()  # each download thread's Meter
-        self._grace: threading.Timer | None = None
-        self._stopping = threading.Lock()  # the first of a STOP and a failure stops the lane
-        self._failing = threading.Lock()  # taken by the first failure, never given back
 
     def run(self, jobs: Connection, results: Connection) -> None:
         cpu = time.process_time()
-        receiver = threading.Thread(target=self._receive, args=(jobs,), name="receiver")
-        try:
-            with self.downloader:
-                receiver.start()
-                self.pool.start()
-                self.crew.start()
-                self._send(results)
-                self.crew.join()
-                self.pool.join()
-        finally:
-            if self._grace is not None:
-                self._grace.cancel()
-            self.pool.close()
+        with self.downloader:
+            self.owner.start(jobs)
+            self.crew.start()
+            self._send(results)
+            self.crew.join()
+            self.owner.join()
         results.send(
             LaneDone(
                 self.download.total(),
                 self.transform.total(),
                 round(time.process_time() - cpu, 3),
-                self.pool.restarts,
-                self.pool.inbox.peak,
-                self.pool.peak,
+                self.owner.restarts,
+                self.owner.mailbox.peak,
+                self.owner.peak,
                 self.crew.stats,
                 self.budget.peak,
             )
         )
-        receiver.join()  # the coordinator closes the jobs pipe once it has LaneDone
+        with contextlib.suppress(EOFError, OSError):  # the coordinator closes it once it has
+            while True:  # LaneDone (a STOP may come meanwhile: the lane is done already)
+                jobs.recv()
 
-    # --- receiver thread: jobs from the coordinator ----------------------------------------------
-
-    def _receive(self, jobs: Connection) -> None:
-        ended = False
-        while True:
-            try:
-                message = jobs.recv()
-            except (EOFError, OSError):  # closed: the coordinator has our LaneDone, or is gone
-                message = None
-            if isinstance(message, list):
-                for job in message:
-                    self.jobs.put(job)
-                continue
-            if message is None and ended:
-                return
-            if message != END:  # STOP, or the coordinator is gone
-                self._interrupt()
-            if not ended:
-                ended = True
-                self.jobs.put(DONE)  # each download thread passes it on as it leaves
-            if message is None:
-                return
-
-    def _interrupt(self) -> None:
-        """Take no more jobs, cut the downloads, give the pool its grace, then kill it."""
-        if not self._stopping.acquire(blocking=False):
-            return  # stopping already
-        self.stop.set()
+    def _cut(self) -> None:
+        """The owner has decided to stop: cut the downloads, and any wait for room."""
         self.downloader.cancel()
-        self.budget.cancel()  # a download waiting for room ends too
-        self._grace = threading.Timer(self.config.transform.shutdown_grace, self.pool.kill_workers)
-        self._grace.name = "shutdown-grace"
-        self._grace.start()
+        self.budget.cancel()
 
     def fail(self, message: str) -> None:
-        """Stop the run: what is done is sent, the rest is left to the next run."""
-        if self._failing.acquire(blocking=False):  # the first; the later ones are the same, mostly
-            self._interrupt()  # (the coordinator tells the user)
-            self.results.put(LaneFailed(message))  # the sender passes it on
-        else:
-            log.debug("%s", message)
+        """Ask the owner to stop the run: what is done is sent, the rest is left to the next."""
+        self.owner.mailbox.fail(message)
 
     # --- download threads ------------------------------------------------------------------------
 
@@ -257,20 +217,17 @@ class Lane:
             self.results.put(Outcome.failed(job, err, download_ms=round(elapsed * 1000, 2)))
             return
         size = len(fetched.body)
-        self.budget.hand_over(size)  # the pool gives it back once it is done with the body
+        self.budget.hand_over(size)  # the owner gives it back once its image has ended
         meter.record(time.perf_counter() - started, bytes_in=size, bytes_out=size)
-        self.pool.inbox.put(fetched)
+        self.owner.mailbox.put(fetched)
 
     # --- main thread: outcomes back to the coordinator, in batches --------------------------------
 
     def _send(self, results: Connection) -> None:
         ended = False
         beat = self.config.executor.heartbeat / 3
-        sent = checked = -beat  # an empty batch at once: the coordinator hears from a new lane
+        sent = -beat  # an empty batch at once: the coordinator hears from a new lane
         while not ended:
-            if time.monotonic() - checked >= beat:  # as often as a heartbeat, busy or not
-                self.pool.kill_stopped(self.config.executor.heartbeat)
-                checked = time.monotonic()
             batch: list[Row] = []
             failed: LaneFailed | None = None
             item = self.results.get_until(sent + beat)  # block for the first, or a heartbeat
@@ -299,8 +256,8 @@ class Lane:
             self.download.failed,
             self.transform.items,
             self.transform.failed,
-            self.pool.inbox.depth(),
-            self.pool.in_flight,
+            self.owner.mailbox.depth(),
+            self.owner.in_flight,
             self.budget.used,
         )
 

@@ -7,7 +7,10 @@ killed: threads block on queues and end when their input ends.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import queue
+import threading
 import time
 from typing import Final, Generic, TypeVar
 
@@ -61,3 +64,14 @@ class BoundedQueue(Generic[T]):
 
     def depth(self) -> int:
         return self._queue.qsize()
+
+
+_PR_SET_NAME = 15
+
+
+def label_thread(name: str | None = None) -> None:
+    """Give the calling OS thread its Python name (or ``name``), as ``/proc/<pid>/task/*/comm``,
+    ``top -H`` and ``pipeline/bench/lanethreads.py`` show it (15 bytes at most; Linux only)."""
+    label = (name or threading.current_thread().name).encode()[:15]
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(label), 0, 0, 0)

@@ -1,9 +1,9 @@
 """The transform stage: decode -> op chain -> encode, run in the pool's worker processes.
 
 ``transform_bytes`` is the pure part (bytes in, bytes out) and is what the unit tests exercise.
-``init_worker`` and ``process`` are the pool's side: the config is sent once per process by the
-initializer, each task sends one Fetched body and gets back a small Outcome, and the worker writes
-the output file itself, so the parent never touches image bytes twice. What each op does, and
+``init_worker`` and ``process`` are the worker's side (workers.py): the config is sent once per
+process, each image is one Fetched body in and a small Outcome back, and the worker writes the
+output file itself, so the lane never touches image bytes twice. What each op does, and
 the size it makes, is ``ops``.
 
 When the chain only shrinks (its first geometric op is ``thumbnail`` or ``resize``, with only
@@ -42,11 +42,10 @@ from .config import (
     Thumbnail,
     TransformConfig,
 )
-from .errors import Filtered, ItemError, PipelineError, TransformError
+from .errors import Filtered, ItemError, TransformError
 from .layout import OutputLayout, caption_file
 from .logs import LogSetup, configure_worker
 from .ops import ORIENTATION, apply_op, background, leaves_alone, op_name, output_size, scaled_size
-from .parent import exit_with
 from .records import Fetched, Job, Outcome, caption
 
 log = logging.getLogger(__name__)
@@ -291,12 +290,11 @@ def encode(image: Image.Image, config: TransformConfig) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class WorkerSetup:
-    """What every pool process needs, sent once by the initializer instead of with each task."""
+    """What every transform process needs, sent once when it starts instead of with each task."""
 
     config: TransformConfig
     out_dir: str
     folder_size: int
-    main_pid: int  # the process that owns the run; a worker must not outlive it
     log_setup: LogSetup | None = None  # None: leave this process's logging as it is
     layout: OutputLayout = OutputLayout(webdataset=False)  # noqa: RUF009 (frozen: shared safely)
     hash_column: str = ""  # input.hash_column: the input column with each body's sha256
@@ -307,33 +305,13 @@ _setup: WorkerSetup | None = None
 
 
 def init_worker(setup: WorkerSetup) -> None:
-    """Pool initializer: keep the setup; leave Ctrl-C to the parent, which coordinates shutdown."""
+    """Keep the setup; leave Ctrl-C to the parent, which coordinates shutdown. (A worker watches
+    its lane by its tasks pipe, workers.py: it needs no thread for that.)"""
     global _setup
     _setup = setup
     if setup.log_setup is not None:
         configure_worker(setup.log_setup)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    exit_with(setup.main_pid)
-
-
-def process_many(items: list[Fetched]) -> list[Outcome]:
-    """Several images in one pool task: the hand-off to the pool is paid once for them all.
-
-    Whatever one image raises is that image's row, and the others go on; but an OutputError
-    (the disk is full) is raised: it is not the image's fault. Nor is a bug of ours (any other
-    exception than an ItemError): its row is ``internal_error``, which a rerun retries once the
-    bug is fixed.
-    """
-    outcomes = []
-    for item in items:
-        try:
-            outcomes.append(process(item))
-        except PipelineError:  # the output folder, not the image: the lane stops the run
-            raise
-        except Exception as exc:  # not an ItemError: a bug, but still only this image's row
-            error = internal_error(item.job.key, exc)
-            outcomes.append(Outcome.failed(item.job, error, download_ms=item.download_ms))
-    return outcomes
 
 
 _logged: set[str] = set()  # exception types whose traceback this process has logged

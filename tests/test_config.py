@@ -72,6 +72,7 @@ def error_for(toml: str, tmp_path: Path) -> str:
         ('[transform]\nbackground = "white"\n', "transform.background", "white"),
         ('[transform]\nstart_method = "fork"\n', "transform.start_method", "fork"),
         ("[transform]\nreducing_gap = 0.5\n", "transform.reducing_gap", "0.5"),
+        ("[transform]\ntimeout = -1\n", "transform.timeout", "-1"),
         ("[queues]\nfetched = 0\n", "queues.fetched", "0"),
         ("[queue]\nfetched = 1\n", "queue", "not a known section"),
         ("[input]\nshard_size = 0\n", "input.shard_size", "0"),

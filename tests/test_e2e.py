@@ -22,8 +22,8 @@ from pipeline.config import (
     Thumbnail,
     TransformConfig,
 )
-from pipeline.pool import CHUNK
 from pipeline.runner import run
+from pipeline.shape import CHUNK
 from pipeline.sink import read_manifest
 
 BOX = (64, 48)

@@ -232,6 +232,26 @@ seconds = 5
     run.unchanged_outside()
 
 
+def test_a_runaway_transform_fails_as_timeout_and_the_run_goes_on(tmp_path, faults, images):
+    config = """
+[transform]
+workers = 1
+timeout = 0.5
+[[transform.ops]]
+op = "_sleep"
+seconds = 30
+"""
+    run = Run(tmp_path, [faults.url(name) for name in images[:2]], config)
+    started = time.monotonic()
+    code, _, stderr = run()
+    assert time.monotonic() - started < 20  # each image's worker killed after 0.5 s, not 30
+    assert code == 0, stderr
+    rows = run.rows()
+    assert len(rows) == 2
+    assert {row["error_kind"] for row in rows.values()} == {"transform_timeout"}
+    assert "transform process" in stderr and "killed" in stderr
+
+
 # --- 5: the config's faults are the config's: refused at load, never final rows -----------------
 
 

@@ -160,3 +160,25 @@ def test_a_run_stopped_whole_then_continued_kills_no_lane(tmp_path, image_dir):
     assert "sent nothing" not in stderr
     assert json.loads((tmp_path / "out" / "report.json").read_text())["lane_restarts"] == 0
     rows_once(tmp_path / "out", urls)
+
+
+def test_a_lane_runs_its_download_threads_and_four_more_named(tmp_path, image_dir):
+    gated = gated_handler()
+    with StaticServer(image_dir, handler=gated) as server:
+        urls = [server.url(p.name) for p in sorted(image_dir.iterdir())[:6]]
+        proc = start(tmp_path, urls, heartbeat=10)
+        try:
+            for _ in range(3):  # download.workers = 3, each waiting on the gate
+                assert gated.arrived.acquire(timeout=60)
+            (lane,) = lanes_of(proc.pid)
+            names = Counter(
+                Path(task, "comm").read_text().strip()
+                for task in Path(f"/proc/{lane}/task").iterdir()
+            )
+        finally:
+            gated.gate.set()
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert sum(names.values()) <= 3 + 4, names
+    assert names["owner"] == 1 and names["lane-0"] >= 1  # the owner, the sender
+    assert sum(n for name, n in names.items() if name.startswith("download-")) == 3

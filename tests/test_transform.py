@@ -17,7 +17,7 @@ import pytest
 from helpers import encode, photo
 from PIL import Image
 
-from pipeline import ops, transform
+from pipeline import ops, transform, workers
 from pipeline.bench.faults import bomb_png
 from pipeline.config import (
     Blur,
@@ -38,7 +38,6 @@ from pipeline.transform import (
     draft_size,
     init_worker,
     process,
-    process_many,
     transform_bytes,
 )
 
@@ -215,7 +214,7 @@ def worker(tmp_path):
     """Set this process up as a pool worker would be, and put Ctrl-C back afterwards."""
     previous = signal.getsignal(signal.SIGINT)
     config = TransformConfig(ops=(Thumbnail(64, 64),))
-    init_worker(WorkerSetup(config, str(tmp_path), 1000, main_pid=1))
+    init_worker(WorkerSetup(config, str(tmp_path), 1000))
     yield tmp_path
     signal.signal(signal.SIGINT, previous)
 
@@ -245,11 +244,11 @@ def test_an_unwritable_output_stops_the_run_instead_of_failing_the_image(tmp_pat
     blocker = tmp_path / "file"
     blocker.write_text("")
     try:
-        init_worker(WorkerSetup(TransformConfig(), str(blocker), 1000, main_pid=1))
+        init_worker(WorkerSetup(TransformConfig(), str(blocker), 1000))
         with pytest.raises(OutputError, match=rf"^{blocker}: Not a directory$"):
             process(fetched(JPEG))
-        with pytest.raises(OutputError):  # several images a task: raised, not a row
-            process_many([fetched(JPEG)])
+        lost = workers._answer(fetched(JPEG))  # in a worker: no row, the lane stops the run
+        assert isinstance(lost, workers.Lost) and lost.message == f"{blocker}: Not a directory"
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -423,7 +422,10 @@ def test_a_bug_in_an_op_is_a_retryable_internal_error(worker: Path, monkeypatch,
     monkeypatch.setitem(ops._APPLY, Thumbnail, broken)
     monkeypatch.setattr(transform, "_logged", set())
     with caplog.at_level(logging.DEBUG, logger="pipeline.transform"):
-        outcomes = process_many([fetched(JPEG), fetched(JPEG, "http://x/b.jpg")])
+        outcomes = [
+            workers._answer(fetched(JPEG)),
+            workers._answer(fetched(JPEG, "http://x/b.jpg")),
+        ]
     assert {(o.status, o.error_kind, o.error) for o in outcomes} == {
         ("failed", "internal_error", "RuntimeError: a bug over two lines")
     }
