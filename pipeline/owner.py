@@ -134,6 +134,8 @@ class Owner:
     def _run(self) -> None:
         label_thread()
         try:
+            while len(self.workers) < self.count and not self.stop.is_set():
+                self._start()  # at once: a lane that cannot start them stops before it downloads
             while not (self._ended and not self.in_flight and not self.mailbox.depth()):
                 self._step()
         except BaseException as exc:
