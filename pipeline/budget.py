@@ -3,7 +3,7 @@
     download thread: take(size) per chunk read, or for the whole declared body before reading it
                      --(blocks while the lane holds its budget)
                      hand_over(size): the whole body goes to the pool   | drop(): it failed
-    dispatcher:      release(size) once the pool is done with a body (its task has ended)
+    owner thread:    release(size) once the body's image has ended (owner.py)
 
 Without it, a lane holds up to (download.workers + download.max_stragglers) x download.max_bytes
 when slow servers send large bodies (gigabytes); with it, at most ``download.max_buffered_bytes``
@@ -25,7 +25,7 @@ from .errors import FetchError
 
 
 class ByteBudget:
-    """A semaphore of bytes, shared by a lane's download threads and its dispatcher."""
+    """A semaphore of bytes, shared by a lane's download threads and its owner thread."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

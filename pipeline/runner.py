@@ -6,7 +6,7 @@
         |  jobs pipe                                      ^  results pipe: batches of Outcomes
         v                                                 |
     lane 0 .. lane N-1 (lane.py), a process each:         |
-        download threads -> [fetched] -> dispatcher -> its own transform pool
+        download threads -> mailbox -> owner thread -> its own transform workers
         |
     coordinator, main thread: manifest (Sink), stats  ->  Report (screen, report.json)
     sampler thread: samples what the lanes report, redraws the progress bars
@@ -30,7 +30,7 @@ nothing: the jobs it held are dealt again, to a lane started in its place; a job
 died twice is a ``worker_crash`` row. A lane that hangs (kill -STOP, a stuck process) is found
 by its silence: a lane sends at least a heartbeat every third of ``executor.heartbeat``
 seconds, and one not heard from for that long is killed, then treated as dead. A worker that
-dies inside a lane is that lane's pool's business (pool.py).
+dies inside a lane is that lane's owner's business (owner.py).
 """
 
 from __future__ import annotations
