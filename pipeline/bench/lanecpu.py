@@ -105,7 +105,7 @@ def kind(pid: int, parent: int, root: int, names: set[str]) -> str:
     command line, so a server is one whose parent is no forkserver."""
     if pid == root:
         return "coordinator"
-    if "receiver" in names:
+    if "owner" in names:  # the lane's owner thread (owner.py)
         return "lane"
     if _served(pid) and not _served(parent):
         return "forkservers, tracker"
