@@ -212,10 +212,15 @@ def _read_body(
         raise FetchError(
             "too_large", f"Content-Length {length} > download.max_bytes {config.max_bytes}"
         )
-    if length is not None and not response.headers.get("Content-Encoding"):
+    # a declared length that binds the read: not encoded (a decoded body can outgrow it), and
+    # not chunked (then the length is ignored, and the server decides how much comes)
+    if length is not None and not response.headers.get("Content-Encoding") and _bound(response):
         if budget is not None and length:  # room for the whole body, before it is read
             budget.take(length)
-        return _read_all(response)  # the declared length, no more: one read, no chunk loop
+        body = _read_all(response)  # the declared length, no more: one read, no chunk loop
+        if len(body) > length:  # http.client stops at the length: a guard, never expected
+            raise FetchError("protocol", f"{len(body)} bytes sent for Content-Length {length}")
+        return body
     # unknown length, or encoded (a decoded body can outgrow its Content-Length): read in chunks,
     # each counted; one read when the length is known and small (fewer chunks cost the GIL less)
     chunk_size = min(config.chunk_size, length + 1) if length else config.chunk_size
@@ -229,6 +234,11 @@ def _read_body(
             raise FetchError("too_large", f"body exceeds download.max_bytes {config.max_bytes}")
     # usually one chunk: returned as it is, not copied twice through a growing buffer
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _bound(response: requests.Response) -> bool:
+    """True when the body's length is the declared one: not sent in chunks."""
+    return not getattr(response.raw, "chunked", False)
 
 
 def _read_all(response: requests.Response) -> bytes:

@@ -81,13 +81,14 @@ class Mailbox:
             return self._ended, failures
 
     def take(self, most: int, max_bytes: float = math.inf) -> list[Fetched]:
-        """Up to ``most`` bodies there now, the first always, the others while they fit."""
+        """Up to ``most`` bodies there now, in order, while they fit in ``max_bytes`` (a busy
+        worker's room: a body that does not fit waits for the next idle worker)."""
         taken: list[Fetched] = []
         size = 0
         with self._room:
             while self._bodies and len(taken) < most:
                 size += len(self._bodies[0].body)
-                if taken and size > max_bytes:
+                if size > max_bytes:
                     break
                 taken.append(self._bodies.popleft())
             if taken:

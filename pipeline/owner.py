@@ -369,6 +369,9 @@ class Owner:
                 return [(item, attempt)]
             task: list[tuple[Fetched, int]] = []
             while self.again and not self.again[0][2] and len(task) < CHUNK:
+                room -= len(self.again[0][0].body)
+                if room < 0:  # a busy worker's pipe would make the owner's write wait
+                    break
                 item, attempt, _ = self.again.popleft()
                 task.append((item, attempt))
             return task

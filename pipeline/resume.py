@@ -199,9 +199,12 @@ def _check_restart(out_dir: Path) -> None:
 
 
 def forget(out_dir: Path) -> None:
-    """--restart: what earlier runs recorded goes, and their tar shards (a training job reading
-    shards/*.tar must not find an old one); image files are overwritten as redone."""
-    for path in (out_dir / MANIFEST, out_dir / RUN, out_dir / SHARDS):
+    """--restart: what earlier runs recorded goes, with all they wrote: tar shards (a training
+    job reading shards/*.tar must not find an old one), images and their captions (an image
+    redone without a caption, or a line that now fails, must not keep an earlier run's file
+    beside it) and staged outputs."""
+    names = (MANIFEST, RUN, SHARDS, IMAGES, STAGING)
+    for path in (out_dir / name for name in names):
         try:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)

@@ -16,6 +16,8 @@ from .config import OPS, Config
 
 #: The transform settings of an output's bytes, in the order older run.json files listed them.
 _TRANSFORM_KEYS = ("format", "quality", "background", "resample", "reducing_gap", "max_pixels")
+# and those that decide which rows are final (filtered, not_image) or whether bytes are kept
+_FINAL_KEYS = ("input_formats", "min_width", "min_height", "max_aspect_ratio", "reencode")
 _SHOWN = 3  # differing keys named in one message
 OLDER = (
     "made by an older version of pipeline, whose settings cannot be compared; rerun with "
@@ -39,7 +41,7 @@ def pinned(config: Config) -> dict[str, Any]:
         settings["version.tar_names"] = "numbered"  # 00000.tar.. across the folder
     settings["output.caption_column"] = output.caption_column
     settings["output.sample_columns"] = list(output.sample_columns)
-    for key in _TRANSFORM_KEYS:
+    for key in (*_TRANSFORM_KEYS, *_FINAL_KEYS):
         settings[f"transform.{key}"] = getattr(transform, key)
     settings["transform.ops"] = [
         {"op": _op_names()[type(op).__name__], **dataclasses.asdict(op)} for op in transform.ops

@@ -42,6 +42,7 @@ from .transform import WorkerSetup, init_worker, internal_error, process
 
 _PIPE_BYTES = 1 << 20  # a worker's tasks pipe: a task's bodies fit, the owner's write never waits
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux)
+_PICKLING = 64 << 10  # a task's bytes besides its bodies (URLs, columns): kept free in a pipe
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +161,7 @@ class Worker:
     def room(self) -> float:
         """Bytes of bodies that may be sent now: any to an idle worker; to a busy one, what fits
         in its pipe beside what it holds, so that the owner's write never waits for it."""
-        return math.inf if not self.held else self.capacity - self.bytes
+        return math.inf if not self.held else self.capacity - self.bytes - _PICKLING
 
     def answer(self) -> tuple[Fetched, int]:
         """The first image held, now answered."""

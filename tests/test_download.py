@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.client
 import re
+import socket
 import threading
 from typing import ClassVar
 
@@ -15,6 +17,7 @@ import urllib3.exceptions
 from helpers import gated_handler
 
 from pipeline.bench.server import QuietHandler, StaticServer
+from pipeline.budget import ByteBudget
 from pipeline.config import DownloadConfig
 from pipeline.download import Downloader, _ours, check_url, translate
 from pipeline.errors import ConfigError, FetchError, is_final
@@ -451,3 +454,34 @@ def test_a_proxy_setting_is_read_once_per_session(monkeypatch):
     named = new_session(DownloadConfig(proxy="http://127.0.0.1:8080"))
     assert named.proxies == {"http": "http://127.0.0.1:8080", "https": "http://127.0.0.1:8080"}
     assert not named.trust_env  # requests never looks at the environment per request
+
+
+def test_a_chunked_body_is_held_to_max_bytes_whatever_its_content_length_says():
+    """``Transfer-Encoding: chunked`` makes a Content-Length meaningless: the body is read
+    chunk by chunk against max_bytes and the lane's byte budget, never in one unbounded read."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            head = "Content-Type: image/jpeg\r\nContent-Length: 10\r\nTransfer-Encoding: chunked"
+            conn.sendall(f"HTTP/1.1 200 OK\r\n{head}\r\nConnection: close\r\n\r\n".encode())
+            chunk = b"x" * 100_000
+            with contextlib.suppress(OSError):  # the client stops reading past max_bytes
+                for _ in range(30):
+                    conn.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                conn.sendall(b"0\r\n\r\n")
+
+    server = threading.Thread(target=serve)
+    server.start()
+    budget = ByteBudget(1_000_000)
+    config = DownloadConfig(max_bytes=1_000_000, max_buffered_bytes=1_000_000, proxy="none")
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/a.jpg"
+    try:
+        with Downloader(config, budget) as downloader, pytest.raises(FetchError) as caught:
+            downloader.fetch(Job(1, 1, url, "s"))
+    finally:
+        server.join(timeout=30)
+        listener.close()
+    assert caught.value.kind == "too_large"

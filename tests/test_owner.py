@@ -123,6 +123,20 @@ def test_a_runaway_image_is_killed_as_transform_timeout_and_the_owner_goes_on(tm
     assert run.budget.used == 0
 
 
+def test_a_body_larger_than_a_busy_workers_pipe_waits_and_never_blocks_the_owner(tmp_path):
+    """Sent to a worker busy for 20 s, a 3 MB body would fill its 1 MB pipe and hold the
+    owner's write, and with it the 1 s timeout: it waits for an idle worker instead."""
+    run = Run(tmp_path, ops=(Sleep(20.0),), timeout=1.0)
+    started = time.monotonic()
+    run.post(body((64, 48)))
+    wait_for(lambda: run.owner.in_flight == 1, what="the worker to hold the first image")
+    run.post(b"\xff\xd8" + b"x" * 3_000_000)
+    rows = run.finish()
+    assert [r.error_kind for r in rows] == ["transform_timeout", "not_image"]
+    assert time.monotonic() - started < 10  # the timeout fired after 1 s, not after 20
+    assert run.budget.used == 0
+
+
 def test_a_stop_lets_images_finish_within_the_grace_then_kills_and_records_nothing(tmp_path):
     run = Run(tmp_path, workers=2, ops=(Sleep(20.0),), shutdown_grace=0.5)
     for i in range(6):

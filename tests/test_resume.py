@@ -30,6 +30,7 @@ from pipeline.config import (
     TransformConfig,
 )
 from pipeline.records import make_key
+from pipeline.resume import forget
 from pipeline.runner import run
 from pipeline.sink import read_manifest
 
@@ -375,3 +376,15 @@ def test_with_dedupe_a_file_done_whole_is_read_again_for_its_urls(tmp_path, serv
     rows = [row for row in read_manifest(out) if row["source"] == "b.txt"]
     assert [(row["status"], row["duplicate_of"]) for row in rows] == [("duplicate", make_key(0, 1))]
     assert again.skipped == 3
+
+
+def test_restart_removes_what_earlier_runs_wrote_captions_and_staged_files_too(tmp_path):
+    """A line redone without a caption, or one that now fails, keeps no earlier run's file."""
+    for name in ("images/00000/00000/000000001-ab.jpg", "images/00000/00000/000000001-ab.txt",
+                 ".staging/00000/00000/000000002-cd.jpg", "manifest/00000-000000001.jsonl",
+                 "shards/00000.tar", "run.json"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("earlier")
+    (tmp_path / "notes.txt").write_text("the user's")
+    forget(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

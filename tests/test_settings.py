@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.config import Config, InputConfig, OutputConfig, Resize, TransformConfig
 from pipeline.settings import OLDER, differences, pinned
 
@@ -63,3 +65,20 @@ def test_a_setting_added_since_a_folder_was_made_counts_as_its_default():
     assert differences(then, pinned(Config(input=InputConfig(hash_column="sha")))) == (
         'input.hash_column was "", now "sha"'
     )
+
+
+@pytest.mark.parametrize(
+    ("changed", "said"),
+    [
+        ({"reencode": False}, "transform.reencode was true, now false"),
+        ({"min_width": 64}, "transform.min_width was 0, now 64"),
+        ({"min_height": 64}, "transform.min_height was 0, now 64"),
+        ({"max_aspect_ratio": 10.0}, "transform.max_aspect_ratio was 0.0, now 10.0"),
+        ({"input_formats": ("JPEG",)}, "transform.input_formats was"),
+    ],
+)
+def test_settings_that_decide_final_rows_or_kept_bytes_are_pinned(changed, said):
+    """A filter or the decoders decide rows that are final, reencode whether bytes are kept:
+    a resumed run with another value would mix both in one folder."""
+    message = differences(pinned(Config()), pinned(Config(transform=TransformConfig(**changed))))
+    assert message is not None and message.startswith(said)
