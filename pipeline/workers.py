@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import math
 import multiprocessing
 import multiprocessing.sharedctypes  # imported now: not when files may be short
@@ -43,6 +44,7 @@ from .transform import WorkerSetup, init_worker, internal_error, process
 _PIPE_BYTES = 1 << 20  # a worker's tasks pipe: a task's bodies fit, the owner's write never waits
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux)
 _PICKLING = 64 << 10  # a task's bytes besides its bodies (URLs, columns): kept free in a pipe
+_NUMBERS = itertools.count(1)  # a lane's transform processes, numbered as they start
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,13 @@ def context_of(config: Config) -> Any:
     return context
 
 
+def _name() -> str:
+    """``transform-0:3``: the lane's index (its process is ``lane-0``) and the worker's number;
+    its log lines carry it."""
+    lane = multiprocessing.current_process().name.rpartition("-")[2]
+    return f"transform-{lane}:{next(_NUMBERS)}"
+
+
 class Worker:
     """The lane's side of one transform process: its pipes and the images it holds, in order."""
 
@@ -127,7 +136,7 @@ class Worker:
             self.process = context.Process(
                 target=worker_main,
                 args=(setup, tasks_end, outcomes_end, self.progress, os.getpid()),
-                name="transform", daemon=True,
+                name=_name(), daemon=True,
             )  # fmt: skip
             self.process.start()
         except BaseException:
