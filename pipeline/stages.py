@@ -71,7 +71,7 @@ _PR_SET_NAME = 15
 
 def label_thread(name: str | None = None) -> None:
     """Give the calling OS thread its Python name (or ``name``), as ``/proc/<pid>/task/*/comm``,
-    ``top -H`` and ``pipeline/bench/lanethreads.py`` show it (15 bytes at most; Linux only)."""
+    ``top -H`` and ``python -m pipeline.bench.lanecpu`` show it (15 bytes at most; Linux only)."""
     label = (name or threading.current_thread().name).encode()[:15]
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(label), 0, 0, 0)
