@@ -254,6 +254,8 @@ class WatchedAdapter(HTTPAdapter):
         response.url = req.url or ""
         response.request = req
         response.connection = self
+        if response.is_redirect and not _small(resp):
+            _skip_body(response)
         return response
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
@@ -310,6 +312,26 @@ def prepared_url(url: str) -> str:
     request = requests.PreparedRequest()
     request.prepare_url(url, None)
     return request.url or url
+
+
+_DRAINED = 64 << 10  # a redirect's body up to this is read, so its connection is kept alive
+
+
+def _small(resp: Any) -> bool:
+    """Whether a response's body is declared, not chunked, and small enough to drain."""
+    try:
+        length = int(resp.headers.get("Content-Length", ""))
+    except ValueError:
+        return False
+    return not getattr(resp, "chunked", False) and 0 <= length <= _DRAINED
+
+
+def _skip_body(response: requests.Response) -> None:
+    """A redirect's body is never used, but requests reads it whole to free the connection: a
+    server could send gigabytes, or never end it. Its connection is closed instead."""
+    response.raw.close()
+    response._content = b""  # what requests then reads as the body
+    response._content_consumed = True  # type: ignore[attr-defined]
 
 
 def get(session: requests.Session, url: str, timeout: tuple[float, float]) -> requests.Response:

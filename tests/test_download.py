@@ -14,7 +14,7 @@ import pytest
 import requests
 import responses
 import urllib3.exceptions
-from helpers import gated_handler
+from helpers import encode, gated_handler, photo
 
 from pipeline.bench.server import QuietHandler, StaticServer
 from pipeline.budget import ByteBudget
@@ -485,3 +485,45 @@ def test_a_chunked_body_is_held_to_max_bytes_whatever_its_content_length_says():
         server.join(timeout=30)
         listener.close()
     assert caught.value.kind == "too_large"
+
+
+def test_a_redirects_body_is_never_read():
+    """A 302 whose body never ends: requests would read it whole before following the
+    redirect (until the read timeout, or gigabytes); its connection is closed instead."""
+    image = encode(photo(40, 30))
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            request = conn.recv(65536)
+            if request.startswith(b"GET /start"):  # a huge body that never comes
+                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: /image.jpg\r\n"
+                             b"Content-Length: 100000000\r\n\r\nxxxx")  # fmt: skip
+                done.wait(30)
+                return
+            head = f"Content-Type: image/jpeg\r\nContent-Length: {len(image)}\r\n"
+            conn.sendall(f"HTTP/1.1 200 OK\r\n{head}Connection: close\r\n\r\n".encode() + image)
+
+    def serve() -> None:
+        answers = []
+        for _ in range(2):
+            conn, _ = listener.accept()
+            answers.append(threading.Thread(target=answer, args=(conn,)))
+            answers[-1].start()
+        for thread in answers:
+            thread.join()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    config = DownloadConfig(read_timeout=5.0, proxy="none")
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/start"
+    try:
+        with Downloader(config) as downloader:
+            fetched = downloader.fetch(Job(1, 1, url, "s"))
+    finally:
+        done.set()
+        server.join(timeout=30)
+        listener.close()
+    assert fetched.body == image
+    assert fetched.download_ms < 4000  # not a read timeout's 5 s spent on the 302's body
