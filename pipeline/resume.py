@@ -185,12 +185,15 @@ def unreadable(findings: Findings) -> str:
     )
 
 
+_REMOVED = (MANIFEST, RUN, SHARDS, IMAGES, STAGING)  # what --restart removes
+
+
 def _check_restart(out_dir: Path) -> None:
     """--restart removes only what a run of pipeline wrote: a folder without run.json that holds
-    a manifest/ or shards/ of its own is refused."""
+    a manifest/, shards/, images/ or .staging/ of its own is refused."""
     if (out_dir / RUN).is_file():
         return
-    held = [name for name in (MANIFEST, SHARDS) if os.path.lexists(out_dir / name)]
+    held = [name for name in _REMOVED if name != RUN and os.path.lexists(out_dir / name)]
     if held:
         raise PipelineError(
             f"{out_dir}: not an output folder of pipeline (no {RUN}), and --restart would "
@@ -203,8 +206,7 @@ def forget(out_dir: Path) -> None:
     job reading shards/*.tar must not find an old one), images and their captions (an image
     redone without a caption, or a line that now fails, must not keep an earlier run's file
     beside it) and staged outputs."""
-    names = (MANIFEST, RUN, SHARDS, IMAGES, STAGING)
-    for path in (out_dir / name for name in names):
+    for path in (out_dir / name for name in _REMOVED):
         try:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)

@@ -217,6 +217,12 @@ def test_restart_refuses_a_folder_pipeline_did_not_write(tmp_path, server, image
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "data: not an output folder of pipeline" in done.stderr
     assert mine.read_text() == "keep me" and not (tmp_path / "data" / "run.json").exists()
+    photo = tmp_path / "photos" / "images" / "cat.jpg"  # --restart removes images/ too
+    photo.parent.mkdir(parents=True)
+    photo.write_text("keep me")
+    done = run(tmp_path, "photos", "--restart")
+    assert done.returncode == 2 and "would remove its images" in done.stderr
+    assert photo.read_text() == "keep me"
     done = run(tmp_path, "fresh", "--restart")  # a folder with nothing to remove is fine
     assert done.returncode == 0, done.stderr
     assert [p.name for p in (tmp_path / "fresh" / "shards").glob("*.tar")] == ["00000.tar"]
