@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/pipeline demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests data
