@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import multiprocessing
@@ -12,6 +13,7 @@ import struct
 import subprocess
 import sys
 import termios
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,21 @@ height = 64
 LOG_LINE = re.compile(r"\d\d:\d\d:\d\d\.\d{3} (?:DEBUG|INFO|WARNING|ERROR) \S+/\S+ \S+: ")
 
 
+@contextlib.contextmanager
+def configured(level: int, log_file: Path) -> Iterator[None]:
+    """``configure(level, log_file)`` for the block; this process's logging as it was after."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("pipeline").level
+    try:
+        configure(level, str(log_file))
+        yield
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("pipeline").setLevel(saved[2])
+
+
 def _child(setup: LogSetup) -> None:
     configure_child(setup, "child-1")
     logging.getLogger("pipeline.test").info("from the child, %s", "formatted")
@@ -50,10 +67,7 @@ def _child(setup: LogSetup) -> None:
 
 def test_a_child_process_logs_through_the_coordinators_handlers(tmp_path):
     log_file = tmp_path / "run.log"
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level, logging.getLogger("pipeline").level
-    try:
-        configure(logging.INFO, str(log_file))
+    with configured(logging.INFO, log_file):
         with relay():
             setup = LogSetup.current()
             assert setup.address is not None and setup.level == logging.INFO
@@ -62,9 +76,6 @@ def test_a_child_process_logs_through_the_coordinators_handlers(tmp_path):
             child.join(30)
             assert child.exitcode == 0
         text = log_file.read_text()  # the relay wrote every record before it closed
-    finally:
-        root.handlers[:], root.level = saved[0], saved[1]
-        logging.getLogger("pipeline").setLevel(saved[2])
     lines = [line for line in text.splitlines() if LOG_LINE.match(line)]
     assert [line.split(" ", 2)[2] for line in lines] == [
         "child-1/MainThread pipeline.test: from the child, formatted",
@@ -149,16 +160,8 @@ def test_control_characters_in_a_logged_message_are_escaped(tmp_path):
 
     assert printable("a\x1b[31mb\x07\r\n\x9b\u202ec é") == "a\\x1b[31mb\\x07\\r\\n\\x9b\\u202ec é"
     assert printable("one\ntwo\x1b", newlines=True) == "one\ntwo\\x1b"
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level, logging.getLogger("pipeline").level
-    try:
-        configure(logging.CRITICAL, str(tmp_path / "run.log"))
+    with configured(logging.CRITICAL, tmp_path / "run.log"):
         logging.getLogger("pipeline.test").warning("fetched %s", "http://h/\x1b]0;owned\x07\nfake")
-    finally:
-        for handler in root.handlers:
-            handler.close()
-        root.handlers[:], root.level = saved[0], saved[1]
-        logging.getLogger("pipeline").setLevel(saved[2])
     text = (tmp_path / "run.log").read_text()
     assert "fetched http://h/\\x1b]0;owned\\x07\\nfake\n" in text and "\x1b" not in text
 
@@ -172,21 +175,12 @@ def _hostile_child(setup: LogSetup) -> None:
 
 
 def test_a_childs_message_is_escaped_and_its_traceback_kept(tmp_path):
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level, logging.getLogger("pipeline").level
-    try:
-        configure(logging.CRITICAL, str(tmp_path / "run.log"))
-        with relay():
-            child = multiprocessing.get_context("spawn").Process(
-                target=_hostile_child, args=(LogSetup.current(),)
-            )
-            child.start()
-            child.join(30)
-    finally:
-        for handler in root.handlers:
-            handler.close()
-        root.handlers[:], root.level = saved[0], saved[1]
-        logging.getLogger("pipeline").setLevel(saved[2])
+    with configured(logging.CRITICAL, tmp_path / "run.log"), relay():
+        child = multiprocessing.get_context("spawn").Process(
+            target=_hostile_child, args=(LogSetup.current(),)
+        )
+        child.start()
+        child.join(30)
     text = (tmp_path / "run.log").read_text()
     assert "pipeline.test: at http://h/\\x1b[31m\\nforged\nTraceback" in text, text
     assert "ValueError: bad \\x1b[2J" in text and "\x1b" not in text
