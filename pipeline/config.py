@@ -184,9 +184,14 @@ class OutputConfig:
     flush_seconds: float = 1.0
     caption_column: str = ""  # the input column written as each sample's .txt; "": none
     sample_columns: tuple[str, ...] = ("*",)  # the input columns in a sample's .json; "*": all
+    # an output in a store (dir = "s3://..."): fsspec options (endpoint, profile...); never shown
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    staging: str = ""  # local folder files wait in before their put; "": a temporary folder
+    uploads: int = 16  # puts at once, per lane (and per packer) into a store
 
     def __post_init__(self) -> None:
         _require(bool(self.dir), "dir", "a non-empty path", self.dir)
+        _require(1 <= self.uploads <= 256, "uploads", "in [1, 256]", self.uploads)
         columns = self.sample_columns
         _require(
             columns == ("*",) or all(c and c != "*" for c in columns),
