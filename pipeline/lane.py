@@ -34,11 +34,10 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from .budget import ByteBudget
-from .config import Config
+from .config import DownloadConfig
 from .download import Downloader
 from .elastic import Crew, Stragglers
 from .errors import FetchError, PipelineError, limit_hint
@@ -48,6 +47,7 @@ from .owner import END, STOP, Owner, pidfd
 from .records import Job, Outcome, Row
 from .shape import BATCH, LaneShape
 from .stages import DONE, BoundedQueue, _Done, label_thread
+from .transform import WorkerSetup
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,15 @@ LINGER = 0.05
 
 @dataclass(frozen=True, slots=True)
 class LaneSetup:
-    """What a lane process needs, sent once when it starts."""
+    """What a lane process needs, sent once when it starts: the sections of the config it uses,
+    never the whole of it (lanes.py builds it)."""
 
     index: int
-    config: Config
-    out_dir: str
+    download: DownloadConfig  # its download threads'
+    # what each of its transform processes gets (the transform section, the output folder and
+    # layout); its owner keeps to that section's timeouts, retries and start method
+    worker: WorkerSetup
+    heartbeat: float  # executor.heartbeat: it beats every third of it; a worker stopped this long
     shape: LaneShape  # its threads, workers and bounds
     coordinator_pid: int
     log_setup: LogSetup | None = None
@@ -135,25 +139,25 @@ class Lane:
     """The threads of one lane process."""
 
     def __init__(self, setup: LaneSetup, watch: int | None = None) -> None:
-        config, shape = setup.config, setup.shape
-        self.config = config
+        shape = setup.shape
+        self.heartbeat = setup.heartbeat
         self.workers = shape.threads
         self.jobs: queue.SimpleQueue[Job | _Done] = queue.SimpleQueue()
         self.results: BoundedQueue[Outcome | LaneFailed] = BoundedQueue("results", shape.results)
         self.download = Stage("download", self.workers)
         self.transform = Stage("transform", shape.workers)
         self.budget = ByteBudget(shape.buffered_bytes)
-        self.downloader = Downloader(config.download, self.budget)
+        self.downloader = Downloader(setup.download, self.budget)
         self.owner = Owner(
-            config, Path(setup.out_dir), self.jobs, self.results, self.transform,
-            shape=shape, budget=self.budget, on_stop=self._cut,
+            setup.worker, self.jobs, self.results, self.transform,
+            shape=shape, heartbeat=setup.heartbeat, budget=self.budget, on_stop=self._cut,
             failed=lambda message: self.results.put(LaneFailed(message)), watch=watch,
         )  # fmt: skip
         self.stop = self.owner.stop  # set by the owner alone
         self.crew = Crew(
             self.jobs, self._download, self.owner.mailbox.end,
             workers=self.workers, max_stragglers=shape.stragglers,
-            straggler_after=config.download.straggler_after,
+            straggler_after=setup.download.straggler_after,
         )  # fmt: skip
         self._meters = threading.local()  # each download thread's Meter
 
@@ -225,7 +229,7 @@ class Lane:
 
     def _send(self, results: Connection) -> None:
         ended = False
-        beat = self.config.executor.heartbeat / 3
+        beat = self.heartbeat / 3
         sent = -beat  # an empty batch at once: the coordinator hears from a new lane
         while not ended:
             batch: list[Row] = []

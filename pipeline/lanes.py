@@ -1,7 +1,8 @@
 """The coordinator's side of its lanes: start them, wait on them all at once, replace a dead one.
 
-    Lanes.start(i)      a lane process, with its LaneShape: its threads, its share of the
-                        transform workers, its bounds (shape.py)
+    Lanes.start(i)      a lane process, with its LaneSetup: its sections of the config (the
+                        workers' WorkerSetup built once, here), its LaneShape: its threads,
+                        its share of the transform workers, its bounds (shape.py)
     Lanes.wait()        the lanes with a message ready (one epoll for every results pipe, and a
                         wake-up pipe that a signal handler writes to)
     Lanes.ended(h, d)   a lane said LaneDone: its figures are kept, its pipes closed
@@ -27,9 +28,23 @@ from pathlib import Path
 from .config import Config
 from .errors import PipelineError, limit_hint
 from .lane import LaneDone, LaneHandle, LaneSetup
+from .layout import OutputLayout
 from .logs import LogSetup
 from .progress import LaneGauge
 from .shape import RunShape
+from .transform import WorkerSetup
+
+
+def worker_setup(config: Config, out_dir: Path) -> WorkerSetup:
+    """What each transform process is sent: the transform section, where and how it writes (its
+    logging is added as each lane starts: ``Lanes.setup``)."""
+    return WorkerSetup(
+        config.transform,
+        str(out_dir),
+        layout=OutputLayout.of(config.output),
+        hash_column=config.input.hash_column,
+        caption_column=config.output.caption_column,
+    )
 
 
 def kilobytes(size: int) -> int:
@@ -42,7 +57,7 @@ class Lanes:
     def __init__(self, config: Config, shape: RunShape, out_dir: Path) -> None:
         self.config = config
         self.shape = shape
-        self.out_dir = out_dir
+        self.worker = worker_setup(config, out_dir)  # once: every lane gets the same
         self.running: list[LaneHandle] = []
         self.every: list[LaneHandle] = []  # ... and those that ended: the bars' counts
         self.finished: list[LaneDone] = []
@@ -65,10 +80,8 @@ class Lanes:
         context = multiprocessing.get_context(method)
         if method == "forkserver":  # lanes fork from a server that has imported their code
             context.set_forkserver_preload(["pipeline.lane"])
-        setup = LaneSetup(index, self.config, str(self.out_dir), self.shape.lanes[index],
-                          os.getpid(), LogSetup.current())  # fmt: skip
         try:
-            handle = LaneHandle(setup, context)
+            handle = LaneHandle(self.setup(index), context)
         except OSError as exc:  # no pipes, no process: EMFILE, EAGAIN, the interpreter is gone
             raise PipelineError(f"cannot start a lane process: {exc}{limit_hint(exc)}") from None
         self._selector.register(handle.results, selectors.EVENT_READ, handle)
@@ -77,6 +90,15 @@ class Lanes:
         for gauge in self.gauges:
             gauge.lanes = self.running
         self.gauges[2].bound = sum(h.credit for h in self.running)
+
+    def setup(self, index: int) -> LaneSetup:
+        """What lane ``index`` is sent: the sections of the config it uses, not the whole."""
+        log_setup = LogSetup.current()  # now: the relay runs once the run has begun
+        worker = dataclasses.replace(self.worker, log_setup=log_setup)
+        return LaneSetup(
+            index, self.config.download, worker, self.config.executor.heartbeat,
+            self.shape.lanes[index], os.getpid(), log_setup,
+        )  # fmt: skip
 
     def wait(self, timeout: float | None = None) -> Iterator[LaneHandle]:
         """Block until a lane has a message (or a signal woke us, or ``timeout`` seconds passed);

@@ -35,18 +35,17 @@ from collections import deque
 from collections.abc import Callable
 from multiprocessing import connection
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Protocol
 
 from .budget import ByteBudget
-from .config import Config
 from .errors import TransformError, limit_hint
 from .mailbox import Mailbox
 from .metrics import Stage
 from .records import Fetched, Job, Outcome
 from .shape import CHUNK, LaneShape
 from .stages import DONE, _Done, label_thread
-from .workers import Lost, Worker, context_of, state, worker_setup
+from .transform import WorkerSetup
+from .workers import Lost, Worker, context_of, state
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +76,20 @@ class Owner:
 
     def __init__(
         self,
-        config: Config,
-        out_dir: Path,
+        setup: WorkerSetup,
         jobs: queue.SimpleQueue[Job | _Done],
         results: Results,
         stage: Stage,
         *,
         shape: LaneShape,
+        heartbeat: float,
         budget: ByteBudget,
         on_stop: Callable[[], None],
         failed: Callable[[str], None],
         watch: int | None = None,
     ) -> None:
-        self.config = config
+        self.transform = setup.config  # its workers' section: timeouts, retries, start method
+        self.heartbeat = heartbeat  # executor.heartbeat: how long a stopped worker is let be
         self.jobs = jobs  # the download threads': jobs from the coordinator, then DONE
         self.results = results
         self.stage = stage
@@ -106,8 +106,8 @@ class Owner:
         self.name, self.peak, self.in_flight = "pool", 0, 0  # images taken from the mailbox
         self.restarts = 0  # workers that died and were replaced
         self.error: BaseException | None = None
-        self._context = context_of(config)
-        self._setup = worker_setup(config, out_dir)
+        self._context = context_of(self.transform.start_method)
+        self._setup = setup  # sent to each worker as it starts
         self._conn: Connection | None = None
         self._ended = self._jobs_done = self._failed = False
         self._grace_end: float | None = None
@@ -175,11 +175,11 @@ class Owner:
         self._dispatch()
 
     def _timeout(self) -> float | None:
-        now, heartbeat = time.monotonic(), self.config.executor.heartbeat
+        now, heartbeat = time.monotonic(), self.heartbeat
         ends = [self._grace_end] if self._grace_end is not None else []
         if self.workers:
             ends.append(self._checked + heartbeat / 3)
-        if limit := self.config.transform.timeout:
+        if limit := self.transform.timeout:
             for worker in self.workers:  # exact once its image has begun; until then, the
                 since = worker.busy_since()  # earliest it may begin: wake then, and look again
                 if since is None and worker.held and worker.since + limit > now:
@@ -230,7 +230,7 @@ class Owner:
             return
         self.stop.set()
         self.on_stop()
-        self._grace_end = time.monotonic() + self.config.transform.shutdown_grace
+        self._grace_end = time.monotonic() + self.transform.shutdown_grace
         self._end_jobs()
         self._drop([item for item, _, _ in self.again])
         self.again.clear()
@@ -260,7 +260,7 @@ class Owner:
         item, _ = worker.answer()
         self.in_flight -= 1
         self._release([item])
-        limit = self.config.transform.max_tasks_per_child
+        limit = self.transform.max_tasks_per_child
         if limit and worker.images >= limit and not worker.held:
             worker.retire()
         if isinstance(answer, Lost):
@@ -291,9 +291,9 @@ class Owner:
             return
         culprit, attempt = on
         if worker.killed_for == "timeout":
-            limit = self.config.transform.timeout
+            limit = self.transform.timeout
             self._failed_row(culprit, "transform_timeout", f"took longer than {limit:g} s")
-        elif attempt < self.config.transform.crash_retries:
+        elif attempt < self.transform.crash_retries:
             self.again.appendleft((culprit, attempt + 1, True))  # alone, on another worker
         else:
             self._failed_row(culprit, "worker_crash", "the transform process died on this image")
@@ -317,15 +317,15 @@ class Owner:
                 if worker.held:
                     log.debug("transform process %s still busy after the grace", worker.pid)
                     worker.kill("grace")
-        limit = self.config.transform.timeout
+        limit = self.transform.timeout
         for worker in self.workers:
             since = worker.busy_since()
             if limit and since is not None and not worker.killed_for and now - since >= limit:
                 log.warning("transform process %s on one image for %g s: killed", worker.pid, limit)
                 worker.kill("timeout")
-        if now >= self._checked + self.config.executor.heartbeat / 3:
+        if now >= self._checked + self.heartbeat / 3:
             self._checked = now
-            self._kill_stopped(now, self.config.executor.heartbeat)
+            self._kill_stopped(now, self.heartbeat)
 
     def _kill_stopped(self, now: float, after: float) -> None:
         """A worker seen stopped (SIGSTOP) for ``after`` seconds would hold its images, and the
@@ -384,7 +384,7 @@ class Owner:
     def _worker(self) -> Worker | None:
         """An idle worker, a new one while there are fewer than our share, else the least busy
         with room in its pipe; None when all are full (or none can be started)."""
-        limit = self.config.transform.max_tasks_per_child
+        limit = self.transform.max_tasks_per_child
         usable = [
             w for w in self.workers
             if not (w.retiring or w.killed_for or (limit and w.images >= limit))
@@ -414,7 +414,7 @@ class Owner:
         killed, so this never hangs."""
         for worker in self.workers:
             worker.retire()
-        deadline = time.monotonic() + self.config.transform.shutdown_grace
+        deadline = time.monotonic() + self.transform.shutdown_grace
         waiting = {worker.sentinel: worker for worker in self.workers}
         while waiting and (left := deadline - time.monotonic()) > 0:
             for sentinel in connection.wait(list(waiting), left):

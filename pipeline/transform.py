@@ -290,11 +290,12 @@ def encode(image: Image.Image, config: TransformConfig) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class WorkerSetup:
-    """What every transform process needs, sent once when it starts instead of with each task."""
+    """What every transform process needs, sent once when it starts instead of with each task:
+    built once by the coordinator (lanes.py) and handed to each lane, whose owner uses its
+    transform section too (its timeouts, retries and start method)."""
 
     config: TransformConfig
     out_dir: str
-    folder_size: int
     log_setup: LogSetup | None = None  # None: leave this process's logging as it is
     layout: OutputLayout = OutputLayout(webdataset=False)  # noqa: RUF009 (frozen: shared safely)
     hash_column: str = ""  # input.hash_column: the input column with each body's sha256

@@ -30,13 +30,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
-from .config import Config
 from .errors import PipelineError
-from .layout import OutputLayout
-from .logs import LogSetup
 from .records import Fetched, Outcome
 from .stages import label_thread
 from .transform import WorkerSetup, init_worker, internal_error, process
@@ -102,16 +98,9 @@ def _answer(item: Fetched) -> Outcome | Lost:
         return Outcome.failed(item.job, error, download_ms=item.download_ms)
 
 
-def worker_setup(config: Config, out_dir: Path) -> WorkerSetup:
-    return WorkerSetup(
-        config.transform, str(out_dir), config.output.folder_size, LogSetup.current(),
-        OutputLayout.of(config.output), config.input.hash_column, config.output.caption_column,
-    )  # fmt: skip
-
-
-def context_of(config: Config) -> Any:
-    """The configured start method's context (never plain fork); forkserver preloads Pillow."""
-    method = config.transform.start_method
+def context_of(method: str) -> Any:
+    """The context of a start method (transform.start_method: never plain fork); a forkserver
+    preloads Pillow."""
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         context.set_forkserver_preload(["pipeline.workers"])

@@ -15,6 +15,7 @@ from testops import Crash, Sleep
 import pipeline.owner
 from pipeline.budget import ByteBudget
 from pipeline.config import Config, OutputConfig, QueuesConfig, Thumbnail, TransformConfig
+from pipeline.lanes import worker_setup
 from pipeline.metrics import Stage
 from pipeline.owner import END, STOP, Owner
 from pipeline.records import Fetched, Job, Outcome
@@ -44,8 +45,9 @@ class Run:
         self.failures: list[str] = []
         self.stopped = threading.Event()
         self.owner = Owner(
-            self.config, tmp_path, self.jobs, self.results, Stage("transform", workers),  # type: ignore[arg-type]
-            shape=shape_of(self.config, cores=1).lanes[0], budget=self.budget,
+            worker_setup(self.config, tmp_path), self.jobs, self.results,  # type: ignore[arg-type]
+            Stage("transform", workers), shape=shape_of(self.config, cores=1).lanes[0],
+            heartbeat=self.config.executor.heartbeat, budget=self.budget,
             on_stop=self.stopped.set, failed=self.failures.append,
         )  # fmt: skip
         reader, self.coordinator = multiprocessing.Pipe(duplex=False)

@@ -214,7 +214,7 @@ def worker(tmp_path):
     """Set this process up as a pool worker would be, and put Ctrl-C back afterwards."""
     previous = signal.getsignal(signal.SIGINT)
     config = TransformConfig(ops=(Thumbnail(64, 64),))
-    init_worker(WorkerSetup(config, str(tmp_path), 1000))
+    init_worker(WorkerSetup(config, str(tmp_path)))
     yield tmp_path
     signal.signal(signal.SIGINT, previous)
 
@@ -244,7 +244,7 @@ def test_an_unwritable_output_stops_the_run_instead_of_failing_the_image(tmp_pat
     blocker = tmp_path / "file"
     blocker.write_text("")
     try:
-        init_worker(WorkerSetup(TransformConfig(), str(blocker), 1000))
+        init_worker(WorkerSetup(TransformConfig(), str(blocker)))
         with pytest.raises(OutputError, match=rf"^{blocker}: Not a directory$"):
             process(fetched(JPEG))
         lost = workers._answer(fetched(JPEG))  # in a worker: no row, the lane stops the run
