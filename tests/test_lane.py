@@ -2,12 +2,14 @@
 
 Through the whole pipeline against a loopback server: every line is recorded once whatever
 the number of lanes, a lane killed mid-run loses nothing and duplicates nothing, and no lane
-or worker process outlives the run.
+or worker process outlives the run. A lane is sent its sections of the config, never the whole.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import signal
 import threading
 from collections import Counter
@@ -17,17 +19,29 @@ from typing import Any
 import pytest
 from helpers import gated_handler, leftover_workers
 
+import pipeline.budget
+import pipeline.download
+import pipeline.elastic
+import pipeline.lane
+import pipeline.mailbox
+import pipeline.owner
+import pipeline.transform
+import pipeline.workers
 from pipeline.bench.server import StaticServer
 from pipeline.config import (
     Config,
     DownloadConfig,
     ExecutorConfig,
     InputConfig,
+    Op,
     OutputConfig,
     Thumbnail,
     TransformConfig,
 )
+from pipeline.lanes import Lanes
+from pipeline.logs import LogSetup
 from pipeline.runner import Coordinator, open_run, run
+from pipeline.shape import shape_of
 from pipeline.sink import read_manifest
 
 
@@ -115,3 +129,49 @@ def test_a_resumed_run_with_other_lanes_does_only_what_is_missing(tmp_path, serv
     assert (first.urls, again.urls, again.skipped) == (len(urls), len(extra), len(urls))
     rows = rows_by_line(out)
     assert sorted(rows) == list(range(1, len(urls) + len(extra) + 1))
+
+
+def pickled_types(value: object) -> set[type]:
+    """The type of every object that pickling ``value`` writes, however deeply it is nested."""
+    seen: set[type] = set()
+
+    class Recorder(pickle.Pickler):
+        def persistent_id(self, obj: object) -> None:
+            seen.add(type(obj))  # called for each object; None: pickle it as usual
+
+    Recorder(io.BytesIO()).dump(value)
+    return seen
+
+
+def test_a_lane_is_sent_its_sections_of_the_config_not_the_whole(tmp_path):
+    config = make_config(tmp_path / "out", lanes=2)
+    lanes = Lanes(config, shape_of(config, cores=4), tmp_path / "out")
+    try:
+        setup = lanes.setup(1)
+    finally:
+        lanes.close()
+    sent = {t for t in pickled_types(setup) if t.__module__ == "pipeline.config"}
+    assert {t for t in sent if not issubclass(t, Op)} == {DownloadConfig, TransformConfig}
+    assert Thumbnail in sent  # the recorder sees nested values: the op chain's, in the section
+    worker = setup.worker  # what the lane was given is what the config says
+    assert (setup.download, worker.config, setup.heartbeat) == (
+        config.download,
+        config.transform,
+        config.executor.heartbeat,
+    )
+    assert (worker.out_dir, worker.layout.folder_size, setup.shape.index) == (
+        str(tmp_path / "out"),
+        50,
+        1,
+    )
+    assert worker.log_setup == setup.log_setup == LogSetup.current()  # workers log as lanes do
+    assert pickle.loads(pickle.dumps(setup)) == setup
+
+
+@pytest.mark.parametrize(
+    "module",
+    [pipeline.lane, pipeline.owner, pipeline.workers, pipeline.transform, pipeline.download,
+     pipeline.elastic, pipeline.mailbox, pipeline.budget],
+)  # fmt: skip
+def test_no_module_of_a_lane_knows_the_whole_config(module):
+    assert "Config" not in vars(module)
