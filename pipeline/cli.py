@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -26,6 +27,8 @@ from .config import Config, load_config, with_overrides
 from .errors import PipelineError, limit_hint, require
 from .layout import MANIFEST, REPORT, REPORTS, OutputLayout
 from .logs import configure, printable
+from .mirror import pull_reports
+from .objects import ObjectStore, output_of
 from .preview import dry_run, write_default_config
 from .progress import terminal
 from .report import (
@@ -40,7 +43,7 @@ from .report import (
 )
 from .runner import run
 from .shape import available_cores, shape_of
-from .storage import local_output, parse_location
+from .storage import parse_location
 
 if TYPE_CHECKING:
     from .bench.sweep import Choice
@@ -82,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.dask is not None:
         config = with_overrides(config, "executor", kind="dask", address=args.dask)
-    local_output(config.output.dir)  # a URL: refused, one line
+    output_of(config.output)  # a URL: checked (scheme, package, store), one line
     options = config.input.storage_options
     sources = [parse_location(text, options, what="input") for text in args.sources]
     if args.dry_run:
@@ -130,14 +133,25 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    report = load_report(args.folder)
+    where = parse_location(args.folder, what="report")
+    if isinstance(where, Path):
+        _print_folder(where)
+        return 0
+    store = ObjectStore.check(where)  # its reports and rows, read into a temporary folder
+    with tempfile.TemporaryDirectory(prefix="pipeline-report-") as folder:
+        pull_reports(store, Path(folder))
+        _print_folder(Path(folder))
+    return 0
+
+
+def _print_folder(folder: Path) -> None:
+    report = load_report(folder)
     if report is not None:
         print(format_report(report) + "\n")
-    print(format_folder(count_manifest(args.folder)))  # every run's rows, from the manifest
-    history = load_history(args.folder)
+    print(format_folder(count_manifest(folder)))  # every run's rows, from the manifest
+    history = load_history(folder)
     if history:
         print(format_history(history))
-    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -377,7 +391,9 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report", help="print the last run's report, the folder's totals and every run into it"
     )
-    report.add_argument("folder", type=Path, metavar="OUT_DIR", help="the run's output folder")
+    report.add_argument(
+        "folder", metavar="OUT_DIR", help="the run's output folder, or its store (s3://...)"
+    )
     _add_verbosity(report)
     report.set_defaults(command=_report)
 

@@ -41,6 +41,7 @@ from .dedupe import plan_jobs
 from .errors import OutputError, PipelineError, require
 from .layout import MANIFEST, OutputLayout
 from .metrics import TOP_HOSTS, Meter
+from .objects import ObjectStore, output_of
 from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
 from .resume import Plan, Resume
@@ -208,6 +209,8 @@ def run_on_dask(
     """
     if client is None:
         require("distributed", "dask", "the dask executor")  # before the input is read
+    if isinstance(where := output_of(config.output), ObjectStore):
+        raise PipelineError(f"output.dir {where}: the dask executor cannot write to a store yet")
     with open_run(sources, config, restart=restart) as plan:
         with (
             contextlib.nullcontext(client) if client is not None else connect(config) as dask,

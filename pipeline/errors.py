@@ -51,13 +51,14 @@ ERROR_KINDS: Final[dict[str, str]] = {
     "aspect_ratio": "(filtered) more elongated than transform.max_aspect_ratio",
     "opted_out": "the server's X-Robots-Tag opts out (download.disallowed_header_directives)",
     "protocol": "the server's answer breaks HTTP: a malformed or contradictory header, endless 1xx",
+    "upload": "the output could not be put into the object store (output.dir s3://...)",
 }
 #: The kinds of a row with status "filtered": the image is fine, the config leaves it out.
 FILTER_KINDS: Final[frozenset[str]] = frozenset({"too_small", "aspect_ratio"})
 
 TRANSIENT_KINDS: Final[frozenset[str]] = frozenset(
     {"dns", "connect", "timeout", "deadline", "http_5xx", "truncated", "network", "write_error",
-     "worker_crash", "internal_error"}
+     "worker_crash", "internal_error", "upload"}
 )  # fmt: skip
 TRANSIENT_HTTP_STATUSES: Final[frozenset[int]] = frozenset({408, 425, 429})
 

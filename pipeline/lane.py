@@ -16,7 +16,9 @@
     coordinator <--results pipe: a batch of Outcomes at a time, ---- main thread (the sender)
                    the lane's progress with each; LaneDone last
 
-A body goes from the download thread that fetched it to a worker of this lane, never through
+A body goes from the download thread that fetched it to a worker of this lane (which writes
+the output; with an output in a store, the lane puts it there before its row goes on: upload.py,
+whose puts run on the one event-loop thread fsspec starts in the process), never through
 the coordinator, which sees only jobs and outcomes, a batch at a time. One thread, the owner,
 takes every decision: jobs in, what each worker does, a worker that died, stop and kill; the
 download threads only post to it. A lane is started with the configured method (never plain
@@ -34,6 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from .budget import ByteBudget
@@ -43,11 +46,12 @@ from .elastic import Crew, Stragglers
 from .errors import FetchError, PipelineError, limit_hint
 from .logs import LogSetup, configure_child
 from .metrics import Meter, Stage
-from .owner import END, STOP, Owner, pidfd
+from .owner import END, STOP, Owner, Results, pidfd
 from .records import Job, Outcome, Row
 from .shape import BATCH, LaneShape
 from .stages import DONE, BoundedQueue, _Done, label_thread
 from .transform import WorkerSetup
+from .upload import Uploader, UploadSetup
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ class LaneSetup:
     shape: LaneShape  # its threads, workers and bounds
     coordinator_pid: int
     log_setup: LogSetup | None = None
+    upload: UploadSetup | None = None  # an output in a store: each ok image is put there
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +153,11 @@ class Lane:
         self.transform = Stage("transform", shape.workers)
         self.budget = ByteBudget(shape.buffered_bytes)
         self.downloader = Downloader(setup.download, self.budget)
+        outcomes: Results = self.results
+        if setup.upload is not None:  # an image goes on as a row once its object is put
+            outcomes = Uploader.of(setup.upload, Path(setup.worker.out_dir), self.results)
         self.owner = Owner(
-            setup.worker, self.jobs, self.results, self.transform,
+            setup.worker, self.jobs, outcomes, self.transform,
             shape=shape, heartbeat=setup.heartbeat, budget=self.budget, on_stop=self._cut,
             failed=lambda message: self.results.put(LaneFailed(message)), watch=watch,
         )  # fmt: skip

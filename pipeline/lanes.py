@@ -30,9 +30,11 @@ from .errors import PipelineError, limit_hint
 from .lane import LaneDone, LaneHandle, LaneSetup
 from .layout import OutputLayout
 from .logs import LogSetup
+from .objects import ObjectStore
 from .progress import LaneGauge
 from .shape import RunShape
 from .transform import WorkerSetup
+from .upload import UploadSetup
 
 
 def worker_setup(config: Config, out_dir: Path) -> WorkerSetup:
@@ -54,8 +56,11 @@ def kilobytes(size: int) -> int:
 class Lanes:
     """Every lane of one run: those running, those that ended, and their figures."""
 
-    def __init__(self, config: Config, shape: RunShape, out_dir: Path) -> None:
+    def __init__(
+        self, config: Config, shape: RunShape, out_dir: Path, store: ObjectStore | None = None
+    ) -> None:
         self.config = config
+        self.upload = None if store is None else UploadSetup(store, config.output.uploads)
         self.shape = shape
         self.worker = worker_setup(config, out_dir)  # once: every lane gets the same
         self.running: list[LaneHandle] = []
@@ -97,7 +102,7 @@ class Lanes:
         worker = dataclasses.replace(self.worker, log_setup=log_setup)
         return LaneSetup(
             index, self.config.download, worker, self.config.executor.heartbeat,
-            self.shape.lanes[index], os.getpid(), log_setup,
+            self.shape.lanes[index], os.getpid(), log_setup, self.upload,
         )  # fmt: skip
 
     def wait(self, timeout: float | None = None) -> Iterator[LaneHandle]:

@@ -13,6 +13,8 @@ the packer and Dask workers, and makes its filesystem in each process, through f
     copy(src, dst)          in the store (S3: CopyObject), never through this process
     delete(names)           gone, missing ones ignored
 
+``output_of(config.output)`` says where a run writes: a local folder, or an ObjectStore.
+
 ``Uploads`` puts files concurrently without a thread of its own each: at most ``limit`` puts
 run at once as coroutines on fsspec's own event loop (one thread a process, which the
 filesystem starts), and each put's result is a ``concurrent.futures.Future``.
@@ -45,9 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import OutputConfig
 from .errors import OutputError, PipelineError
 from .layout import LOCK
-from .storage import Location, redact
+from .storage import Location, parse_location, redact
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,9 @@ class ObjectStore:
     def key(self, name: str) -> str:
         """The store path of ``name``, a path relative to the output (``manifest/x.seal.json``)."""
         return f"{self.root}/{name}"
+
+    def __str__(self) -> str:
+        return str(self.location)
 
     def url(self, name: str) -> str:
         """``name`` as it may be shown: the full URL, redacted."""
@@ -191,6 +197,22 @@ class Uploads:
                 await self.fs._put_file(str(local), self.store.key(name))
             except (OSError, ValueError) as exc:
                 raise self.store._error(name, exc) from None
+
+
+def output_of(output: OutputConfig) -> Path | ObjectStore:
+    """Where ``output.dir`` says a run writes: a local folder (not made here), or a store a run
+    can write into. Raises PipelineError (one line) before any work, and never makes a local
+    folder named after a URL (``s3:``)."""
+    where = parse_location(output.dir, output.storage_options, what="output.dir")
+    if isinstance(where, Path):
+        return where
+    store = ObjectStore.check(where)
+    if output.format == "webdataset":  # the packer does not put its tars yet
+        raise PipelineError(
+            f"output.dir {where}: webdataset tars cannot be written to a store yet; use "
+            'output.format = "files", or a local folder'
+        )
+    return store
 
 
 # --- the lock of an output in a store --------------------------------------------------------

@@ -5,29 +5,46 @@ recorded in the output folder (the same checks a run makes, so a changed line is
 what the check counts is what is printed for the files it read), and prints what would run: each
 file with its lines and shards, what a resume would skip, and the run's shape on this machine
 (shape.py: lanes, threads, workers, what a lane holds at most). It fetches nothing and writes
-nothing, not even the output folder.
+nothing, not even the output folder; an output in a store is only read (its state, into a
+temporary folder), and named as the user gave it, redacted.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from .config import Config
 from .errors import PipelineError, UnreadableSource
 from .inputs import Findings
+from .mirror import check_restart, pull_state
+from .objects import output_of
 from .records import ShardEnd
 from .resume import Plan, Tally, plan_run, unreadable
 from .shape import shape_of
 from .sources import Known, Source, shard_records
-from .storage import Location, local_output
+from .storage import Location
 
 
 def dry_run(sources: Sequence[Path | Location], config: Config, *, restart: bool) -> list[str]:
     """The lines a dry run prints."""
-    out_dir = local_output(config.output.dir)
-    plan = plan_run(sources, config, out_dir, restart=restart, record=False)
+    output = output_of(config.output)
+    if isinstance(output, Path):
+        return _lines(
+            plan_run(sources, config, output, restart=restart, record=False), config, restart
+        )
+    if restart:
+        check_restart(output)  # refused as a run would be; nothing is deleted
+    with tempfile.TemporaryDirectory(prefix="pipeline-dry-run-") as folder:  # read, not written
+        pull_state(output, Path(folder))
+        plan = plan_run(sources, config, Path(folder), restart=restart, record=False, store=output)
+        return _lines(plan, config, restart)
+
+
+def _lines(plan: Plan, config: Config, restart: bool) -> list[str]:
+    out_dir = plan.where
     lines = ["dry run     nothing is fetched or written"]
     total = shards = 0
     for source in plan.sources:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -31,6 +32,8 @@ from .config import Config, OutputConfig
 from .errors import PipelineError, SourceError, UnreadableSource, is_final
 from .inputs import Findings, InputFile, find_files, input_root, relative_name, where
 from .layout import IMAGES, MANIFEST, RUN, SHARDS, STAGING, OutputLayout, parse_key, parse_output
+from .mirror import sealed_rows
+from .objects import ObjectStore
 from .records import Job, ShardEnd, make_key
 from .seals import part_path, read_seal, seal_path, shard_path, shards_of
 from .settings import OLDER, differences, pinned
@@ -80,10 +83,17 @@ class Plan:
     findings: Findings = field(default_factory=Findings)  # warnings; files that cannot be read
     tallies: dict[int, Tally] = field(default_factory=dict)  # by file id: the files read whole
     unread: frozenset[int] = frozenset()  # files done whole: the run need not read them again
+    store: ObjectStore | None = None  # the output's store: out_dir is its local staging
+    lock_lost: threading.Event | None = None  # set when another run took the store's lock
     layout: OutputLayout = field(init=False)  # what output.format decides, decided once
 
     def __post_init__(self) -> None:
         self.layout = OutputLayout.of(self.output)
+
+    @property
+    def where(self) -> str:
+        """The output as the user named it: the folder, or the store (redacted)."""
+        return str(self.out_dir if self.store is None else self.store.location)
 
     @property
     def resumed(self) -> bool:
@@ -125,9 +135,12 @@ def plan_run(
     *,
     restart: bool,
     record: bool = True,
+    store: ObjectStore | None = None,
 ) -> Plan:
     """Check ``paths`` against what earlier runs did in ``out_dir``; record the inputs (unless
-    not ``record``: a dry run, which writes and removes nothing)."""
+    not ``record``: a dry run, which writes and removes nothing). With ``store``, ``out_dir`` is
+    its staging, which holds the store's state (mirror.pull_state): a shard is sealed by its
+    seal alone, its rows staying in the store."""
     if restart:
         _check_restart(out_dir)
     if restart and record:
@@ -135,19 +148,20 @@ def plan_run(
     state = None if restart else _read_state(out_dir)
     settings = pinned(config)
     differ = None if state is None else differences(state.get("settings"), settings)
+    where = out_dir if store is None else store.location
     if differ == OLDER:
-        raise PipelineError(f"{out_dir}: this output folder was {OLDER}")
+        raise PipelineError(f"{where}: this output folder was {OLDER}")
     if differ is not None:
         raise PipelineError(
-            f"{out_dir}: this output folder was made with other settings ({differ}); rerun "
+            f"{where}: this output folder was made with other settings ({differ}); rerun "
             "with the same ones, or with --restart to start over, or choose another --out"
         )
     root: str = state["root"] if state else input_root(paths)
     ids: dict[str, int] = {f["path"]: f["id"] for f in state["files"]} if state else {}
     findings = Findings()
-    sources, new = _number(find_files(paths, out_dir, findings), root, ids, out_dir)
+    sources, new = _number(find_files(paths, out_dir, findings), root, ids, str(where))
     readable = _readable(sources, config.input.url_column, findings)
-    plan = Plan(out_dir, readable, config.output, findings=findings)
+    plan = Plan(out_dir, readable, config.output, findings=findings, store=store)
     if state is not None:
         _load_known(plan)
         _verify(plan, config, new)
@@ -249,7 +263,7 @@ def _write_state(
 
 
 def _number(
-    files: list[InputFile], root: str, ids: dict[str, int], out_dir: Path
+    files: list[InputFile], root: str, ids: dict[str, int], out_dir: str
 ) -> tuple[list[Source], set[int]]:
     """Sources named relative to ``root``, each with its id: a known one, or the next free one."""
     sources, new, seen = [], set(), set()
@@ -278,8 +292,10 @@ def _load_known(plan: Plan) -> None:
     if not folder.is_dir():
         return
     sealed, partial = set(), set()
-    for name in shards_of(folder, "rows"):
-        end = read_seal(seal_path(folder, name)) or _reseal(shard_path(folder, name), name)
+    for name in shards_of(folder, "rows" if plan.store is None else "seal"):
+        end = read_seal(seal_path(folder, name))
+        if end is None and plan.store is None:
+            end = _reseal(shard_path(folder, name), name)
         if end is not None:
             plan.known.setdefault(end.file, []).append(
                 Known(end.first, end.last, end.count, end.digest)
@@ -406,7 +422,10 @@ def _refuse(plan: Plan, source: Source, shard: Known, column: str) -> None:
     """A sealed shard's fingerprint differs: find its first changed line, and say it."""
     folder = plan.out_dir / MANIFEST
     name = make_key(source.id, shard.first)
-    then = {row["line"]: _as_record(row).canonical() for row in read_rows(shard_path(folder, name))}
+    rows = (
+        read_rows(shard_path(folder, name)) if plan.store is None else sealed_rows(plan.store, name)
+    )
+    then = {row["line"]: _as_record(row).canonical() for row in rows}
     last = shard.last or shard.first
     now = {}
     for record in read_records(source, column):
@@ -422,7 +441,7 @@ def _refuse(plan: Plan, source: Source, shard: Known, column: str) -> None:
 
 def _changed(plan: Plan, source: Source, line: int, what: str) -> None:
     raise SourceError(
-        f"{source.path}: line {line} {what} since an earlier run into {plan.out_dir}; rerun "
+        f"{source.path}: line {line} {what} since an earlier run into {plan.where}; rerun "
         "with --restart to redo the whole folder, or choose another --out"
     )
 

@@ -55,8 +55,11 @@ from .errors import FetchError, OutputError, PipelineError, SourceError, Transfo
 from .formats import require_parquet
 from .lane import END, STOP, Batch, LaneDone, LaneFailed, LaneHandle
 from .lanes import Lanes, kilobytes
+from .layout import RUN
 from .logs import relay
 from .metrics import Meter, RunStats, Sampler, Stage
+from .mirror import check_restart, forget, pull_state, put_record, put_reports, staging
+from .objects import ObjectStore, output_of, store_lock
 from .progress import Bars, LaneCounts, UrlCount
 from .records import Job, Outcome, Row, ShardEnd
 from .report import QueueStat, Report, StageStat, build_report, cpu_stage, meter_stage
@@ -65,7 +68,7 @@ from .routes import Routes
 from .shape import BATCH, RunShape, shape_of
 from .sink import Sink, lock
 from .sources import Source
-from .storage import Location, local_output
+from .storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +96,13 @@ def run(
         summary = plan.summary()
         if say is not None and summary:
             say(f"resumed     {summary}")
-        pipeline = Coordinator(config, plan.out_dir)
+        pipeline = Coordinator(config, plan.out_dir, store=plan.store)
         with _signals(pipeline) if handle_signals else contextlib.nullcontext():
             report = pipeline.execute(plan, progress=progress)
         try:
             report.save(plan.out_dir)
+            if plan.store is not None and pipeline.sink.store is not None:  # the lock held
+                put_reports(plan.store, plan.out_dir)
         except OutputError:
             if pipeline.failure is None:
                 raise
@@ -140,16 +145,36 @@ def tell_findings(plan: Plan, written: int, *, fail: bool = True) -> None:
 def open_run(
     sources: Sequence[Path | Location], config: Config, *, restart: bool
 ) -> Iterator[Plan]:
-    """The output folder made, locked for this run, and checked against ``sources``: the plan."""
+    """The output folder made, locked for this run, and checked against ``sources``: the plan.
+    An output in a store: its lock object held, its state pulled into staging (mirror.py); the
+    plan's ``out_dir`` is the staging folder, its ``store`` the store."""
     if config.output.parquet:
         require_parquet()  # before any work, not at the first shard's seal
-    out_dir = local_output(config.output.dir)
+    out_dir = output_of(config.output)
+    if isinstance(out_dir, ObjectStore):
+        with _open_store(sources, config, out_dir, restart=restart) as plan:
+            yield plan
+        return
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PipelineError(f"{out_dir}: cannot create the output folder: {exc.strerror}") from None
     with lock(out_dir):
         yield plan_run(sources, config, out_dir, restart=restart)
+
+
+@contextlib.contextmanager
+def _open_store(
+    sources: Sequence[Path | Location], config: Config, store: ObjectStore, *, restart: bool
+) -> Iterator[Plan]:
+    with store_lock(store) as held, staging(config.output) as folder, lock(folder):
+        if restart:
+            forget(store, check_restart(store))
+        pull_state(store, folder)
+        plan = plan_run(sources, config, folder, restart=restart, store=store)
+        put_record(store, folder, RUN)
+        plan.lock_lost = held.lost
+        yield plan
 
 
 def now_utc() -> str:
@@ -166,15 +191,19 @@ class Coordinator:
         *,
         name_tars: bool = True,
         shape: RunShape | None = None,
+        store: ObjectStore | None = None,
     ) -> None:
         self.config = config
+        self.store = store  # the output's store; ``out_dir`` is then its local staging
         self.shape = shape_of(config) if shape is None else shape  # this machine's, by default
         self.out_dir = out_dir
         self.stopping = False
         self.interrupted: int | None = None  # the signal that stopped the run
         self.failure: str | None = None  # what stopped the run, when no URL is to blame
-        self.lanes = Lanes(config, self.shape, out_dir)
-        self.sink = Sink(out_dir, config.output, config.transform.start_method, name_tars=name_tars)
+        self.lanes = Lanes(config, self.shape, out_dir, store)
+        method = config.transform.start_method
+        self.sink = Sink(out_dir, config.output, method, name_tars=name_tars, store=store)
+        self.lock_lost: threading.Event | None = None  # set when another run took the lock
         self._writable = True  # False once a manifest write failed: rows after it are dropped
         self.write = Stage("write", 1)
         self.stats = RunStats()
@@ -197,6 +226,7 @@ class Coordinator:
     def execute(self, plan: Plan, *, progress: bool) -> Report:
         """Every line of the plan's sources that an earlier run did not finish."""
         resume = Resume(plan)
+        self.lock_lost = plan.lock_lost
         with plan_jobs(plan, self.config.input) as items:
             report = self.process(
                 resume.pending(items),
@@ -250,9 +280,18 @@ class Coordinator:
             for handle in list(self.lanes.wait(timeout)):
                 self._receive(handle)
             self._watch(timeout)
+            self._held()
             if self.sink.flush_due() == 0:
                 self._guard(self.sink.flush)
             self._guard(self.sink.settle)  # seal the shards whose tars are written
+
+    def _held(self) -> None:
+        """The store's lock taken over by another run (this one's lease ran out): from now on
+        nothing is written, here or there; the run stops with one line."""
+        if self.lock_lost is None or not self.lock_lost.is_set() or self.sink.store is None:
+            return
+        self.sink.store, self._writable = None, False
+        self._fail(f"{self.store}: another run took over this output's lock; stopped writing")
 
     def _timeout(self) -> float:
         """How long the main loop may wait: until rows are due on disk, a lane would be silent

@@ -8,10 +8,12 @@ OutputError: no half line is ever left for a rerun to read. When the source has 
 lines the shard holds (``ShardEnd``) and that many rows are in, its stats (``<S>.stats.json``)
 and its seal (``<S>.seal.json``: the file id, the lines it covers and their fingerprint) are
 written, then the part is renamed to ``manifest/<S>.jsonl``: a sealed shard's manifest is always
-whole, and always has its seal (seals.py). With ``output.format = "webdataset"`` or
-``output.parquet``, a complete shard is first handed to a packing process (formats.py), and
-sealed once its tars and parquet are written (``settle``, called from the coordinator's loop);
-its tars are then named ``shards/NNNNN.tar``, in the order the shards were met (seals.py).
+whole, and always has its seal (seals.py). With an output in a store, the folder is its staging,
+and a sealed shard is then put there, its seal last (``mirror.publish_shard``). With
+``output.format = "webdataset"`` or ``output.parquet``, a complete shard is first handed to a
+packing process (formats.py), and sealed once its tars and parquet are written (``settle``,
+called from the coordinator's loop); its tars are then named ``shards/NNNNN.tar``, in the order
+the shards were met (seals.py).
 Nothing here follows a symbolic link (atomic.py). Only the thread that owns the Sink calls it,
 so it needs no lock.
 
@@ -42,6 +44,8 @@ from .config import OutputConfig
 from .errors import OutputError, PipelineError
 from .formats import Packed, make_formats, remove_staged
 from .layout import LOCK, MANIFEST, OutputLayout, manifest_file, parse_manifest
+from .mirror import publish_shard
+from .objects import ObjectStore
 from .parent import exit_with
 from .records import Outcome, Row, ShardEnd
 from .seals import MANIFEST_DIR as MANIFEST_DIR
@@ -72,8 +76,10 @@ class Sink:
         start_method: str = "spawn",
         *,
         name_tars: bool = True,
+        store: ObjectStore | None = None,
     ) -> None:
         config = config or OutputConfig()
+        self.store = store  # each sealed shard is put there too, its seal last (mirror.py)
         self.config = config
         self.start_method = start_method  # of the process that packs tars and parquet
         self._packer: ProcessPoolExecutor | None = None
@@ -211,6 +217,8 @@ class Sink:
         except OSError as exc:
             raise output_error(shard_path(self.folder, shard), exc) from None
         remove_staged(self.out_dir, packed.staged)
+        if self.store is not None:  # OutputError: not sealed in the store, redone by a rerun
+            publish_shard(self.store, self.out_dir, shard)
         self.sealed += 1
         if self._names is not None:
             self._names.sealed(shard)

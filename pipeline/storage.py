@@ -195,16 +195,3 @@ def open_stored(file: StoredFile) -> IO[bytes]:
 
 def _why(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def local_output(text: str) -> Path:
-    """The output folder ``output.dir`` names, which must be local for now: a URL is checked
-    (scheme, package) and then refused in one line, before any work and before any local
-    folder is made (never a folder named ``s3:``)."""
-    out = parse_location(text)
-    if isinstance(out, Location):
-        raise PipelineError(
-            f"output.dir {out}: writing the output to an object store is not supported yet; "
-            "give a local folder (inputs may be read from the store)"
-        )
-    return out

@@ -144,11 +144,10 @@ def _run(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProc
     return proc
 
 
-def test_an_output_url_is_refused_before_any_work_and_makes_no_local_folder(tmp_path):
+def test_an_output_url_no_run_can_write_is_refused_before_any_work_and_makes_no_folder(tmp_path):
     (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
     for out, expected in [
-        ("s3://my-bucket/laion", "output.dir s3://my-bucket/laion: writing the output to an "
-         "object store is not supported yet"),
+        ("memory://laion", "output.dir memory://laion: memory:// lives in one process"),
         ("nope://my-bucket/laion", "unknown storage scheme 'nope'"),
     ]:  # fmt: skip
         for dry in ([], ["--dry-run"]):
@@ -156,7 +155,7 @@ def test_an_output_url_is_refused_before_any_work_and_makes_no_local_folder(tmp_
             assert proc.returncode == 2
             assert proc.stderr.strip() == f"pipeline: error: {expected}" or expected in proc.stderr
             assert len(proc.stderr.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["urls.txt"]  # no "s3:", no "nope:"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["urls.txt"]  # no "memory:", no "nope:"
 
 
 @pytest.fixture(scope="module")
