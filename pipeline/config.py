@@ -188,10 +188,12 @@ class OutputConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     staging: str = ""  # local folder files wait in before their put; "": a temporary folder
     uploads: int = 16  # puts at once, per lane (and per packer) into a store
+    lease: float = 60.0  # seconds a store's lock outlives its owner's last renewal (a kill)
 
     def __post_init__(self) -> None:
         _require(bool(self.dir), "dir", "a non-empty path", self.dir)
         _require(1 <= self.uploads <= 256, "uploads", "in [1, 256]", self.uploads)
+        _require(1 <= self.lease <= 3600, "lease", "in [1, 3600] seconds", self.lease)
         columns = self.sample_columns
         _require(
             columns == ("*",) or all(c and c != "*" for c in columns),

@@ -136,6 +136,8 @@ class ObjectStore:
             return []
         except (OSError, ValueError) as exc:
             raise self._error(prefix, exc) from None
+        finally:  # a listing kept would answer later reads (and listings) of newer objects
+            self.fs.invalidate_cache()
         start = len(self.root) + 1
         return sorted(str(key)[start:] for key in found if str(key).startswith(self.root + "/"))
 

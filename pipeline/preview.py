@@ -45,7 +45,7 @@ def dry_run(sources: Sequence[Path | Location], config: Config, *, restart: bool
 
 def _lines(plan: Plan, config: Config, restart: bool) -> list[str]:
     out_dir = plan.where
-    lines = ["dry run     nothing is fetched or written"]
+    lines = [f"dry run     nothing is fetched or written (output: {out_dir})"]
     total = shards = 0
     for source in plan.sources:
         count, ends, failed = _count(source, config, plan)

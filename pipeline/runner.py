@@ -167,7 +167,11 @@ def open_run(
 def _open_store(
     sources: Sequence[Path | Location], config: Config, store: ObjectStore, *, restart: bool
 ) -> Iterator[Plan]:
-    with store_lock(store) as held, staging(config.output) as folder, lock(folder):
+    with (
+        store_lock(store, lease_s=config.output.lease) as held,
+        staging(config.output) as folder,
+        lock(folder),
+    ):
         if restart:
             forget(store, check_restart(store))
         pull_state(store, folder)
