@@ -17,8 +17,17 @@ import pytest
 from helpers import gated_handler, s3_server, wait_for
 
 from pipeline.bench.server import StaticServer
+from pipeline.config import Config, InputConfig, OutputConfig
+from pipeline.dedupe import plan_jobs
+from pipeline.errors import FetchError, OutputError, PipelineError, SourceError
+from pipeline.mirror import check_restart, forget, publish_shard, pull_state, put_record
 from pipeline.objects import ObjectStore
+from pipeline.records import Job, Outcome, ShardEnd
+from pipeline.resume import Resume, plan_run
+from pipeline.sink import Sink
+from pipeline.stages import DONE
 from pipeline.storage import Location
+from pipeline.upload import Uploader
 
 SECRET = "0utput-s3cr3t-n3ver-sh0wn"
 
@@ -117,6 +126,13 @@ def test_files_into_s3_every_line_once_each_image_its_object_no_secret_anywhere(
     )  # fmt: skip
     assert report.returncode == 0, report.stderr
     assert "8 URLs recorded: 7 ok, 1 failed" in report.stdout
+    (tmp_path / "urls.txt").write_text(f"{urls[1]}\n")
+    fresh = _run(tmp_path, s3, "urls.txt", "--out", "s3://files/run", "--restart")
+    assert fresh.returncode == 0, fresh.stderr
+    assert [(row["line"], row["url"]) for row in _rows(store)] == [(1, urls[1])]
+    kept = [name for name in store.names() if name.startswith("images/")]
+    assert kept == [_rows(store)[0]["path"]]  # the earlier run's images are gone
+    assert len(store.names("reports")) == 2  # reports are kept, as in a folder
     for text in (first.stdout, first.stderr, again.stdout, again.stderr, report.stdout):
         assert SECRET not in text
     assert not any(SECRET.encode() in data for data in _objects(store).values())
@@ -169,3 +185,157 @@ def test_kill_9_mid_run_then_rerun_every_line_once_sealed_shards_kept_one_writer
     assert {n: store.get_bytes(n) for n in stats} == stats  # the sealed shards were not redone
     report = json.loads(store.get_bytes("report.json") or b"{}")
     assert (report["skipped"], report["ok"]) == (4, 4)
+
+
+# --- units: the mirror, resume from seals, the uploader ---------------------------------------
+
+
+def _record_run(urls: Path, staging: Path, store: ObjectStore) -> None:
+    """What a run's coordinator does, without lanes: every line a failed row, each shard sealed
+    and put into the store."""
+    config = Config(input=InputConfig(shard_size=2), output=OutputConfig(dir=str(store)))
+    pull_state(store, staging)
+    plan = plan_run([urls], config, staging, restart=False, store=store)
+    put_record(store, staging, "run.json")
+    with Sink(staging, config.output, store=store) as sink, plan_jobs(plan, config.input) as jobs:
+        for item in Resume(plan).pending(jobs):
+            if isinstance(item, ShardEnd):
+                sink.end_shard(item)
+            else:
+                sink.add(Outcome.failed(item, FetchError("dns", "no such host")))
+
+
+def test_a_rerun_plans_from_the_seals_in_the_store_alone_and_reads_rows_only_to_say_a_change(
+    tmp_path, s3
+):
+    store = _bucket("units")
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"http://127.0.0.1:9/{n}.jpg\n" for n in range(5)))
+    _record_run(urls, tmp_path / "first", store)
+    assert len([n for n in store.names("manifest") if n.endswith(".seal.json")]) == 3
+    staging = tmp_path / "staging"
+    (staging / "manifest").mkdir(parents=True)
+    (staging / "manifest" / "00000-000000001.jsonl.part").write_text("left by a killed run\n")
+    (staging / "images").mkdir()
+    pull_state(store, staging)
+    pulled = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    assert pulled == ["manifest/" + n for n in (
+        "00000-000000001.seal.json", "00000-000000001.stats.json",
+        "00000-000000003.seal.json", "00000-000000003.stats.json",
+        "00000-000000005.seal.json", "00000-000000005.stats.json",
+    )] + ["run.json"]  # fmt: skip
+    config = Config(input=InputConfig(shard_size=2), output=OutputConfig(dir=str(store)))
+    plan = plan_run([urls], config, staging, restart=False, record=False, store=store)
+    assert sorted(plan.sealed) == ["00000-000000001", "00000-000000003", "00000-000000005"]
+    assert (plan.done, plan.partial) == (5, frozenset())
+    urls.write_text(urls.read_text().replace("/3.jpg", "/changed.jpg"))
+    with pytest.raises(
+        SourceError, match="line 4 changed since an earlier run into s3://units/run"
+    ):
+        plan_run([urls], config, staging, restart=False, record=False, store=store)
+
+
+def test_a_shard_is_put_rows_first_and_seal_last_and_unsealed_when_a_put_fails(
+    tmp_path, s3, monkeypatch
+):
+    store = _bucket("order")
+    for kind in ("jsonl", "stats.json", "seal.json"):
+        (tmp_path / "manifest").mkdir(exist_ok=True)
+        (tmp_path / "manifest" / f"00000-000000001.{kind}").write_text("{}\n")
+    put: list[str] = []
+    real = ObjectStore.put_file
+
+    def failing(self: ObjectStore, local: Path, name: str) -> None:
+        put.append(name)
+        if name.endswith(".stats.json") and len(put) < 4:
+            raise OutputError(f"{self.url(name)}: AccessDenied")
+        real(self, local, name)
+
+    monkeypatch.setattr(ObjectStore, "put_file", failing)
+    with pytest.raises(OutputError, match="AccessDenied"):
+        publish_shard(store, tmp_path, "00000-000000001")
+    assert store.names() == ["manifest/00000-000000001.jsonl"]  # not sealed in the store
+    publish_shard(store, tmp_path, "00000-000000001")
+    assert put[2:] == [
+        f"manifest/00000-000000001.{k}" for k in ("jsonl", "stats.json", "seal.json")
+    ]
+
+
+def test_restart_refuses_a_store_output_pipeline_did_not_make_then_deletes_its_own(tmp_path, s3):
+    store = _bucket("restart")
+    store.put_bytes("images/00000/00000/000000001-ab.jpg", b"a user's")
+    with pytest.raises(
+        PipelineError, match=r"no run\.json\), and --restart would remove its images"
+    ):
+        check_restart(store)
+    store.put_bytes("run.json", b"{}")
+    store.put_bytes("manifest/00000-000000001.seal.json", b"{}")
+    store.put_bytes("reports/x.json", b"{}")
+    forget(store, check_restart(store))
+    assert store.names() == ["reports/x.json"]
+
+
+class _Results:
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+
+
+def _ok(tmp_path: Path, line: int) -> Outcome:
+    job = Job(0, line, f"http://127.0.0.1:9/{line}.jpg", "00000-000000001")
+    path = f"images/00000/00000/{line:09d}-ab.jpg"
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_bytes(b"image %d" % line)
+    return Outcome.of(job, "ok", path=path, bytes_out=7, sha256="00")
+
+
+def test_the_uploader_lets_a_row_go_on_once_its_object_is_put_or_as_a_failed_upload_row(
+    tmp_path, s3
+):
+    results = _Results()
+    uploader = Uploader(_bucket("lane"), tmp_path, results, limit=2, bound=4)
+    outcomes = [_ok(tmp_path, line) for line in (1, 2, 3)]
+    failed = Outcome.failed(Job(0, 4, "x", "00000-000000001"), FetchError("dns", "no"))
+    for item in (*outcomes, failed, DONE):
+        uploader.put(item)
+    wait_for(lambda: DONE in results.items, what="the uploader's DONE")
+    assert results.items[-1] is DONE and len(results.items) == 5  # DONE after every row
+    assert sorted(o.key for o in results.items[:-1] if o.status == "ok") == [
+        o.key for o in outcomes
+    ]
+    assert (
+        ObjectStore.check(Location("s3://lane/run")).get_bytes(outcomes[0].path or "") == b"image 1"
+    )
+    assert not list((tmp_path / "images").rglob("*.jpg"))  # staging keeps nothing
+    results = _Results()
+    broken = Uploader(ObjectStore.check(Location("s3://no-bucket/run")), tmp_path, results,
+                      limit=2, bound=4)  # fmt: skip
+    broken.put(_ok(tmp_path, 5))
+    broken.put(DONE)
+    wait_for(lambda: DONE in results.items, what="the uploader's DONE")
+    row = results.items[0]
+    assert (row.status, row.error_kind, row.path) == ("failed", "upload", None)
+    assert "s3://no-bucket/run/images/00000/00000/000000005-ab.jpg" in (row.error or "")
+    assert not list((tmp_path / "images").rglob("*.jpg"))
+
+
+def test_a_store_that_cannot_be_written_is_one_line_and_nothing_is_recorded(tmp_path, s3):
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    _config(tmp_path)
+    proc = _run(tmp_path, s3, "urls.txt", "--out", "s3://no-such-bucket/run")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("pipeline: error: s3://no-such-bucket/run: cannot lock: ")
+    assert len(proc.stderr.strip().splitlines()) == 1 and SECRET not in proc.stderr
+    _config(tmp_path, format='"webdataset"')
+    proc = _run(tmp_path, s3, "urls.txt", "--out", "s3://any/run")
+    assert proc.returncode == 2, proc.stderr
+    assert "webdataset tars cannot be written to a store yet" in proc.stderr
+    _config(tmp_path)
+    store = _bucket("notours")
+    store.put_bytes("images/a.jpg", b"a user's")
+    proc = _run(tmp_path, s3, "urls.txt", "--out", "s3://notours/run", "--restart")
+    assert proc.returncode == 2 and "--restart would remove its images" in proc.stderr
+    assert store.names() == ["images/a.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "tmp", "urls.txt"]
