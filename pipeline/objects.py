@@ -49,7 +49,7 @@ from typing import Any
 
 from .config import OutputConfig
 from .errors import OutputError, PipelineError
-from .layout import LOCK
+from .layout import LOCK, OutputLayout
 from .storage import Location, parse_location, redact
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def output_of(output: OutputConfig) -> Path | ObjectStore:
     if isinstance(where, Path):
         return where
     store = ObjectStore.check(where)
-    if output.format == "webdataset":  # the packer does not put its tars yet
+    if OutputLayout.of(output).webdataset:  # the packer does not put its tars yet
         raise PipelineError(
             f"output.dir {where}: webdataset tars cannot be written to a store yet; use "
             'output.format = "files", or a local folder'

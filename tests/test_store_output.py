@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from helpers import gated_handler, s3_server, wait_for
 
 from pipeline.bench.server import StaticServer
+from pipeline.cluster import run_on_dask
 from pipeline.config import Config, InputConfig, OutputConfig
 from pipeline.dedupe import plan_jobs
 from pipeline.errors import FetchError, OutputError, PipelineError, SourceError
@@ -24,6 +26,7 @@ from pipeline.mirror import check_restart, forget, publish_shard, pull_state, pu
 from pipeline.objects import ObjectStore
 from pipeline.records import Job, Outcome, ShardEnd
 from pipeline.resume import Resume, plan_run
+from pipeline.runner import Coordinator
 from pipeline.sink import Sink
 from pipeline.stages import DONE
 from pipeline.storage import Location
@@ -339,3 +342,28 @@ def test_a_store_that_cannot_be_written_is_one_line_and_nothing_is_recorded(tmp_
     assert proc.returncode == 2 and "--restart would remove its images" in proc.stderr
     assert store.names() == ["images/a.jpg"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "tmp", "urls.txt"]
+
+
+def test_a_run_whose_lock_was_taken_over_stops_writing_there_with_one_line(tmp_path, s3):
+    store = _bucket("lost")
+    config = Config(output=OutputConfig(dir=str(store)))
+    coordinator = Coordinator(config, tmp_path, store=store)
+    try:
+        coordinator.lock_lost = threading.Event()
+        coordinator._held()
+        assert coordinator.failure is None and coordinator.sink.store is store
+        coordinator.lock_lost.set()
+        coordinator._held()
+        assert coordinator.failure == (
+            "s3://lost/run: another run took over this output's lock; stopped writing"
+        )
+        assert coordinator.sink.store is None and coordinator.stopping  # nothing more put
+    finally:
+        coordinator.lanes.close()
+        coordinator.sink.close()
+
+
+def test_the_dask_executor_refuses_a_store_output_for_now(tmp_path, s3):
+    config = Config(output=OutputConfig(dir="s3://any/run"))
+    with pytest.raises(PipelineError, match="the dask executor cannot write to a store yet"):
+        run_on_dask([tmp_path], config, client=object())
