@@ -89,10 +89,8 @@ def pull_state(store: ObjectStore, folder: Path) -> None:
         for name in store.names(MANIFEST)
         if (parsed := parse_manifest(name)) is not None and parsed[1] in PULLED
     ]
-    for name in wanted:
-        data = store.get_bytes(name)
-        if data is not None:
-            write_atomic(folder / name, data, root=folder)  # OutputError
+    for name, data in store.get_many(wanted).items():
+        write_atomic(folder / name, data, root=folder)  # OutputError
 
 
 def _clear(folder: Path) -> None:
@@ -157,10 +155,9 @@ def pull_reports(store: ObjectStore, folder: Path) -> None:
     if not any(n.startswith(f"{MANIFEST}/") for n in names):
         raise PipelineError(f"{store.location}: not an output of pipeline run (no manifest/)")
     (folder / MANIFEST).mkdir(exist_ok=True)
-    for name in [REPORT, *(n for n in names if n.startswith(f"{REPORTS}/")), *rows]:
-        data = store.get_bytes(name)
-        if data is not None:
-            write_atomic(folder / name, data, root=folder)
+    wanted = [REPORT, *(n for n in names if n.startswith(f"{REPORTS}/")), *rows]
+    for name, data in store.get_many(wanted).items():
+        write_atomic(folder / name, data, root=folder)
 
 
 def check_restart(store: ObjectStore) -> list[str]:

@@ -9,6 +9,7 @@ the packer and Dask workers, and makes its filesystem in each process, through f
     put_file(local, name)   one finished file, whole (an image, a caption, a tar)
     put_bytes(name, data)   a small record (a manifest, a seal, run.json, a report)
     get_bytes(name)         a record, or None when there is none
+    get_many(names)         records, fetched concurrently
     names(prefix)           the names under a prefix, relative to the output
     copy(src, dst)          in the store (S3: CopyObject), never through this process
     delete(names)           gone, missing ones ignored
@@ -126,6 +127,26 @@ class ObjectStore:
             return None
         except (OSError, ValueError) as exc:
             raise self._error(name, exc) from None
+
+    def get_many(self, names: Iterable[str]) -> dict[str, bytes]:
+        """Records' bytes by name, fetched concurrently; missing ones left out. Raises
+        OutputError."""
+        keys = {self.key(name): name for name in names}
+        if not keys:
+            return {}
+        try:
+            found = self.fs.cat(list(keys), on_error="return")
+        except (OSError, ValueError) as exc:
+            raise self._error(next(iter(keys.values())), exc) from None
+        data = {}
+        for key, value in found.items():
+            name = keys.get(str(key)) or keys[self.fs._strip_protocol(str(key))]
+            if isinstance(value, FileNotFoundError):
+                continue
+            if isinstance(value, BaseException):
+                raise self._error(name, value)
+            data[name] = bytes(value)
+        return data
 
     def names(self, prefix: str = "") -> list[str]:
         """Every name under ``prefix`` (relative to the output, sorted). Raises OutputError."""

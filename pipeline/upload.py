@@ -88,7 +88,7 @@ class Uploader:
         errors: list[str] = []
 
         def ended(future: concurrent.futures.Future[None]) -> None:  # on fsspec's loop thread
-            error = future.exception()
+            error = "cancelled" if future.cancelled() else future.exception()
             with self._lock:
                 if error is not None:
                     errors.append(str(error))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import gated_handler, s3_server, wait_for
+from helpers import descendants, gated_handler, s3_server, wait_for
 
 from pipeline.bench.server import StaticServer
 from pipeline.cluster import run_on_dask
@@ -171,9 +171,12 @@ def test_kill_9_mid_run_then_rerun_every_line_once_sealed_shards_kept_one_writer
             assert second.returncode == 2
             assert "another pipeline run is writing into this folder (pid" in second.stderr
             assert len(second.stderr.strip().splitlines()) == 1
+            children = set(descendants(proc.pid))
         finally:
             proc.kill()
             proc.wait(timeout=30)
+        gone = lambda: not any(map(_alive, children))  # noqa: E731
+        wait_for(gone, what="the killed run's lanes and workers to exit")
         gated.gate.set()
         assert not any(n.endswith(".jsonl") and "000000005" in n for n in store.names())
         lock = store.key(".lock")
@@ -367,3 +370,10 @@ def test_the_dask_executor_refuses_a_store_output_for_now(tmp_path, s3):
     config = Config(output=OutputConfig(dir="s3://any/run"))
     with pytest.raises(PipelineError, match="the dask executor cannot write to a store yet"):
         run_on_dask([tmp_path], config, client=object())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
