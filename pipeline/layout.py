@@ -12,6 +12,7 @@
     shards/00000.tar                            then numbered across the folder
     shards/index.json                           each tar, its samples and its shard
     run.json  report.json  reports/<stamp>.json  .lock  .dedupe.sqlite
+    .store                                      (staging of an output in a store) the store
 
 A name comes from a key (``<file id>-<line>``) and a hash of the URL, never from the URL itself,
 so nothing an input holds can choose where a file goes. Whether the run writes files or
@@ -39,6 +40,7 @@ REPORT = "report.json"
 REPORTS = "reports"
 LOCK = ".lock"
 DEDUPE = ".dedupe.sqlite"
+STAGED = ".store"  # in the staging folder of an output in a store: which store (mirror.py)
 # what an output folder holds: never read as its input, and what --restart may remove
 OUTPUT_NAMES = (MANIFEST, IMAGES, SHARDS, REPORTS, STAGING)
 

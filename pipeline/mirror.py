@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ from .layout import (
     REPORTS,
     RUN,
     SHARDS,
+    STAGED,
     STAGING,
     manifest_file,
     parse_manifest,
@@ -83,7 +85,7 @@ def staging(output: OutputConfig) -> Iterator[Path]:
 def pull_state(store: ObjectStore, folder: Path) -> None:
     """Staging made to hold what the store holds of the run's state, and nothing else (see the
     module). Raises OutputError (one line)."""
-    _clear(folder)
+    _clear(folder, store)
     wanted = [RUN, INDEX] + [
         name
         for name in store.names(MANIFEST)
@@ -93,9 +95,17 @@ def pull_state(store: ObjectStore, folder: Path) -> None:
         write_atomic(folder / name, data, root=folder)  # OutputError
 
 
-def _clear(folder: Path) -> None:
-    """What a run wrote into staging before (an earlier run's, killed): the store decides."""
-    for name in (*OUTPUT_NAMES, RUN, REPORT, DEDUPE):
+def _clear(folder: Path, store: ObjectStore) -> None:
+    """What a run wrote into staging before (an earlier run's, killed): the store decides. A
+    folder holding output files but never staging is refused: they may be someone's."""
+    names = (*OUTPUT_NAMES, RUN, REPORT, DEDUPE)
+    if not (folder / STAGED).is_file() and any(os.path.lexists(folder / n) for n in names):
+        raise PipelineError(
+            f"output.staging {folder}: holds an output of its own (not a staging folder); "
+            "give an empty folder, or another one"
+        )
+    write_atomic(folder / STAGED, f"{store.location}\n".encode(), root=folder)
+    for name in names:
         path = folder / name
         try:
             if path.is_dir() and not path.is_symlink():

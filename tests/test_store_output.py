@@ -220,16 +220,24 @@ def test_a_rerun_plans_from_the_seals_in_the_store_alone_and_reads_rows_only_to_
     _record_run(urls, tmp_path / "first", store)
     assert len([n for n in store.names("manifest") if n.endswith(".seal.json")]) == 3
     staging = tmp_path / "staging"
-    (staging / "manifest").mkdir(parents=True)
+    (staging / "images").mkdir(parents=True)
+    with pytest.raises(PipelineError, match="holds an output of its own"):
+        pull_state(store, staging)  # not made by a run into a store: maybe someone's
+    (staging / ".store").write_text("s3://units/run\n")  # an earlier run's staging, killed
+    (staging / "manifest").mkdir()
     (staging / "manifest" / "00000-000000001.jsonl.part").write_text("left by a killed run\n")
-    (staging / "images").mkdir()
     pull_state(store, staging)
-    pulled = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    pulled = sorted(
+        p.relative_to(staging).as_posix()
+        for p in staging.rglob("*")
+        if p.is_file() and p.name != ".store"
+    )
     assert pulled == ["manifest/" + n for n in (
         "00000-000000001.seal.json", "00000-000000001.stats.json",
         "00000-000000003.seal.json", "00000-000000003.stats.json",
         "00000-000000005.seal.json", "00000-000000005.stats.json",
     )] + ["run.json"]  # fmt: skip
+    assert (staging / ".store").read_text() == "s3://units/run\n"
     config = Config(input=InputConfig(shard_size=2), output=OutputConfig(dir=str(store)))
     plan = plan_run([urls], config, staging, restart=False, record=False, store=store)
     assert sorted(plan.sealed) == ["00000-000000001", "00000-000000003", "00000-000000005"]
