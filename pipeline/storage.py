@@ -68,6 +68,9 @@ class Location:
     def __str__(self) -> str:
         return redact(self.url)
 
+    def __repr__(self) -> str:  # a Location in a log line or a traceback shows no secret either
+        return f"Location({redact(self.url)!r}, {redact_options(self.options)!r})"
+
     def filesystem(self) -> Any:
         """The fsspec filesystem of this location (made once per options, cached by fsspec)."""
         import fsspec

@@ -104,7 +104,7 @@ def test_files_into_s3_every_line_once_each_image_its_object_no_secret_anywhere(
     store = _bucket("files")
     local = _run(tmp_path, s3, "urls.txt", "--out", "local")
     assert local.returncode == 0, local.stderr
-    first = _run(tmp_path, s3, "urls.txt", "--out", "s3://files/run")
+    first = _run(tmp_path, s3, "urls.txt", "--out", "s3://files/run", "-vv")
     assert first.returncode == 0, first.stderr
     rows = _rows(store)
     assert sorted(row["line"] for row in rows) == list(range(1, 9))  # each line exactly once
@@ -367,6 +367,12 @@ def test_a_run_whose_lock_was_taken_over_stops_writing_there_with_one_line(tmp_p
     finally:
         coordinator.lanes.close()
         coordinator.sink.close()
+
+
+def test_a_store_shown_anywhere_shows_no_secret():
+    store = ObjectStore(Location("s3://b/run", {"key": "k", "secret": SECRET}))
+    assert SECRET not in repr(store) and SECRET not in str(store)
+    assert "s3://b/run" in repr(store)
 
 
 def test_webdataset_into_a_store_is_refused_in_one_line_for_now(s3):
