@@ -31,6 +31,14 @@ died twice is a ``worker_crash`` row. A lane that hangs (kill -STOP, a stuck pro
 by its silence: a lane sends at least a heartbeat every third of ``executor.heartbeat``
 seconds, and one not heard from for that long is killed, then treated as dead. A worker that
 dies inside a lane is that lane's owner's business (owner.py).
+
+An output in a store (``--out s3://...``, objects.py): ``open_run`` holds the store's lock
+object, pulls the state resume needs into local staging and plans there (mirror.py);
+``Coordinator(config, staging_dir, store=store)`` then runs exactly as into a folder, its lanes
+putting each image before its row comes back (upload.py) and its sink putting each sealed shard,
+seal last; the reports are put at the end. The coordinator never handles an image body. Lanes
+that share no disk with the coordinator build on the same seam: each writes into its own
+staging and puts what it writes, while the coordinator seals and publishes as here.
 """
 
 from __future__ import annotations
