@@ -58,7 +58,7 @@ from .layout import (
 from .objects import ObjectStore
 
 PULLED = ("seal", "stats")  # the manifest files a rerun needs from the store
-REMOVED = (MANIFEST, RUN, SHARDS, IMAGES, STAGING)  # what --restart removes (as resume.py)
+REMOVED = (MANIFEST, RUN, SHARDS, IMAGES, STAGING)  # what --restart removes, here and in a folder
 
 
 @contextlib.contextmanager

@@ -31,8 +31,8 @@ from .atomic import remove_inside, remove_temporaries, write_atomic
 from .config import Config, OutputConfig
 from .errors import PipelineError, SourceError, UnreadableSource, is_final
 from .inputs import Findings, InputFile, find_files, input_root, relative_name, where
-from .layout import IMAGES, MANIFEST, RUN, SHARDS, STAGING, OutputLayout, parse_key, parse_output
-from .mirror import sealed_rows
+from .layout import IMAGES, MANIFEST, RUN, STAGING, OutputLayout, parse_key, parse_output
+from .mirror import REMOVED, sealed_rows
 from .objects import ObjectStore
 from .records import Job, ShardEnd, make_key
 from .seals import part_path, read_seal, seal_path, shard_path, shards_of
@@ -199,7 +199,7 @@ def unreadable(findings: Findings) -> str:
     )
 
 
-_REMOVED = (MANIFEST, RUN, SHARDS, IMAGES, STAGING)  # what --restart removes
+_REMOVED = REMOVED  # what --restart removes
 
 
 def _check_restart(out_dir: Path) -> None:
