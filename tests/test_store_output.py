@@ -5,10 +5,12 @@ local folder (each line once, resume after kill -9, one writer, failures as one 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,10 +72,17 @@ def _command(cwd: Path, env: dict[str, str], *args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "run", *args, "-q"]
 
 
-def _env(tmp_path: Path, s3: dict[str, str]) -> dict[str, str]:
-    temporary = tmp_path / "tmp"  # where the staging folder is made: empty again at the end
+def _temporary(tmp_path: Path) -> Path:
+    """The run's TMPDIR, where its staging folder is made (empty again at the end): a short
+    path, as a Unix socket's path (multiprocessing's) must be, whatever pytest's are."""
+    digest = hashlib.blake2b(str(tmp_path).encode(), digest_size=6).hexdigest()
+    temporary = Path(tempfile.gettempdir()) / f"st-{digest}"
     temporary.mkdir(exist_ok=True)
-    return {**os.environ, **s3, "TMPDIR": str(temporary)}
+    return temporary
+
+
+def _env(tmp_path: Path, s3: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, **s3, "TMPDIR": str(_temporary(tmp_path))}
 
 
 def _run(cwd: Path, s3: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -117,8 +126,8 @@ def test_files_into_s3_every_line_once_each_image_its_object_no_secret_anywhere(
     assert len(seals) == 3 and "run.json" in objects and "report.json" in objects
     assert any(name.startswith("reports/") for name in objects)
     assert not any(name.endswith(".part") for name in objects)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "local", "tmp", "urls.txt"]
-    assert list((tmp_path / "tmp").iterdir()) == []  # the staging folder is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "local", "urls.txt"]
+    assert list(_temporary(tmp_path).iterdir()) == []  # the staging folder is gone
     again = _run(tmp_path, s3, "urls.txt", "--out", "s3://files/run", "--dry-run")
     assert again.returncode == 0, again.stderr
     assert "nothing left to do" in " ".join(again.stdout.split())
@@ -347,7 +356,8 @@ def test_a_store_that_cannot_be_written_is_one_line_and_nothing_is_recorded(tmp_
     proc = _run(tmp_path, s3, "urls.txt", "--out", "s3://notours/run", "--restart")
     assert proc.returncode == 2 and "--restart would remove its images" in proc.stderr
     assert store.names() == ["images/a.jpg"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "tmp", "urls.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "urls.txt"]
+    assert list(_temporary(tmp_path).iterdir()) == []
 
 
 def test_a_run_whose_lock_was_taken_over_stops_writing_there_with_one_line(tmp_path, s3):
