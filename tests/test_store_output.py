@@ -20,7 +20,6 @@ import pytest
 from helpers import descendants, gated_handler, s3_server, wait_for
 
 from pipeline.bench.server import StaticServer
-from pipeline.cluster import run_on_dask
 from pipeline.config import Config, InputConfig, OutputConfig
 from pipeline.dedupe import plan_jobs
 from pipeline.errors import FetchError, OutputError, PipelineError, SourceError
@@ -383,12 +382,6 @@ def test_a_store_shown_anywhere_shows_no_secret():
     store = ObjectStore(Location("s3://b/run", {"key": "k", "secret": SECRET}))
     assert SECRET not in repr(store) and SECRET not in str(store)
     assert "s3://b/run" in repr(store)
-
-
-def test_the_dask_executor_refuses_a_store_output_for_now(tmp_path, s3):
-    config = Config(output=OutputConfig(dir="s3://any/run"))
-    with pytest.raises(PipelineError, match="the dask executor cannot write to a store yet"):
-        run_on_dask([tmp_path], config, client=object())
 
 
 def _alive(pid: int) -> bool:
