@@ -45,21 +45,24 @@ BUCKET = "out"
 DASK = str(Path(sys.executable).with_name("dask"))
 
 
+UNSHARE = ["unshare", "-m" if os.geteuid() == 0 else "-rm", "--propagation", "private"]
+
+
 def _can_hide() -> bool:
-    probe = ["unshare", "-m", "--propagation", "private", "true"]
     try:
-        return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+        probe = subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return False
+    return probe.returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not _can_hide(), reason="needs unshare -m (root)")
+pytestmark = pytest.mark.skipif(not _can_hide(), reason="needs unshare -m (or user namespaces)")
 
 
 def hidden(folder: Path, *command: str) -> list[str]:
     """``command`` in a mount namespace of its own where ``folder`` is an empty tmpfs."""
     script = 'mount -t tmpfs none "$0" && exec "$@"'
-    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(folder), *command]
+    return [*UNSHARE, "sh", "-c", script, str(folder), *command]
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +95,8 @@ def cluster(s3, tmp_path_factory) -> Iterator[tuple[str, Any, Path]]:
              "--scheduler-file", str(file)], env=env, stdout=log, stderr=log,
             start_new_session=True,
         ))  # fmt: skip
-        wait_for(file.exists, what="the scheduler")
-        address = json.loads(file.read_text())["address"]
+        wait_for(lambda: _address(file) is not None, what="the scheduler")
+        address = str(_address(file))
         for _ in range(2):
             started.append(subprocess.Popen(
                 hidden(secret, DASK, "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
@@ -109,6 +112,14 @@ def cluster(s3, tmp_path_factory) -> Iterator[tuple[str, Any, Path]]:
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+
+
+def _address(file: Path) -> str | None:
+    """The scheduler's address, once its file is written whole."""
+    try:
+        return str(json.loads(file.read_text())["address"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def make_config(out: str, **output: Any) -> Config:
