@@ -302,3 +302,27 @@ def test_a_store_a_run_cannot_lock_is_refused_before_any_work(tmp_path):
     config = make_config("memory://out")
     with pytest.raises(PipelineError, match="memory:// lives in one process"):
         run_on_dask([tmp_path / "urls.txt"], config, client=object())
+
+
+def test_a_driver_whose_lock_was_taken_over_submits_nothing_more(
+    cluster, tmp_path, server, image_dir, monkeypatch
+):
+    """Another run took the store's lock (this one's lease had ended): the driver stops before
+    its next shard, in one line, and the shards it had not submitted are not in the store."""
+    import pipeline.cluster as cluster_module
+
+    _, client, _ = cluster
+    opened = cluster_module.open_run
+
+    @contextlib.contextmanager
+    def taken_over(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        with opened(*args, **kwargs) as plan:
+            assert plan.lock_lost is not None
+            plan.lock_lost.set()  # as StoreLock does when its renewal finds another owner
+            yield plan
+
+    monkeypatch.setattr(cluster_module, "open_run", taken_over)
+    source = url_file(tmp_path, server, image_dir, 4)
+    with pytest.raises(PipelineError, match="another run took over this output's lock"):
+        run_on_dask([source], make_config(f"s3://{BUCKET}/lost"), client=client)
+    assert not store_of("lost").names("manifest")
