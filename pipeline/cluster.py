@@ -51,7 +51,7 @@ from .errors import OutputError, PipelineError, require
 from .layout import MANIFEST, RUN, OutputLayout
 from .metrics import TOP_HOSTS, Meter
 from .mirror import put_reports
-from .objects import ObjectStore, output_of
+from .objects import ObjectStore
 from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
 from .resume import Plan, Resume
@@ -259,7 +259,6 @@ def run_on_dask(
     """
     if client is None:
         require("distributed", "dask", "the dask executor")  # before the input is read
-    output_of(config.output)  # one line, before any work: a store a run cannot write into
     with open_run(sources, config, restart=restart) as plan:
         with (
             contextlib.nullcontext(client) if client is not None else connect(config) as dask,
