@@ -11,8 +11,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,15 +69,17 @@ def test_webdataset_into_s3_every_line_once_tars_numbered_without_gap_readable(
         '[input]\nshard_size = 7\n[output]\nformat = "webdataset"\nshard_size = 3\n'
         "parquet = true\n[download]\nworkers = 2\n[transform]\nworkers = 1\n"
     )
-    temporary = tmp_path / "tmp"  # where the run's staging is made
-    temporary.mkdir()
     store = _bucket("tars")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "urls.txt", "--out", "s3://tars/run", "-q"],
-        cwd=tmp_path, env={**os.environ, **s3, "TMPDIR": str(temporary)},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    # where the run's staging is made: a short path, as multiprocessing's sockets need
+    with tempfile.TemporaryDirectory(prefix="wds-") as folder:
+        temporary = Path(folder)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", "urls.txt", "--out", "s3://tars/run", "-q"],
+            cwd=tmp_path, env={**os.environ, **s3, "TMPDIR": folder},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert not list(temporary.iterdir())  # staging went with the run
     rows = _rows(store)
     assert sorted(rows) == list(range(1, 19))
     assert Counter(row["status"] for row in rows.values()) == {"ok": 17, "failed": 1}
@@ -89,7 +93,6 @@ def test_webdataset_into_s3_every_line_once_tars_numbered_without_gap_readable(
         (f"{n:05d}.tar", count) for n, count in enumerate([3, 3, 3, 3, 1, 3, 1])
     ]
     assert len([name for name in objects if name.endswith(".parquet")]) == 3
-    assert not list(temporary.iterdir())  # staging went with the run
     local = tmp_path / "read"
     store.fs.get(store.key("shards") + "/", str(local), recursive=True)
     import webdataset as wds
