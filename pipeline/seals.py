@@ -236,18 +236,18 @@ class TarNames:
 
 class StoredTarNames(TarNames):
     """The same names in a store (objects.py): the seal there holds the record, each packed
-    tar is copied in the store to its name and then deleted, the index is put. A shard is
-    sealed there when its seal is (stored.py puts it last)."""
+    tar is copied in the store to its name and then deleted, the index is put. ``out_dir`` is
+    the store's staging, which holds the seals the store held when the run began (mirror.py:
+    a shard is sealed in the store once its seal is, put last); a seal put since (by a Dask
+    task) is read from the store."""
 
     def __init__(self, out_dir: Path, store: ObjectStore) -> None:
         super().__init__(out_dir)
         self.store = store
 
-    def _seals(self) -> list[str]:
-        found = (parse_manifest(name) for name in self.store.names(MANIFEST))
-        return sorted(shard for shard, kind in filter(None, found) if kind == "seal")
-
     def _seal(self, shard: str) -> dict[str, Any] | None:
+        if seal_path(self.folder, shard).is_file():
+            return super()._seal(shard)
         data = self.store.get_bytes(manifest_file(shard, "seal"))
         try:
             seal = None if data is None else json.loads(data)
@@ -256,10 +256,11 @@ class StoredTarNames(TarNames):
         return seal if isinstance(seal, dict) else None
 
     def _sealed(self, shard: str) -> bool:
-        return True  # its seal is there: it was put last
+        return True  # its seal is in the store: it was put last
 
     def _record(self, shard: str, seal: bytes) -> None:
         self.store.put_bytes(manifest_file(shard, "seal"), seal)
+        super()._record(shard, seal)  # staging's copy, as the store's
 
     def _rename(self, shard: str, first: int, samples: list[int]) -> None:
         """Each packed tar copied to its name, then all deleted: a kill between them copies
