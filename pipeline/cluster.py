@@ -9,10 +9,16 @@
 The driver holds at most ``executor.shards_in_flight`` shards at a time (Dask bounds nothing
 itself) and one shard's URLs while it reads the next. Each task runs ``Coordinator.process`` on
 its shard and writes that shard's images and manifest part itself, atomically, into
-``output.dir``, which every worker must see at the same path (a shared filesystem). The
-manifest part is sealed (renamed to ``.jsonl``) when complete, so a rerun skips the shard whole,
-and a shard retried after its worker was lost first keeps the final rows the lost attempt
-flushed, exactly as a local resume.
+``output.dir``, which every worker must see at the same path (a shared filesystem; a worker
+that does not is one line, never a folder of its own). The manifest part is sealed (renamed to
+``.jsonl``) when complete, so a rerun skips the shard whole, and a shard retried after its
+worker was lost first keeps the final rows the lost attempt flushed, exactly as a local resume.
+
+With ``output.dir`` in a store (``s3://bucket/prefix``) nothing is shared but the store: the
+driver plans from the state ``open_run`` pulls from it (mirror.py); a task runs its shard in a
+temporary folder of its own on its worker, as the store's staging (lanes put each image, the
+shard's seal goes last), and the driver names the tars in the store (seals.py). A task lost
+with its worker had put no seal: its shard is run again whole, its objects replaced.
 
 Each shard starts its lanes and their pools as the run's shape (shape.py) says, computed on the
 Dask worker from that worker's cores, not the driver's, so a node uses all its cores; that costs
@@ -27,7 +33,10 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
+import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -39,9 +48,10 @@ from typing import Any
 from .config import Config
 from .dedupe import plan_jobs
 from .errors import OutputError, PipelineError, require
-from .layout import MANIFEST, OutputLayout
+from .layout import MANIFEST, RUN, OutputLayout
 from .metrics import TOP_HOSTS, Meter
-from .objects import ObjectStore, output_of
+from .mirror import put_reports
+from .objects import ObjectStore
 from .records import Job, ShardEnd
 from .report import QueueStat, Report, StageStat, count_rows, diagnose
 from .resume import Plan, Resume
@@ -50,7 +60,7 @@ from .seals import InOrder, part_path, shard_path
 from .shape import shape_of
 from .sink import read_rows
 from .sources import Source
-from .storage import Location
+from .storage import Location, parse_location
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +83,60 @@ class ShardResult:
 # --- the worker side ------------------------------------------------------------------------------
 
 
-def run_shard(items: list[Job | ShardEnd], config: Config, out_dir: str) -> ShardResult:
-    """A Dask task: run one shard through the local staged pipeline, on this worker."""
-    folder, shard = Path(out_dir), items[-1].shard
-    # a shard an earlier run left open, or retried after its worker was lost, keeps its final rows
-    opened = part_path(folder / MANIFEST, shard).exists()
-    resume = Resume(Plan(folder, [], config.output, partial=frozenset({shard} if opened else ())))
+def run_shard(items: list[Job | ShardEnd], config: Config, out: str) -> ShardResult:
+    """A Dask task: run one shard through the local staged pipeline, on this worker, into
+    ``out``: a folder every worker sees, or a store (through a staging folder of its own)."""
     if multiprocessing.current_process().daemon:
         raise PipelineError(DAEMON_HELP)
+    output = parse_location(out, config.output.storage_options)
+    if isinstance(output, Path):
+        if not (output / RUN).is_file():  # never an output folder of this worker's own
+            raise PipelineError(
+                f"output.dir {out}: not found on Dask worker {socket.gethostname()}: with "
+                "--dask the output is a folder every worker sees at the same path (a shared "
+                "filesystem), or a store (--out s3://bucket/prefix)"
+            )
+        return _run_in(items, config, output)
+    with _staging(config) as staging:  # the worker's own: gone with the task
+        return _run_in(items, config, staging, ObjectStore(output))
+
+
+@contextlib.contextmanager
+def _staging(config: Config) -> Iterator[Path]:
+    """A task's own local folder (in ``output.staging`` on this worker, or its temporary
+    folder): a shard starts from nothing there, as a shard of a store output always does."""
+    where = config.output.staging or None
+    try:
+        if where is not None:
+            os.makedirs(where, exist_ok=True)
+        folder = tempfile.TemporaryDirectory(prefix="pipeline-shard-", dir=where)
+    except OSError as exc:
+        raise PipelineError(
+            f"output.staging {where}: cannot create it on Dask worker {socket.gethostname()}: "
+            f"{exc.strerror or exc}"
+        ) from None
+    with folder as path:
+        yield Path(path)
+
+
+def _run_in(
+    items: list[Job | ShardEnd], config: Config, folder: Path, store: ObjectStore | None = None
+) -> ShardResult:
+    """The shard through a coordinator writing into ``folder`` (the staging of ``store``, which
+    it puts the shard into); what the task sends back."""
+    shard = items[-1].shard
+    # a shard an earlier run left open, or retried after its worker was lost, keeps its final
+    # rows; in a store a shard is sealed or redone whole (mirror.py)
+    opened = store is None and part_path(folder / MANIFEST, shard).exists()
+    resume = Resume(Plan(folder, [], config.output, partial=frozenset({shard} if opened else ())))
     # the driver names the tars, in order; the shape is this worker's (its cores)
-    run = Coordinator(config, folder, name_tars=False, shape=shape_of(config))
+    run = Coordinator(config, folder, name_tars=False, shape=shape_of(config), store=store)
     report = run.process(resume.pending(iter(items)), resume)
     if run.failure is not None:  # a full disk, ...: the task fails; the driver says it in one line
         raise OutputError(run.failure)
     sealed = shard_path(folder / MANIFEST, shard)
+    if store is not None and not sealed.exists():  # never a shard reported done, not in the store
+        raise OutputError(f"{shard}: not sealed on Dask worker {socket.gethostname()}")
     if sealed.exists():  # count the whole shard: rows a lost attempt wrote belong to this run too
         stats = count_rows(read_rows(sealed))
         report = replace(
@@ -209,8 +259,6 @@ def run_on_dask(
     """
     if client is None:
         require("distributed", "dask", "the dask executor")  # before the input is read
-    if isinstance(where := output_of(config.output), ObjectStore):
-        raise PipelineError(f"output.dir {where}: the dask executor cannot write to a store yet")
     with open_run(sources, config, restart=restart) as plan:
         with (
             contextlib.nullcontext(client) if client is not None else connect(config) as dask,
@@ -221,6 +269,8 @@ def run_on_dask(
             report = _drive(dask, plan, config, tell)
         report = replace(report, sources=tuple(s.name for s in plan.sources), resume=plan.summary())
         report.save(plan.out_dir)
+        if plan.store is not None:
+            put_reports(plan.store, plan.out_dir)
         tell_findings(plan, report.urls)
     return report
 
@@ -269,7 +319,8 @@ def _drive(
     running = as_completed()
     in_flight = 0
     token = uuid.uuid4().hex[:12]  # this run's task keys: never a finished task of another run
-    names = _tar_names(config, out_dir)
+    names = _tar_names(config, out_dir, plan.store)
+    out = str(out_dir) if plan.store is None else config.output.dir  # what a task writes into
 
     def collect_one() -> None:
         nonlocal in_flight
@@ -299,11 +350,16 @@ def _drive(
                 if end.shard in plan.sealed:  # done by an earlier run, its lines unchanged
                     skipped += len(shard) - 1
                     continue
+                if plan.lock_lost is not None and plan.lock_lost.is_set():
+                    raise PipelineError(
+                        f"{plan.where}: another run took over this output's lock; stopped "
+                        "submitting shards (the shards done are kept)"
+                    )
                 future = client.submit(
                     run_shard,
                     shard,
                     config,
-                    str(out_dir),
+                    out,
                     key=f"pipeline-shard-{end.shard}-{token}",
                     retries=config.executor.retries,
                     pure=False,
@@ -329,9 +385,9 @@ def _drive(
     return replace(report, started=started_at)
 
 
-def _tar_names(config: Config, out_dir: Path) -> InOrder | None:
+def _tar_names(config: Config, out_dir: Path, store: ObjectStore | None) -> InOrder | None:
     """webdataset: names for the shards' tars, given here, in the order of the input."""
-    return InOrder.start(out_dir) if OutputLayout.of(config.output).webdataset else None
+    return InOrder.start(out_dir, store) if OutputLayout.of(config.output).webdataset else None
 
 
 def merge(

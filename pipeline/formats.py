@@ -34,6 +34,7 @@ from .atomic import open_dir, output_error, read_inside, remove_inside, write_at
 from .config import OutputConfig
 from .errors import OutputError, require
 from .layout import PACKED, SHARDS, OutputLayout, member, packed_tar, parse_tar
+from .objects import ObjectStore, Uploads
 from .records import caption
 
 # the fields of a sample's .json: the manifest row less its timings, which differ between two
@@ -61,15 +62,48 @@ def sample_json(row: Mapping[str, Any], sample_columns: tuple[str, ...]) -> byte
     return (_ENCODER.encode(sample) + "\n").encode("utf-8")
 
 
-def make_formats(out_dir: Path, part: Path, parquet: Path, config: OutputConfig) -> Packed:
+def make_formats(
+    out_dir: Path,
+    part: Path,
+    parquet: Path,
+    config: OutputConfig,
+    store: ObjectStore | None = None,
+) -> Packed:
     """The tars and the ``parquet`` manifest of a shard whose rows are all in its ``part`` (in
-    the packing process); the staged outputs, to remove once the shard is sealed."""
+    the packing process); the staged outputs, to remove once the shard is sealed. With a
+    ``store`` (``out_dir`` is its staging), they are put there too, whole, at the same names."""
     rows = list(_rows_with_text(part))
+    made = []
     if config.parquet:
         write_parquet(out_dir, parquet, rows)
-    if not OutputLayout.of(config).webdataset:
-        return Packed()
-    return pack_shard(out_dir, rows, config)
+        made.append(parquet.relative_to(out_dir).as_posix())
+    packed = Packed()
+    if OutputLayout.of(config).webdataset:
+        packed = pack_shard(out_dir, rows, config)
+        shard = part.name.removesuffix(".jsonl.part")
+        made += [packed_tar(shard, index) for index in range(len(packed.samples))]
+    if store is not None:
+        put_all(store, out_dir, made, config.uploads)
+    return packed
+
+
+def put_all(store: ObjectStore, out_dir: Path, names: list[str], limit: int) -> None:
+    """Put files of ``out_dir`` whole, at most ``limit`` at once; each tar's local copy goes
+    once it is in the store (its name there is given in the store: seals.py). Raises the first
+    OutputError, once every put has ended."""
+    uploads = Uploads(store, limit)
+    futures = [(name, uploads.put(out_dir / name, name)) for name in names]
+    failed: OutputError | None = None
+    for name, future in futures:
+        try:
+            future.result()
+        except OutputError as exc:
+            failed = failed or exc
+        else:
+            if name.endswith(".tar"):
+                remove_inside([out_dir / name], root=out_dir)
+    if failed is not None:
+        raise failed
 
 
 def _rows_with_text(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

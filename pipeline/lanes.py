@@ -60,7 +60,11 @@ class Lanes:
         self, config: Config, shape: RunShape, out_dir: Path, store: ObjectStore | None = None
     ) -> None:
         self.config = config
-        self.upload = None if store is None else UploadSetup(store, config.output.uploads)
+        # each image put by its lane; webdataset: none, the packer puts each tar (formats.py)
+        webdataset = OutputLayout.of(config.output).webdataset
+        self.upload = (
+            None if store is None or webdataset else UploadSetup(store, config.output.uploads)
+        )
         self.shape = shape
         self.worker = worker_setup(config, out_dir)  # once: every lane gets the same
         self.running: list[LaneHandle] = []

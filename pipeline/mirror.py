@@ -13,7 +13,7 @@ the truth, and staging only what this run has not put yet:
                                   is sealed (resume.py); a shard without one is redone whole (no
                                   ``.part`` is ever taken from a store)
     put_record(store, folder, name)   one small file of the folder put whole (run.json, reports)
-    publish_shard(store, folder, shard)   a sealed shard's rows, its parquet, its stats, and its
+    publish_shard(store, folder, shard)   a sealed shard's rows, its stats, and its
                                   seal last: a shard is done in the store only once its seal is
     sealed_rows(store, shard)     a sealed shard's rows, read back (resume's changed-line check)
     check_restart / forget        --restart in a store: the same refusal as a local folder's
@@ -125,9 +125,10 @@ def put_record(store: ObjectStore, folder: Path, name: str) -> None:
 
 
 def publish_shard(store: ObjectStore, folder: Path, shard: str) -> None:
-    """A sealed shard into the store: its rows, its parquet if any, its stats, then its seal,
-    last. Raises OutputError: the shard is then not sealed in the store, and is redone."""
-    for kind in ("rows", "parquet", "stats", "seal"):
+    """A sealed shard into the store: its rows, its stats, then its seal, last (its tars and
+    parquet are put by the packer, before: formats.py). Raises OutputError: the shard is then
+    not sealed in the store, and is redone."""
+    for kind in ("rows", "stats", "seal"):
         put_record(store, folder, manifest_file(shard, kind))
 
 

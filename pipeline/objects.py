@@ -50,7 +50,7 @@ from typing import Any
 
 from .config import OutputConfig
 from .errors import OutputError, PipelineError
-from .layout import LOCK, OutputLayout
+from .layout import LOCK
 from .storage import Location, parse_location, redact
 
 log = logging.getLogger(__name__)
@@ -229,13 +229,7 @@ def output_of(output: OutputConfig) -> Path | ObjectStore:
     where = parse_location(output.dir, output.storage_options, what="output.dir")
     if isinstance(where, Path):
         return where
-    store = ObjectStore.check(where)
-    if OutputLayout.of(output).webdataset:  # the packer does not put its tars yet
-        raise PipelineError(
-            f"output.dir {where}: webdataset tars cannot be written to a store yet; use "
-            'output.format = "files", or a local folder'
-        )
-    return store
+    return ObjectStore.check(where)
 
 
 # --- the lock of an output in a store --------------------------------------------------------

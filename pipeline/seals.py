@@ -14,7 +14,9 @@
       from 00000 across the whole folder, with no gap and no repeat, whatever appends, new files
       and kills came between runs: a kill before the record leaves the tars packed, and the next
       run names them; a kill after it, the next run finishes the renames (``TarNames.load``).
-      Two builds of the same input name the same tars the same way.
+      Two builds of the same input name the same tars the same way. In a store
+      (``StoredTarNames``) the same steps: the record put in the store's seal, each packed
+      tar copied there to its name (a server-side copy) and then deleted, the index put.
 
 A record here is written atomically (atomic.py): whole or absent.
 """
@@ -30,9 +32,10 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .atomic import open_dir, output_error, write_atomic
+from .errors import OutputError
 from .layout import (
     INDEX,
     MANIFEST,
@@ -44,6 +47,9 @@ from .layout import (
     tar_file,
 )
 from .records import ShardEnd
+
+if TYPE_CHECKING:
+    from .objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +167,11 @@ class TarNames:
     def load(self) -> None:
         """What earlier runs named (renames a kill cut short are finished now), and which
         sealed shards they left unnamed; writes the index."""
-        for shard in shards_of(self.folder, "seal"):
-            data = _read_json(seal_path(self.folder, shard))
+        for shard in self._seals():
+            data = self._seal(shard)
             if data is None or "tar_samples" not in data:
                 continue
-            if not shard_path(self.folder, shard).exists():
+            if not self._sealed(shard):
                 continue  # not sealed: its tars were never named, and will be packed again
             if data.get("tar_first") is None:
                 self.unnamed.append(shard)
@@ -181,14 +187,25 @@ class TarNames:
     def name(self, shard: str) -> None:
         """Give the sealed ``shard``'s packed tars the next numbers (none when it has none, or
         when it is named already)."""
-        path = seal_path(self.folder, shard)
-        data = _read_json(path)
+        data = self._seal(shard)
         if data is None or "tar_samples" not in data or data.get("tar_first") is not None:
             return
         first = self.next
-        write_atomic(path, _json({**data, "tar_first": first}), root=self.out_dir)
+        self._record(shard, _json({**data, "tar_first": first}))
         self._rename(shard, first, list(data["tar_samples"]))
         self._write_index()
+
+    def _seals(self) -> list[str]:
+        return shards_of(self.folder, "seal")
+
+    def _seal(self, shard: str) -> dict[str, Any] | None:
+        return _read_json(seal_path(self.folder, shard))
+
+    def _sealed(self, shard: str) -> bool:
+        return shard_path(self.folder, shard).exists()
+
+    def _record(self, shard: str, seal: bytes) -> None:
+        write_atomic(seal_path(self.folder, shard), seal, root=self.out_dir)
 
     def _rename(self, shard: str, first: int, samples: list[int]) -> None:
         packed = _folder(self.out_dir, PACKED)
@@ -199,8 +216,7 @@ class TarNames:
                     source = PurePath(packed_tar(shard, index)).name
                     target = tar_file(first + index)
                     _move(packed, source, named, PurePath(target).name, self.out_dir / target)
-                    self.tars.append({"name": PurePath(target).name, "samples": count,
-                                      "shard": shard})  # fmt: skip
+                    self._named(shard, target, count)
             finally:
                 os.close(named)
         finally:
@@ -209,7 +225,65 @@ class TarNames:
     def _write_index(self) -> None:
         total = sum(int(entry["samples"]) for entry in self.tars)
         index = {"tars": self.tars, "samples": total}
-        write_atomic(self.out_dir / INDEX, _json(index), root=self.out_dir)
+        self._put_index(_json(index))
+
+    def _put_index(self, index: bytes) -> None:
+        write_atomic(self.out_dir / INDEX, index, root=self.out_dir)
+
+    def _named(self, shard: str, target: str, count: int) -> None:
+        self.tars.append({"name": PurePath(target).name, "samples": count, "shard": shard})
+
+
+class StoredTarNames(TarNames):
+    """The same names in a store (objects.py): the seal there holds the record, each packed
+    tar is copied in the store to its name and then deleted, the index is put. ``out_dir`` is
+    the store's staging, which holds the seals the store held when the run began (mirror.py:
+    a shard is sealed in the store once its seal is, put last); a seal put since (by a Dask
+    task) is read from the store."""
+
+    def __init__(self, out_dir: Path, store: ObjectStore) -> None:
+        super().__init__(out_dir)
+        self.store = store
+
+    def _seal(self, shard: str) -> dict[str, Any] | None:
+        if seal_path(self.folder, shard).is_file():
+            return super()._seal(shard)
+        data = self.store.get_bytes(manifest_file(shard, "seal"))
+        try:
+            seal = None if data is None else json.loads(data)
+        except ValueError:
+            return None
+        return seal if isinstance(seal, dict) else None
+
+    def _sealed(self, shard: str) -> bool:
+        return True  # its seal is in the store: it was put last
+
+    def _record(self, shard: str, seal: bytes) -> None:
+        self.store.put_bytes(manifest_file(shard, "seal"), seal)
+        super()._record(shard, seal)  # staging's copy, as the store's
+
+    def _rename(self, shard: str, first: int, samples: list[int]) -> None:
+        """Each packed tar copied to its name, then all deleted: a kill between them copies
+        again; a packed tar gone means it was copied and deleted (or removed by hand)."""
+        copied = []
+        for index, count in enumerate(samples):
+            source, target = packed_tar(shard, index), tar_file(first + index)
+            try:
+                self.store.copy(source, target)
+            except OutputError:
+                present = set(self.store.names(SHARDS))  # listed only when a copy failed
+                if source in present:  # there, yet not copied: the store's error stands
+                    raise
+                if target not in present:
+                    log.warning("%s: missing (neither named nor packed); its samples are lost",
+                                self.store.url(target))  # fmt: skip
+            else:
+                copied.append(source)
+            self._named(shard, target, count)
+        self.store.delete(copied)
+
+    def _put_index(self, index: bytes) -> None:
+        self.store.put_bytes(INDEX, index)
 
 
 class InOrder:
@@ -240,9 +314,10 @@ class InOrder:
         self.names.name(shard)
 
     @classmethod
-    def start(cls, out_dir: Path) -> InOrder:
-        """What earlier runs named finished, what they sealed unnamed named now, in name order."""
-        names = TarNames(out_dir)
+    def start(cls, out_dir: Path, store: ObjectStore | None = None) -> InOrder:
+        """What earlier runs named finished, what they sealed unnamed named now, in name order
+        (in ``store``, when the output is there)."""
+        names = TarNames(out_dir) if store is None else StoredTarNames(out_dir, store)
         names.load()
         for shard in names.unnamed:
             names.name(shard)

@@ -103,7 +103,7 @@ class Sink:
         except OSError as exc:
             raise output_error(self.folder, exc) from None
         if self.layout.webdataset and name_tars:
-            self._names = InOrder.start(out_dir)
+            self._names = InOrder.start(out_dir, store)  # in the store, with one
 
     def add(self, outcome: Outcome) -> None:
         """Record one line's outcome."""
@@ -193,7 +193,9 @@ class Sink:
             )
         parquet = self.out_dir / manifest_file(shard, "parquet")
         part_file = part_path(self.folder, shard)
-        future = self._packer.submit(make_formats, self.out_dir, part_file, parquet, self.config)
+        future = self._packer.submit(
+            make_formats, self.out_dir, part_file, parquet, self.config, self.store
+        )  # with a store, the packer puts the tars and the parquet: no body passes through here
         self._packing.append((shard, part.end, future))
         self._stats[shard] = part.stats
 

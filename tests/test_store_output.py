@@ -20,12 +20,11 @@ import pytest
 from helpers import descendants, gated_handler, s3_server, wait_for
 
 from pipeline.bench.server import StaticServer
-from pipeline.cluster import run_on_dask
 from pipeline.config import Config, InputConfig, OutputConfig
 from pipeline.dedupe import plan_jobs
 from pipeline.errors import FetchError, OutputError, PipelineError, SourceError
 from pipeline.mirror import check_restart, forget, publish_shard, pull_state, put_record
-from pipeline.objects import ObjectStore, output_of
+from pipeline.objects import ObjectStore
 from pipeline.records import Job, Outcome, ShardEnd
 from pipeline.resume import Resume, plan_run
 from pipeline.runner import Coordinator
@@ -383,17 +382,6 @@ def test_a_store_shown_anywhere_shows_no_secret():
     store = ObjectStore(Location("s3://b/run", {"key": "k", "secret": SECRET}))
     assert SECRET not in repr(store) and SECRET not in str(store)
     assert "s3://b/run" in repr(store)
-
-
-def test_webdataset_into_a_store_is_refused_in_one_line_for_now(s3):
-    with pytest.raises(PipelineError, match="webdataset tars cannot be written to a store yet"):
-        output_of(OutputConfig(dir="s3://any/run", format="webdataset"))
-
-
-def test_the_dask_executor_refuses_a_store_output_for_now(tmp_path, s3):
-    config = Config(output=OutputConfig(dir="s3://any/run"))
-    with pytest.raises(PipelineError, match="the dask executor cannot write to a store yet"):
-        run_on_dask([tmp_path], config, client=object())
 
 
 def _alive(pid: int) -> bool:
