@@ -33,7 +33,7 @@ from typing import Any
 from .atomic import open_dir, output_error, read_inside, remove_inside, write_atomic
 from .config import OutputConfig
 from .errors import OutputError, require
-from .layout import PACKED, SHARDS, OutputLayout, member, packed_tar, parse_tar
+from .layout import PACKED, SHARDS, OutputLayout, member, packed_tar, parse_manifest, parse_tar
 from .objects import ObjectStore, Uploads
 from .records import caption
 
@@ -80,8 +80,10 @@ def make_formats(
     packed = Packed()
     if OutputLayout.of(config).webdataset:
         packed = pack_shard(out_dir, rows, config)
-        shard = part.name.removesuffix(".jsonl.part")
-        made += [packed_tar(shard, index) for index in range(len(packed.samples))]
+        named = parse_manifest(part.name)
+        if named is None:
+            raise ValueError(f"not a shard's part: {part}")
+        made += [packed_tar(named[0], index) for index in range(len(packed.samples))]
     if store is not None:
         put_all(store, out_dir, made, config.uploads)
     return packed
