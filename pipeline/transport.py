@@ -43,6 +43,7 @@ from urllib3.util.retry import Retry
 from . import deadline
 from .config import DownloadConfig
 from .errors import FetchError
+from .headers import parse_headers
 from .proxies import Proxies
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -131,17 +132,52 @@ class InterimFlood(http.client.HTTPException):
 
 class BoundedResponse(http.client.HTTPResponse):
     """http.client's response, reading at most MAX_INTERIM ``100 Continue`` before the status
-    that counts (``begin()`` loops over them without limit), and none past the deadline."""
+    that counts (http.client loops over them without limit), none past the deadline, and its
+    headers without the email parser where they are plain (headers.py)."""
 
-    _statuses = 0
-
-    def _read_status(self) -> tuple[str, int, str]:
-        self._statuses += 1
-        if self._statuses > MAX_INTERIM + 1:
+    def begin(self) -> None:
+        """http.client's ``begin``, with those three changes."""
+        if self.headers is not None:
+            return
+        for _ in range(MAX_INTERIM + 1):
+            deadline.check()
+            version, status, reason = self._read_status()
+            if status != http.client.CONTINUE:
+                break
+            http.client._read_headers(self.fp)  # skipped
+        else:
             raise InterimFlood(f"more than {MAX_INTERIM} interim (1xx) answers")
-        deadline.check()
-        status: tuple[str, int, str] = super()._read_status()  # type: ignore[misc]
-        return status
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11  # HTTP/1.x, x >= 1
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = parse_headers(self.fp)
+        self._framing(status)
+
+    def _framing(self, status: int) -> None:
+        """Chunked or not, the body's length, and whether the connection closes after it: as
+        http.client's ``begin`` decides them."""
+        encoding = self.headers.get("transfer-encoding")
+        self.chunked = bool(encoding and encoding.lower() == "chunked")
+        if self.chunked:
+            self.chunk_left = None
+        self.will_close = self._check_close()  # type: ignore[attr-defined]
+        self.length = None
+        length = self.headers.get("content-length")
+        if length and not self.chunked:
+            with contextlib.suppress(ValueError):
+                self.length = int(length)
+            if self.length is not None and self.length < 0:  # nonsensical: ignored
+                self.length = None
+        bodiless = status in (204, 304) or 100 <= status < 200
+        if bodiless or self._method == "HEAD":  # type: ignore[attr-defined]
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True  # no length, not chunked: the body ends when the server closes
 
 
 def _malformed(error: Exception | None) -> bool:
