@@ -240,6 +240,9 @@ class WatchedHTTPSConnectionPool(HTTPSConnectionPool):
     ConnectionCls = WatchedHTTPSConnection
 
 
+_POOL_ATTRIBUTES = 1024  # origins whose pool attributes an adapter keeps (then it starts again)
+
+
 class WatchedAdapter(HTTPAdapter):
     """An HTTPAdapter whose pools make watched connections, checked by ``guard``; with a proxy,
     the hosts of ``proxies.no_proxy`` go direct."""
@@ -249,6 +252,8 @@ class WatchedAdapter(HTTPAdapter):
     ) -> None:
         self.guard = guard  # before super().__init__, which calls init_poolmanager
         self.proxies = proxies or Proxies({})
+        # a pool's attributes by URL origin (and verify, cert): parsed once, not per request
+        self._pools: dict[tuple[str, Any, Any], tuple[Any, Any]] = {}
         super().__init__(**kwargs)
 
     def send(  # type: ignore[override]
@@ -270,10 +275,19 @@ class WatchedAdapter(HTTPAdapter):
     ) -> Any:
         if proxies:
             return super().get_connection_with_tls_context(request, verify, proxies, cert)
-        try:
-            host, pool_kwargs = self.build_connection_pool_key_attributes(request, verify, cert)
-        except ValueError as exc:
-            raise requests.exceptions.InvalidURL(exc, request=request) from exc
+        url = request.url or ""
+        origin = url[: url.find("/", url.find("//") + 2)]  # scheme://host:port (a prepared URL
+        key = (origin, verify, cert)  # has a path): what the pool's attributes depend on
+        attributes: tuple[Any, Any] | None = self._pools.get(key)
+        if attributes is None:
+            try:
+                attributes = self.build_connection_pool_key_attributes(request, verify, cert)
+            except ValueError as exc:
+                raise requests.exceptions.InvalidURL(exc, request=request) from exc
+            if len(self._pools) >= _POOL_ATTRIBUTES:
+                self._pools.clear()
+            self._pools[key] = attributes
+        host, pool_kwargs = attributes
         return self.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
 
     def request_url(self, request: requests.PreparedRequest, proxies: Any) -> str:
