@@ -43,7 +43,7 @@ from urllib3.util.retry import Retry
 from . import deadline
 from .config import DownloadConfig
 from .errors import FetchError
-from .headers import parse_headers
+from .headers import parse_headers, read_lines
 from .proxies import Proxies
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -144,7 +144,7 @@ class BoundedResponse(http.client.HTTPResponse):
             version, status, reason = self._read_status()
             if status != http.client.CONTINUE:
                 break
-            http.client._read_headers(self.fp)  # skipped
+            read_lines(self.fp)  # its headers: skipped
         else:
             raise InterimFlood(f"more than {MAX_INTERIM} interim (1xx) answers")
         self.code = self.status = status

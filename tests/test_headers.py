@@ -85,15 +85,30 @@ def test_other_blocks_parse_as_http_client_parses_them(block):
     assert ours == theirs
 
 
-def test_the_limits_are_http_clients():
-    many = b"".join(b"H%d: v\r\n" % n for n in range(http.client._MAXHEADERS + 1)) + b"\r\n"
+@pytest.mark.parametrize("count", [http.client._MAXHEADERS - 1, http.client._MAXHEADERS, 101])
+def test_the_header_count_limit_is_http_clients(count):
+    block = b"".join(b"H%d: v\r\n" % n for n in range(count)) + b"\r\n"
+    outcomes = []
     for parse in (headers.parse_headers, http.client.parse_headers):
-        with pytest.raises(http.client.HTTPException, match="got more than 100 headers"):
-            parse(io.BytesIO(many))
-        with pytest.raises(http.client.LineTooLong):
-            parse(io.BytesIO(b"A: " + b"x" * http.client._MAXLINE + b"\r\n\r\n"))
-    at_most = b"".join(b"H%d: v\r\n" % n for n in range(http.client._MAXHEADERS - 1)) + b"\r\n"
-    assert len(headers.parse_headers(io.BytesIO(at_most))) == http.client._MAXHEADERS - 1
+        try:
+            outcomes.append(len(parse(io.BytesIO(block))))
+        except http.client.HTTPException as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0] == (
+        count if count < http.client._MAXHEADERS else "got more than 100 headers"
+    )
+
+
+@pytest.mark.parametrize("size", [http.client._MAXLINE - 1, http.client._MAXLINE + 1])
+def test_the_line_length_limit_is_http_clients(size):
+    block = b"A: " + b"x" * (size - 5) + b"\r\n\r\n"  # a line of ``size`` bytes
+    for parse in (headers.parse_headers, http.client.parse_headers):
+        if size > http.client._MAXLINE:
+            with pytest.raises(http.client.LineTooLong):
+                parse(io.BytesIO(block))
+        else:
+            assert len(parse(io.BytesIO(block))["A"]) == size - 5
 
 
 def serve_once(answer: bytes) -> tuple[str, threading.Thread, socket.socket]:
@@ -133,6 +148,19 @@ def test_a_downloads_headers_through_a_real_socket(head, kind):
                 with pytest.raises(FetchError) as caught:
                     downloader.fetch(Job(0, 1, url, "s"))
                 assert caught.value.kind == kind
+    finally:
+        thread.join()
+        listener.close()
+
+
+def test_interim_answers_before_the_real_one_are_skipped_with_their_headers():
+    interim = b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n" * 16  # the most that is read
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 4\r\n\r\nBODY"
+    url, thread, listener = serve_once(interim + head)
+    try:
+        with Downloader(DownloadConfig(retries=0, allow_private=True)) as downloader:
+            fetched = downloader.fetch(Job(0, 1, url, "s"))
+        assert (fetched.body, fetched.content_type) == (b"BODY", "image/jpeg")
     finally:
         thread.join()
         listener.close()
