@@ -259,12 +259,13 @@ class WatchedAdapter(HTTPAdapter):
     def send(  # type: ignore[override]
         self, request: requests.PreparedRequest, proxies: Any = None, **kwargs: Any
     ) -> requests.Response:
-        host = urlsplit(request.url or "").hostname or ""
-        if proxies and self.proxies.bypass(host):
-            proxies = None
-        elif proxies and self.guard is not None:  # the proxy resolves names: only an address
-            with contextlib.suppress(ValueError):  # in the URL can be checked here
-                self.guard.check(str(ipaddress.ip_address(host)))
+        if proxies:  # (without one, the URL need not be parsed here)
+            host = urlsplit(request.url or "").hostname or ""
+            if self.proxies.bypass(host):
+                proxies = None
+            elif self.guard is not None:  # the proxy resolves names: only an address in the
+                with contextlib.suppress(ValueError):  # URL can be checked here
+                    self.guard.check(str(ipaddress.ip_address(host)))
         return super().send(request, proxies=proxies, **kwargs)
 
     # Without a proxy, the choices HTTPAdapter.send makes per request are known: no proxy to
