@@ -43,6 +43,7 @@ from urllib3.util.retry import Retry
 from . import deadline
 from .config import DownloadConfig
 from .errors import FetchError
+from .headers import parse_headers, read_lines
 from .proxies import Proxies
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -131,17 +132,52 @@ class InterimFlood(http.client.HTTPException):
 
 class BoundedResponse(http.client.HTTPResponse):
     """http.client's response, reading at most MAX_INTERIM ``100 Continue`` before the status
-    that counts (``begin()`` loops over them without limit), and none past the deadline."""
+    that counts (http.client loops over them without limit), none past the deadline, and its
+    headers without the email parser where they are plain (headers.py)."""
 
-    _statuses = 0
-
-    def _read_status(self) -> tuple[str, int, str]:
-        self._statuses += 1
-        if self._statuses > MAX_INTERIM + 1:
+    def begin(self) -> None:
+        """http.client's ``begin``, with those three changes."""
+        if self.headers is not None:
+            return
+        for _ in range(MAX_INTERIM + 1):
+            deadline.check()
+            version, status, reason = self._read_status()
+            if status != http.client.CONTINUE:
+                break
+            read_lines(self.fp)  # its headers: skipped
+        else:
             raise InterimFlood(f"more than {MAX_INTERIM} interim (1xx) answers")
-        deadline.check()
-        status: tuple[str, int, str] = super()._read_status()  # type: ignore[misc]
-        return status
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11  # HTTP/1.x, x >= 1
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = parse_headers(self.fp)
+        self._framing(status)
+
+    def _framing(self, status: int) -> None:
+        """Chunked or not, the body's length, and whether the connection closes after it: as
+        http.client's ``begin`` decides them."""
+        encoding = self.headers.get("transfer-encoding")
+        self.chunked = bool(encoding and encoding.lower() == "chunked")
+        if self.chunked:
+            self.chunk_left = None
+        self.will_close = self._check_close()  # type: ignore[attr-defined]
+        self.length = None
+        length = self.headers.get("content-length")
+        if length and not self.chunked:
+            with contextlib.suppress(ValueError):
+                self.length = int(length)
+            if self.length is not None and self.length < 0:  # nonsensical: ignored
+                self.length = None
+        bodiless = status in (204, 304) or 100 <= status < 200
+        if bodiless or self._method == "HEAD":  # type: ignore[attr-defined]
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True  # no length, not chunked: the body ends when the server closes
 
 
 def _malformed(error: Exception | None) -> bool:
@@ -204,6 +240,9 @@ class WatchedHTTPSConnectionPool(HTTPSConnectionPool):
     ConnectionCls = WatchedHTTPSConnection
 
 
+_POOL_ATTRIBUTES = 1024  # origins whose pool attributes an adapter keeps (then it starts again)
+
+
 class WatchedAdapter(HTTPAdapter):
     """An HTTPAdapter whose pools make watched connections, checked by ``guard``; with a proxy,
     the hosts of ``proxies.no_proxy`` go direct."""
@@ -213,17 +252,20 @@ class WatchedAdapter(HTTPAdapter):
     ) -> None:
         self.guard = guard  # before super().__init__, which calls init_poolmanager
         self.proxies = proxies or Proxies({})
+        # a pool's attributes by URL origin (and verify, cert): parsed once, not per request
+        self._pools: dict[tuple[str, Any, Any], tuple[Any, Any]] = {}
         super().__init__(**kwargs)
 
     def send(  # type: ignore[override]
         self, request: requests.PreparedRequest, proxies: Any = None, **kwargs: Any
     ) -> requests.Response:
-        host = urlsplit(request.url or "").hostname or ""
-        if proxies and self.proxies.bypass(host):
-            proxies = None
-        elif proxies and self.guard is not None:  # the proxy resolves names: only an address
-            with contextlib.suppress(ValueError):  # in the URL can be checked here
-                self.guard.check(str(ipaddress.ip_address(host)))
+        if proxies:  # (without one, the URL need not be parsed here)
+            host = urlsplit(request.url or "").hostname or ""
+            if self.proxies.bypass(host):
+                proxies = None
+            elif self.guard is not None:  # the proxy resolves names: only an address in the
+                with contextlib.suppress(ValueError):  # URL can be checked here
+                    self.guard.check(str(ipaddress.ip_address(host)))
         return super().send(request, proxies=proxies, **kwargs)
 
     # Without a proxy, the choices HTTPAdapter.send makes per request are known: no proxy to
@@ -234,10 +276,19 @@ class WatchedAdapter(HTTPAdapter):
     ) -> Any:
         if proxies:
             return super().get_connection_with_tls_context(request, verify, proxies, cert)
-        try:
-            host, pool_kwargs = self.build_connection_pool_key_attributes(request, verify, cert)
-        except ValueError as exc:
-            raise requests.exceptions.InvalidURL(exc, request=request) from exc
+        url = request.url or ""
+        origin = url[: url.find("/", url.find("//") + 2)]  # scheme://host:port (a prepared URL
+        key = (origin, verify, cert)  # has a path): what the pool's attributes depend on
+        attributes: tuple[Any, Any] | None = self._pools.get(key)
+        if attributes is None:
+            try:
+                attributes = self.build_connection_pool_key_attributes(request, verify, cert)
+            except ValueError as exc:
+                raise requests.exceptions.InvalidURL(exc, request=request) from exc
+            if len(self._pools) >= _POOL_ATTRIBUTES:
+                self._pools.clear()
+            self._pools[key] = attributes
+        host, pool_kwargs = attributes
         return self.poolmanager.connection_from_host(**host, pool_kwargs=pool_kwargs)
 
     def request_url(self, request: requests.PreparedRequest, proxies: Any) -> str:

@@ -210,6 +210,26 @@ def test_a_url_goes_out_as_requests_prepares_it(url):
     assert prepared_url(url) == request.url
 
 
+def test_each_origin_gets_its_own_pool_and_keeps_it():
+    adapter = new_session(DownloadConfig()).get_adapter("http://")
+
+    def pool(url: str) -> urllib3.HTTPConnectionPool:
+        request = requests.PreparedRequest()
+        request.prepare(method="GET", url=url)
+        return adapter.get_connection_with_tls_context(request, True)
+
+    urls = ["http://a.test/1.jpg", "http://a.test:8080/1.jpg", "https://a.test/1.jpg",
+            "http://b.test/1.jpg", "http://[::1]:81/1.jpg", "http://u:p@a.test/1.jpg"]  # fmt: skip
+    for url in urls:
+        first = pool(url)
+        parts = urllib3.util.parse_url(url)
+        port = parts.port or {"http": 80, "https": 443}[parts.scheme or ""]
+        host = (parts.host or "").strip("[]")  # the pool's is bare
+        assert (first.scheme, first.host, first.port) == (parts.scheme, host, port)
+        assert pool(url.replace("/1.jpg", "/2/3.jpg?x=1")) is first
+    assert len({id(pool(url)) for url in urls}) == len(urls) - 1  # (the user is no pool's)
+
+
 def test_a_header_the_http_library_refuses_is_the_configs_fault_not_a_row():
     # validation at load refuses such a value; were one to pass, no URL would be blamed for it
     config = DownloadConfig(retries=0)
