@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 from pathlib import Path, PurePath
 
 from .errors import OutputError
@@ -159,6 +160,15 @@ def remove_inside(paths: list[Path], *, root: Path) -> None:
                     os.unlink(name, dir_fd=folder)
         finally:
             os.close(folder)
+
+
+def remove_entry(path: Path) -> None:
+    """Delete ``path`` whatever it is: a folder with all it holds, or a file or a link (never
+    what a link points to); missing is fine. Raises OSError."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def remove_temporaries(root: Path, rel: PurePath) -> None:

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_atomic
+from .atomic import remove_entry, write_atomic
 from .config import OutputConfig
 from .errors import OutputError, PipelineError
 from .layout import (
@@ -108,10 +108,7 @@ def _clear(folder: Path, store: ObjectStore) -> None:
     for name in names:
         path = folder / name
         try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+            remove_entry(path)
         except OSError as exc:
             raise OutputError(f"{path}: cannot clear it from staging: {exc.strerror}") from None
 

@@ -20,14 +20,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-from .atomic import remove_inside, remove_temporaries, write_atomic
+from .atomic import remove_entry, remove_inside, remove_temporaries, write_atomic
 from .config import Config, OutputConfig
 from .errors import PipelineError, SourceError, UnreadableSource, is_final
 from .inputs import Findings, InputFile, find_files, input_root, relative_name, where
@@ -222,10 +221,7 @@ def forget(out_dir: Path) -> None:
     beside it) and staged outputs."""
     for path in (out_dir / name for name in _REMOVED):
         try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+            remove_entry(path)
         except OSError as exc:
             raise PipelineError(f"{path}: --restart cannot remove it: {exc.strerror}") from None
 

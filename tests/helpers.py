@@ -152,6 +152,22 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "
 
 
 @contextlib.contextmanager
+def s3_environment() -> Iterator[dict[str, str]]:
+    """``s3_server`` with its environment set in this process too (for the store's own chain),
+    and s3fs's cache of filesystems cleared before and after (one made for another server is
+    no use)."""
+    import pytest
+    import s3fs
+
+    with s3_server() as env, pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield env
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@contextlib.contextmanager
 def s3_server() -> Iterator[dict[str, str]]:
     """A real S3-compatible server (moto's server mode) on 127.0.0.1, a free port; yields the
     environment a client needs to reach it (``AWS_ENDPOINT_URL``, test credentials)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import s3_server, wait_for
+from helpers import s3_environment, wait_for
 
 from pipeline.bench.server import StaticServer
 from pipeline.config import (
@@ -64,15 +64,9 @@ def hidden(folder: Path, *command: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, str]]:
-    import s3fs
-
-    with s3_server() as env, pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        s3fs.S3FileSystem.clear_instance_cache()  # one made for another server is no use
+    with s3_environment() as env:
         ObjectStore(Location(f"s3://{BUCKET}")).fs.mkdir(BUCKET)
         yield env
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import s3_server, wait_for
+from helpers import s3_environment, wait_for
 
 from pipeline.errors import OutputError, PipelineError
 from pipeline.objects import ObjectStore, StoreLock, Uploads, store_lock
@@ -24,9 +24,7 @@ from pipeline.storage import Location
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, str]]:
-    with s3_server() as env, pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
+    with s3_environment() as env:
         yield env
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import descendants, gated_handler, s3_server, wait_for
+from helpers import descendants, gated_handler, s3_environment, wait_for
 
 from pipeline.bench.server import StaticServer
 from pipeline.config import Config, InputConfig, OutputConfig
@@ -38,14 +38,8 @@ SECRET = "0utput-s3cr3t-n3ver-sh0wn"
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, str]]:
-    import s3fs
-
-    with s3_server() as env, pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        s3fs.S3FileSystem.clear_instance_cache()  # one made for another server is no use
+    with s3_environment() as env:
         yield env
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _bucket(name: str) -> ObjectStore:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import s3_server
+from helpers import s3_environment
 
 from pipeline.mirror import pull_state
 from pipeline.objects import ObjectStore
@@ -30,14 +30,8 @@ pytest.importorskip("s3fs")
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[dict[str, str]]:
-    import s3fs
-
-    with s3_server() as env, pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        s3fs.S3FileSystem.clear_instance_cache()  # one made for another server is no use
+    with s3_environment() as env:
         yield env
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _bucket(name: str, prefix: str = "run") -> ObjectStore:
