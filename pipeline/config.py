@@ -456,7 +456,7 @@ class ExecutorConfig:
     """Where shards run: here, or as tasks of a Dask cluster (one shard per task)."""
 
     kind: str = "local"
-    address: str = "local"  # a scheduler such as tcp://10.0.0.5:8786, or "local": a LocalCluster
+    address: str = "local"  # a scheduler such as tcp://SCHEDULER:8786, or "local": a LocalCluster
     local_workers: int = 2  # workers of a LocalCluster (address = "local")
     shards_in_flight: int = 0  # 0 = 2 x the cluster's workers
     retries: int = 2  # a failed shard task is run again this many times (Dask's retries=)

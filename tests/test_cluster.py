@@ -202,7 +202,7 @@ def test_without_dask_the_message_says_how_to_install_it(monkeypatch):
     ("table", "key"),
     [
         ({"kind": "spark"}, "executor.kind"),
-        ({"address": "http://10.0.0.1:8786"}, "executor.address"),
+        ({"address": "http://127.0.0.1:8786"}, "executor.address"),
         ({"shards_in_flight": -1}, "executor.shards_in_flight"),
         ({"retries": 99}, "executor.retries"),
     ],
@@ -217,8 +217,8 @@ def test_a_bad_dask_address_is_a_one_line_error(tmp_path):
     from test_cli import assert_one_line_error, pipeline
 
     (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
-    result = pipeline("run", str(tmp_path / "urls.txt"), "--dask", "http://10.0.0.5:8786")
-    assert_one_line_error(result, "executor.address", "http://10.0.0.5:8786")
+    result = pipeline("run", str(tmp_path / "urls.txt"), "--dask", "http://127.0.0.1:8786")
+    assert_one_line_error(result, "executor.address", "http://127.0.0.1:8786")
 
 
 def test_the_shards_filtered_counts_are_merged():
