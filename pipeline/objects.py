@@ -41,6 +41,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -57,6 +58,16 @@ log = logging.getLogger(__name__)
 
 LEASE_S = 60.0  # a crashed owner's lock is taken over this long after its last renewal
 LOCKING_SCHEMES = frozenset({"s3", "s3a"})  # conditional puts: If-None-Match / If-Match
+
+
+def failures() -> tuple[type[Exception], ...]:
+    """What a store's client raises when a request fails: OSError (s3fs translates S3's errors)
+    and ValueError, and botocore's own errors, which s3fs passes on as they are (a refused
+    connection: EndpointConnectionError). botocore is looked up only where a client loaded it."""
+    botocore = sys.modules.get("botocore.exceptions")
+    return (
+        (OSError, ValueError) if botocore is None else (OSError, ValueError, botocore.BotoCoreError)
+    )
 
 
 def _why(exc: BaseException) -> str:
@@ -109,14 +120,14 @@ class ObjectStore:
         """Put one finished local file whole. Raises OutputError."""
         try:
             self.fs.put_file(str(local), self.key(name))
-        except (OSError, ValueError) as exc:
+        except failures() as exc:
             raise self._error(name, exc) from None
 
     def put_bytes(self, name: str, data: bytes) -> None:
         """Put a small record whole. Raises OutputError."""
         try:
             self.fs.pipe_file(self.key(name), data)
-        except (OSError, ValueError) as exc:
+        except failures() as exc:
             raise self._error(name, exc) from None
 
     def get_bytes(self, name: str) -> bytes | None:
@@ -125,7 +136,7 @@ class ObjectStore:
             return bytes(self.fs.cat_file(self.key(name)))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except failures() as exc:
             raise self._error(name, exc) from None
 
     def get_many(self, names: Iterable[str]) -> dict[str, bytes]:
@@ -136,7 +147,7 @@ class ObjectStore:
             return {}
         try:
             found = self.fs.cat(list(keys), on_error="return")
-        except (OSError, ValueError) as exc:
+        except failures() as exc:
             raise self._error(next(iter(keys.values())), exc) from None
         data = {}
         for key, value in found.items():
@@ -155,7 +166,7 @@ class ObjectStore:
             found = self.fs.find(base, refresh=True)
         except FileNotFoundError:
             return []
-        except (OSError, ValueError) as exc:
+        except failures() as exc:
             raise self._error(prefix, exc) from None
         finally:  # a listing kept would answer later reads (and listings) of newer objects
             self.fs.invalidate_cache()
@@ -166,7 +177,7 @@ class ObjectStore:
         """Copy an object inside the store (its bytes never come here). Raises OutputError."""
         try:
             self.fs.copy(self.key(source), self.key(target))
-        except (OSError, ValueError) as exc:
+        except failures() as exc:
             raise self._error(target, exc) from None
 
     def delete(self, names: Iterable[str]) -> None:
@@ -178,7 +189,7 @@ class ObjectStore:
             self.fs.rm(keys)
         except FileNotFoundError:
             pass
-        except (OSError, ValueError) as exc:
+        except failures() as exc:
             raise self._error(str(len(keys)) + " objects", exc) from None
 
 
@@ -218,7 +229,7 @@ class Uploads:
         async with self._slots:
             try:
                 await self.fs._put_file(str(local), self.store.key(name))
-            except (OSError, ValueError) as exc:
+            except failures() as exc:
                 raise self.store._error(name, exc) from None
 
 
@@ -270,7 +281,7 @@ class StoreLock:
             self.etag = self._put(mode="create")
         except FileExistsError:
             self.etag = self._take_over()
-        except OSError as exc:
+        except failures() as exc:
             raise PipelineError(f"{self.store.location}: cannot lock: {_why(exc)}") from None
         self._renewer.start()
 
@@ -281,7 +292,7 @@ class StoreLock:
             self._renewer.join()
         if self.etag and not self.lost.is_set():
             bucket, key, _ = self.fs.split_path(self.key)
-            with contextlib.suppress(OSError):  # taken over meanwhile: it is not ours to delete
+            with contextlib.suppress(*failures()):  # taken over meanwhile: not ours to delete
                 self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self.etag)
 
     def _put(self, **match: str) -> str:
@@ -303,7 +314,7 @@ class StoreLock:
                 return self._put(mode="create")
             except FileExistsError:
                 raise self._refusal("another run took it meanwhile") from None
-        except (OSError, ValueError) as exc:
+        except failures() as exc:
             where = self.store.location
             raise PipelineError(f"{where}: cannot read its lock: {_why(exc)}") from None
         lease = held.get("lease_s") if isinstance(held, dict) else None
@@ -330,7 +341,7 @@ class StoreLock:
         while not self._stop.wait(self.renew_s):
             try:
                 self.etag = self._put(IfMatch=self.etag)
-            except OSError as exc:
+            except failures() as exc:
                 if self._taken():
                     log.error("%s: the lock was taken over by another run", self.store.location)
                     self.lost.set()
@@ -344,7 +355,7 @@ class StoreLock:
             return bool(self.fs.info(self.key, refresh=True)["ETag"] != self.etag)
         except FileNotFoundError:
             return True
-        except OSError:
+        except failures():
             return False  # the store cannot be reached: try again at the next renewal
 
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -146,3 +147,18 @@ def test_one_run_holds_a_store_output_a_second_is_refused_a_dead_owner_is_taken_
 def test_only_s3_outputs_can_be_locked(tmp_path: Path):
     with pytest.raises(PipelineError, match="cannot be locked yet"):
         StoreLock(ObjectStore(Location("memory://out")))
+
+
+def test_a_store_that_refuses_connections_is_one_line_naming_it(tmp_path: Path):
+    with socket.socket() as closed:  # bound, never listening: every connection is refused
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        options = {"endpoint_url": endpoint, "key": "k", "secret": "s"}
+        options["config_kwargs"] = {"retries": {"max_attempts": 1}}
+        store = ObjectStore.check(Location("s3://refused/out", options))
+        with pytest.raises(PipelineError, match=r"^s3://refused/out: cannot lock: Could not co"):
+            store_lock(store).__enter__()
+        with pytest.raises(OutputError, match=r"^s3://refused/out/run\.json: Could not conn"):
+            store.put_bytes("run.json", b"{}")
+        with pytest.raises(OutputError, match=r"^s3://refused/out/manifest: Could not conn"):
+            store.names("manifest")
