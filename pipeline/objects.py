@@ -160,12 +160,13 @@ class ObjectStore:
         return data
 
     def names(self, prefix: str = "") -> list[str]:
-        """Every name under ``prefix`` (relative to the output, sorted). Raises OutputError."""
+        """Every name under ``prefix`` (relative to the output, sorted); none under a prefix
+        without objects. Raises OutputError, also when the bucket itself is not there (fsspec's
+        find gives [] for a missing prefix: its FileNotFoundError is the bucket's), so a dry
+        run or a report never takes a missing bucket for an empty output."""
         base = self.key(prefix).rstrip("/")
         try:
             found = self.fs.find(base, refresh=True)
-        except FileNotFoundError:
-            return []
         except failures() as exc:
             raise self._error(prefix, exc) from None
         finally:  # a listing kept would answer later reads (and listings) of newer objects

@@ -162,3 +162,10 @@ def test_a_store_that_refuses_connections_is_one_line_naming_it(tmp_path: Path):
             store.put_bytes("run.json", b"{}")
         with pytest.raises(OutputError, match=r"^s3://refused/out/manifest: Could not conn"):
             store.names("manifest")
+
+
+def test_a_listing_in_a_missing_bucket_is_an_error_not_an_empty_output(s3):
+    assert _store("listed").names("manifest") == []  # a prefix without objects: none
+    store = ObjectStore.check(Location("s3://no-such-bucket/out"))
+    with pytest.raises(OutputError, match=r"^s3://no-such-bucket/out/manifest: .*does not exist"):
+        store.names("manifest")  # a dry run would have said "a first run" into it
