@@ -39,6 +39,7 @@ import datetime
 import json
 import logging
 import os
+import posixpath
 import secrets
 import socket
 import sys
@@ -83,11 +84,19 @@ class ObjectStore:
     @classmethod
     def check(cls, location: Location) -> ObjectStore:
         """A store a run can write into: one other processes reach too (not ``memory://``),
-        through an asynchronous filesystem. Raises PipelineError (one line)."""
+        through an asynchronous filesystem, at a path with no empty, . or .. part (``s3://b//x``
+        would be the objects ``/x/...``, not ``x/...``). Raises PipelineError (one line)."""
         if location.scheme == "memory":
             raise PipelineError(
                 f"output.dir {location}: memory:// lives in one process, and a run writes from "
                 "several; give a store or a local folder"
+            )
+        parts = location.path.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            tidy = redact(location.child(posixpath.normpath(location.path)))
+            raise PipelineError(
+                f"output.dir {location}: an empty, . or .. part in its path names other objects "
+                f"in a store than in a folder (a store keeps them as they are); write {tidy}"
             )
         if not getattr(location.filesystem(), "async_impl", False):
             raise PipelineError(f"output.dir {location}: cannot write to this store")

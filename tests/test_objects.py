@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -169,3 +170,15 @@ def test_a_listing_in_a_missing_bucket_is_an_error_not_an_empty_output(s3):
     store = ObjectStore.check(Location("s3://no-such-bucket/out"))
     with pytest.raises(OutputError, match=r"^s3://no-such-bucket/out/manifest: .*does not exist"):
         store.names("manifest")  # a dry run would have said "a first run" into it
+
+
+@pytest.mark.parametrize(
+    ("url", "tidy"),
+    [("s3://b//x", "s3://b/x"), ("s3://b/x/./y/", "s3://b/x/y"), ("s3://b/x/../y", "s3://b/y")],
+)
+def test_an_output_path_with_an_empty_dot_or_dotdot_part_is_refused_naming_the_tidy_one(url, tidy):
+    with pytest.raises(
+        PipelineError, match=f"^output.dir {re.escape(url)}: an empty, . or .. part.*write {tidy}$"
+    ):
+        ObjectStore.check(Location(url))
+    assert ObjectStore.check(Location("s3://b/x/")).key("run.json") == "b/x/run.json"
