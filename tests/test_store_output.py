@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -383,3 +384,16 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_store_that_refuses_connections_is_one_line_naming_it(tmp_path, s3):
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    _config(tmp_path)
+    with socket.socket() as closed:  # bound, never listening: every connection is refused
+        closed.bind(("127.0.0.1", 0))
+        refused = {**s3, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed.getsockname()[1]}"}
+        refused["AWS_MAX_ATTEMPTS"] = "1"  # botocore's own retries: seconds, not the point here
+        proc = _run(tmp_path, refused, "urls.txt", "--out", "s3://refused/run")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("pipeline: error: s3://refused/run: cannot lock: Could not ")
+    assert len(proc.stderr.strip().splitlines()) == 1 and SECRET not in proc.stderr
