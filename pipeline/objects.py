@@ -42,7 +42,6 @@ import os
 import posixpath
 import secrets
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -53,22 +52,12 @@ from typing import Any
 from .config import OutputConfig
 from .errors import OutputError, PipelineError
 from .layout import LOCK
-from .storage import Location, parse_location, redact
+from .storage import Location, failures, parse_location, redact
 
 log = logging.getLogger(__name__)
 
 LEASE_S = 60.0  # a crashed owner's lock is taken over this long after its last renewal
 LOCKING_SCHEMES = frozenset({"s3", "s3a"})  # conditional puts: If-None-Match / If-Match
-
-
-def failures() -> tuple[type[Exception], ...]:
-    """What a store's client raises when a request fails: OSError (s3fs translates S3's errors)
-    and ValueError, and botocore's own errors, which s3fs passes on as they are (a refused
-    connection: EndpointConnectionError). botocore is looked up only where a client loaded it."""
-    botocore = sys.modules.get("botocore.exceptions")
-    return (
-        (OSError, ValueError) if botocore is None else (OSError, ValueError, botocore.BotoCoreError)
-    )
 
 
 def _why(exc: BaseException) -> str:

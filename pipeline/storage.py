@@ -19,6 +19,7 @@ bytes (``open_stored``), read as they arrive, never copied whole first.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -175,6 +176,16 @@ class StoredFile:
         return redact(self.url)
 
 
+def failures() -> tuple[type[Exception], ...]:
+    """What a store's client raises when a request fails: OSError (s3fs translates S3's errors)
+    and ValueError, and botocore's own errors, which s3fs passes on as they are (a refused
+    connection: EndpointConnectionError). botocore is looked up only where a client loaded it."""
+    botocore = sys.modules.get("botocore.exceptions")
+    return (
+        (OSError, ValueError) if botocore is None else (OSError, ValueError, botocore.BotoCoreError)
+    )
+
+
 def list_stored(location: Location) -> list[StoredFile] | None:
     """The files below ``location`` (itself, when it is a file), sorted; None when nothing is
     there. Raises SourceError (one line) when the store cannot be listed."""
@@ -184,7 +195,7 @@ def list_stored(location: Location) -> list[StoredFile] | None:
         if fs.isfile(base):
             return [StoredFile(location, base)]
         keys = sorted(fs.find(base))
-    except (OSError, ValueError) as exc:  # s3fs: PermissionError, FileNotFoundError, ...
+    except failures() as exc:  # s3fs: PermissionError, FileNotFoundError, ...
         raise SourceError(f"{location}: cannot list: {_why(exc)}") from None
     return [StoredFile(location, key) for key in keys] or None
 

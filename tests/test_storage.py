@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,14 @@ from pipeline.config import parse_config
 from pipeline.errors import ConfigError, PipelineError, SourceError
 from pipeline.inputs import Findings, find_files, input_root, open_lines, relative_name
 from pipeline.sink import read_manifest
-from pipeline.storage import Location, StoredFile, parse_location, redact, redact_options
+from pipeline.storage import (
+    Location,
+    StoredFile,
+    list_stored,
+    parse_location,
+    redact,
+    redact_options,
+)
 
 SECRET = "s3cr3t-n3ver-sh0wn"
 
@@ -217,3 +225,12 @@ def test_a_missing_bucket_is_one_line(tmp_path, s3):
     assert "s3://no-such-bucket/urls" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() or not (tmp_path / "out" / "manifest").exists()
+
+
+def test_a_store_of_inputs_that_refuses_connections_is_one_line_naming_it():
+    with socket.socket() as closed:  # bound, never listening: every connection is refused
+        closed.bind(("127.0.0.1", 0))
+        options = {"endpoint_url": f"http://127.0.0.1:{closed.getsockname()[1]}", "key": "k"}
+        options |= {"secret": SECRET, "config_kwargs": {"retries": {"max_attempts": 1}}}
+        with pytest.raises(SourceError, match=r"^s3://refused/urls/: cannot list: Could not co"):
+            list_stored(Location("s3://refused/urls/", options))
