@@ -178,7 +178,7 @@ def _open_store(
     with (
         store_lock(store, lease_s=config.output.lease) as held,
         staging(config.output) as folder,
-        lock(folder),
+        lock(folder, what="output.staging" if config.output.staging else ""),
     ):
         if restart:
             forget(store, check_restart(store))

@@ -298,23 +298,25 @@ def read_rows(path: Path) -> Iterator[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def lock(out_dir: Path) -> Iterator[None]:
-    """Hold the output folder for one run; raise PipelineError when another run holds it."""
-    path = out_dir / LOCK
+def lock(out_dir: Path, *, what: str = "") -> Iterator[None]:
+    """Hold the output folder for one run; raise PipelineError when another run holds it.
+    ``what``: the setting that named the folder (``output.staging``), named in the errors as
+    the one to change; by default --out."""
+    path, named = out_dir / LOCK, f"{what} " if what else ""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise PipelineError(f"{path}: cannot open the lock file: {exc.strerror}") from None
+        raise PipelineError(f"{named}{path}: cannot open the lock file: {exc.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise PipelineError(f"{path}: cannot lock: {exc.strerror}") from None
+                raise PipelineError(f"{named}{path}: cannot lock: {exc.strerror}") from None
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
             raise PipelineError(
-                f"{out_dir}: another pipeline run is writing into this folder ({holder}); "
-                "wait for it to end, or choose another --out"
+                f"{named}{out_dir}: another pipeline run is writing into this folder ({holder}); "
+                f"wait for it to end, or choose another {what or '--out'}"
             ) from None
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         os.ftruncate(fd, 0)

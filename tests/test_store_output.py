@@ -28,8 +28,8 @@ from pipeline.mirror import check_restart, forget, publish_shard, pull_state, pu
 from pipeline.objects import ObjectStore
 from pipeline.records import Job, Outcome, ShardEnd
 from pipeline.resume import Resume, plan_run
-from pipeline.runner import Coordinator
-from pipeline.sink import Sink
+from pipeline.runner import Coordinator, open_run
+from pipeline.sink import Sink, lock
 from pipeline.stages import DONE
 from pipeline.storage import Location
 from pipeline.upload import Uploader
@@ -397,3 +397,19 @@ def test_a_store_that_refuses_connections_is_one_line_naming_it(tmp_path, s3):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("pipeline: error: s3://refused/run: cannot lock: Could not ")
     assert len(proc.stderr.strip().splitlines()) == 1 and SECRET not in proc.stderr
+
+
+def test_a_staging_folder_another_run_holds_is_refused_naming_output_staging(tmp_path, s3):
+    store = _bucket("heldstaging")
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    config = Config(output=OutputConfig(dir=str(store), staging=str(tmp_path / "staging")))
+    (tmp_path / "staging").mkdir()
+    with (
+        lock(tmp_path / "staging"),  # another run's
+        pytest.raises(PipelineError) as refused,
+        open_run([tmp_path / "urls.txt"], config, restart=False),
+    ):
+        pass
+    assert str(refused.value).startswith(f"output.staging {tmp_path / 'staging'}: another ")
+    assert str(refused.value).endswith("or choose another output.staging")
+    assert store.names() == []  # the store's lock was released with the refusal
