@@ -332,7 +332,7 @@ class StoreLock:
 
     def _refusal(self, holder: str) -> PipelineError:
         return PipelineError(
-            f"{self.store.location}: another pipeline run is writing into this folder ({holder}); "
+            f"{self.store.location}: another pipeline run is writing into this output ({holder}); "
             "wait for it to end, or choose another --out"
         )
 

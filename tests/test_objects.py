@@ -121,7 +121,7 @@ def test_one_run_holds_a_store_output_a_second_is_refused_a_dead_owner_is_taken_
         wait_for(lambda: fs.info(key, refresh=True)["ETag"] != etag, what="a renewal")
         with pytest.raises(PipelineError) as info:
             StoreLock(store).acquire()
-        assert "another pipeline run is writing into this folder (pid" in str(info.value)
+        assert "another pipeline run is writing into this output (pid" in str(info.value)
         assert "\n" not in str(info.value)
         later = StoreLock(store, clock=lambda: time.time() + 60)  # first's lease is over
 

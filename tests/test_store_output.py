@@ -172,7 +172,7 @@ def test_kill_9_mid_run_then_rerun_every_line_once_sealed_shards_kept_one_writer
             stats = {n: store.get_bytes(n) for n in store.names("manifest") if "stats" in n}
             second = _run(tmp_path, s3, *args)
             assert second.returncode == 2
-            assert "another pipeline run is writing into this folder (pid" in second.stderr
+            assert "another pipeline run is writing into this output (pid" in second.stderr
             assert len(second.stderr.strip().splitlines()) == 1
             children = set(descendants(proc.pid))
         finally:
