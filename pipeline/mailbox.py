@@ -1,7 +1,7 @@
 """What a lane's download threads post to its owner (owner.py): bodies, the crew's end, failures.
 
 A post wakes the owner by a byte on a pipe, which the owner waits on beside its other pipes
-(``multiprocessing.connection.wait``); a byte is written only when the owner has not been woken
+(one epoll, kept for the lane's life); a byte is written only when the owner has not been woken
 since it last looked, and, for a body, only when it can take one: one write per wake-up.
 """
 

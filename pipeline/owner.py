@@ -4,9 +4,9 @@
                              v                 |                        | post: a body, the
     download threads --post--> Mailbox + a byte on its wake pipe        | crew's end, a failure
                              v                 |                        v
-               owner: connection.wait(jobs pipe, wake pipe, each worker's outcomes pipe and
-                      sentinel; timeout: the grace, the nearest transform.timeout, the next look
-                      for stopped workers)
+               owner: one epoll (a selector kept for the lane's life) over the jobs pipe, the
+                      wake pipe, each worker's outcomes pipe and sentinel; timeout: the grace,
+                      the nearest transform.timeout, the next look for stopped workers)
                              | a task of up to CHUNK bodies    ^ its Outcomes, one message
                              v                                 |
                       Worker x its share of transform.workers (workers.py)
@@ -29,13 +29,14 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import selectors
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from multiprocessing import connection
 from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from typing import Protocol
 
 from .budget import ByteBudget
 from .errors import TransformError, limit_hint
@@ -109,6 +110,9 @@ class Owner:
         self._context = context_of(self.transform.start_method)
         self._setup = setup  # sent to each worker as it starts
         self._conn: Connection | None = None
+        # registered once each (a worker as it starts, until it has died), not every wait: a
+        # selector built for each wait was a third of the owner's CPU
+        self._selector = selectors.DefaultSelector()
         self._ended = self._jobs_done = self._failed = False
         self._grace_end: float | None = None
         self._checked = 0.0
@@ -125,6 +129,7 @@ class Owner:
     def join(self) -> None:
         """Wait for the owner; re-raise its error, if any."""
         self._thread.join()
+        self._selector.close()
         self.mailbox.dispose()
         if self.error is not None:
             raise self.error
@@ -134,6 +139,11 @@ class Owner:
     def _run(self) -> None:
         label_thread()
         try:
+            self._selector.register(self.mailbox.fileno, selectors.EVENT_READ, self._mail)
+            if self._conn is not None:
+                self._selector.register(self._conn, selectors.EVENT_READ, self._message)
+            if self.watch is not None:
+                self._selector.register(self.watch, selectors.EVENT_READ, self._orphaned)
             while len(self.workers) < self.count and not self.stop.is_set():
                 self._start()  # at once: a lane that cannot start them stops before it downloads
             while not (self._ended and not self.in_flight and not self.mailbox.depth()):
@@ -149,30 +159,22 @@ class Owner:
                 self.results.put(DONE)
 
     def _step(self) -> None:
-        handles: dict[Any, Worker] = {}
-        for worker in self.workers:
-            handles[worker.outcomes] = handles[worker.sentinel] = worker
-        waiting = [self.mailbox.fileno, *handles] + ([self._conn] if self._conn else [])
-        if self.watch is not None:
-            waiting.append(self.watch)
         timeout = self._timeout()
         before = time.monotonic()
-        ready = connection.wait(waiting, timeout)
+        ready = self._selector.select(timeout)
         if timeout is not None and time.monotonic() - before > timeout + _PAUSE:
             for worker in self.workers:  # the lane was paused whole: not the images' time
                 worker.paused(time.monotonic() - before - timeout)
-        for handle in ready:
-            if handle is self._conn:
-                self._message()
-            elif handle == self.watch:  # the coordinator is gone, killed maybe: nobody will
-                log.debug("the coordinator has ended: this lane ends too")  # read our rows
-                os._exit(1)  # the workers read the end of their pipes and exit too
-            elif handle == self.mailbox.fileno:
-                self._mail()
-            elif handle in handles and handles[handle] in self.workers:
-                self._serve(handles[handle])
+        for key, _ in ready:
+            if self._selector.get_map().get(key.fd) is key:  # not unregistered by an earlier one
+                key.data()
         self._watch()
         self._dispatch()
+
+    def _orphaned(self) -> None:
+        """The coordinator is gone, killed maybe: nobody will read our rows."""
+        log.debug("the coordinator has ended: this lane ends too")
+        os._exit(1)  # the workers read the end of their pipes and exit too
 
     def _timeout(self) -> float | None:
         now, heartbeat = time.monotonic(), self.heartbeat
@@ -199,6 +201,7 @@ class Owner:
                 self.jobs.put(job)
             return
         if message is None:  # the coordinator closes it only once it has our LaneDone: gone
+            self._selector.unregister(self._conn)
             self._conn = None
         if message != END:  # STOP, or the coordinator is gone
             self._stop()
@@ -246,15 +249,25 @@ class Owner:
     # --- workers ---------------------------------------------------------------------------------
 
     def _serve(self, worker: Worker) -> None:
-        """Its answers, then, if it has died, its death."""
+        """One message of its answers (the selector tells of the next one); at its end (the
+        worker is ending) its pipe is not watched any more: its sentinel tells of its death."""
+        try:
+            answers = worker.outcomes.recv()
+        except (EOFError, OSError):
+            self._selector.unregister(worker.outcomes)
+            return
+        for answer in answers:
+            self._answer(worker, answer)
+
+    def _exited(self, worker: Worker) -> None:
+        """Its sentinel: the answers it sent before it died, then its death."""
         try:
             while worker.outcomes.poll():
                 for answer in worker.outcomes.recv():
                     self._answer(worker, answer)
         except (EOFError, OSError):
             pass
-        if not worker.process.is_alive():
-            self._died(worker)
+        self._died(worker)
 
     def _answer(self, worker: Worker, answer: Outcome | Lost) -> None:
         item, _ = worker.answer()
@@ -277,6 +290,7 @@ class Owner:
 
     def _died(self, worker: Worker) -> None:
         self.workers.remove(worker)
+        self._forget(worker)
         worker.close()
         held = list(worker.held)
         if worker.retiring and not held:
@@ -407,7 +421,15 @@ class Owner:
             self._fail(f"cannot start a transform process: {text}{hint}")
             return None
         self.workers.append(worker)
+        self._selector.register(worker.outcomes, selectors.EVENT_READ, lambda: self._serve(worker))
+        self._selector.register(worker.sentinel, selectors.EVENT_READ, lambda: self._exited(worker))
         return worker
+
+    def _forget(self, worker: Worker) -> None:
+        """Its pipes out of the selector, before they are closed."""
+        for handle in (worker.outcomes, worker.sentinel):
+            if handle in self._selector.get_map():
+                self._selector.unregister(handle)
 
     def _close(self) -> None:
         """Every worker told to exit; one still alive after the grace (stopped, hung) is
@@ -425,5 +447,6 @@ class Owner:
         for worker in self.workers:
             self._drop([item for item, _ in worker.held])
             worker.held.clear()
+            self._forget(worker)
             worker.close()
         self.workers.clear()
