@@ -59,7 +59,8 @@ __all__ = ["BATCH", "END", "STOP", "Lane", "LaneDone", "LaneFailed", "LaneHandle
 # How long the sender lets rows gather before it sends what it has: at 200 images/s a lane
 # would otherwise send one row a message, and every message costs the coordinator a wake-up,
 # two reads and an unpickling. A bounded linger, as Nagle's or a producer's linger.ms: the
-# thread blocks on the queue until the first row comes, then at most this long for the rest.
+# thread blocks on the queue until the first row comes, then at most this long for the rest,
+# woken once for them (when a whole batch is there, else at the end), not at each row.
 LINGER = 0.05
 
 
@@ -236,31 +237,35 @@ class Lane:
     # --- main thread: outcomes back to the coordinator, in batches --------------------------------
 
     def _send(self, results: Connection) -> None:
-        ended = False
         beat = self.heartbeat / 3
         sent = -beat  # an empty batch at once: the coordinator hears from a new lane
+        ended = False
         while not ended:
+            first = self.results.get_until(sent + beat)  # block for the first, or a heartbeat
+            if first is None:  # nothing for a while: alive all the same
+                sent = self._batch(results, [])
+                continue
+            items = [first]
+            if isinstance(first, Outcome):
+                items += self.results.gather(BATCH - 1, time.monotonic() + LINGER)
             batch: list[Row] = []
-            failed: LaneFailed | None = None
-            item = self.results.get_until(sent + beat)  # block for the first, or a heartbeat
-            deadline = time.monotonic() + LINGER
-            while item is not None:
+            for item in items:  # in order: rows, a failure, DONE (the last item of all)
+                if isinstance(item, Outcome):
+                    batch.append(item.encode())  # the manifest line is made here, not there
+                    continue
+                if batch:
+                    sent, batch = self._batch(results, batch), []
                 if item is DONE:
                     ended = True
                     break
-                if isinstance(item, LaneFailed):
-                    failed = item
-                    break
-                assert isinstance(item, Outcome)
-                batch.append(item.encode())  # the manifest line is made here, not there
-                if len(batch) == BATCH:
-                    break
-                item = self.results.get_until(deadline)
-            if batch or item is None:  # rows, or nothing for a while: alive all the same
-                results.send(Batch(batch, self._progress()))
-                sent = time.monotonic()
-            if failed is not None:
-                results.send(failed)
+                results.send(item)  # a LaneFailed
+            if batch:
+                sent = self._batch(results, batch)
+
+    def _batch(self, results: Connection, rows: list[Row]) -> float:
+        """``rows`` sent with the lane's progress; when."""
+        results.send(Batch(rows, self._progress()))
+        return time.monotonic()
 
     def _progress(self) -> Progress:
         return Progress(

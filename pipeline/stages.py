@@ -37,6 +37,21 @@ class _Done:
 DONE: Final = _Done()
 
 
+class _Gathering(queue.Queue[T]):
+    """A ``queue.Queue`` whose put wakes a gatherer (``BoundedQueue.gather``) only once there
+    are as many items as it waits for, not at each put (a wake-up is a system call each side)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.wanted = 0  # items a gatherer waits for (0: none waits)
+        super().__init__(maxsize)
+        self.enough = threading.Condition(self.mutex)
+
+    def _put(self, item: T) -> None:  # with the mutex held
+        super()._put(item)
+        if self.wanted and len(self.queue) >= self.wanted:
+            self.enough.notify()
+
+
 class BoundedQueue(Generic[T]):
     """A FIFO of at most ``bound`` items whose ``put`` blocks when full; records its peak depth."""
 
@@ -44,7 +59,7 @@ class BoundedQueue(Generic[T]):
         self.name = name
         self.bound = bound
         self.peak = 0
-        self._queue: queue.Queue[T | _Done] = queue.Queue(maxsize=bound)
+        self._queue: _Gathering[T | _Done] = _Gathering(maxsize=bound)
 
     def put(self, item: T | _Done) -> None:
         self._queue.put(item)
@@ -61,6 +76,25 @@ class BoundedQueue(Generic[T]):
             return self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             return None
+
+    def gather(self, most: int, deadline: float) -> list[T | _Done]:
+        """Up to ``most`` items, taken once that many are there (or the queue is full), or at
+        ``deadline`` (time.monotonic()) at the latest: one wake-up for them all."""
+        gathering = self._queue
+        if self.bound > 0:
+            most = min(most, self.bound)
+        with gathering.mutex:
+            gathering.wanted = most
+            try:
+                gathering.enough.wait_for(
+                    lambda: len(gathering.queue) >= most, max(0.0, deadline - time.monotonic())
+                )
+            finally:
+                gathering.wanted = 0
+            items = [gathering.queue.popleft() for _ in range(min(most, len(gathering.queue)))]
+            if items:
+                gathering.not_full.notify(len(items))
+        return items
 
     def depth(self) -> int:
         return self._queue.qsize()
