@@ -203,3 +203,25 @@ def test_workers_are_recycled_after_max_tasks_per_child_and_that_is_no_crash(tmp
     assert {r.status for r in rows} == {"ok"} and len(rows) == len(sent)
     assert len(started) == 3  # one image each, then replaced
     assert run.owner.restarts == 0  # a recycled worker is no crash
+
+
+def test_the_owner_waits_on_one_selector_not_a_new_wait_each_step(tmp_path, monkeypatch):
+    """Each pipe is registered once: ``connection.wait`` (a selector built per call, and per
+    ``poll()`` of an outcomes pipe) is called by the owner only as it closes its workers."""
+    real, calls = multiprocessing.connection.wait, []
+
+    def counted(*args: object, **kwargs: object) -> object:
+        if threading.current_thread().name == "owner":
+            calls.append(args)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(multiprocessing.connection, "wait", counted)
+    run = Run(tmp_path, workers=2)
+    wait_for(lambda: len(run.owner.workers) == 2, what="the workers")
+    calls.clear()  # a process's start polls its siblings (multiprocessing's own cleanup)
+    sent = [run.post(body((64 + i, 48))) for i in range(3 * CHUNK)]
+    wait_for(lambda: run.results.qsize() == len(sent), what="every row")
+    during = list(calls)
+    rows = run.finish()
+    assert during == []  # every image in and out, and not one selector built for it
+    assert len(rows) == len(sent) and run.budget.used == 0
