@@ -1,6 +1,7 @@
 """W1 into a local S3-compatible server against W1 into a local folder; what output.uploads does.
 
     python -m pipeline.bench.object_store [--images 2000] [--uploads 4 16] [--transform-workers 2]
+                                          [--format files|webdataset]
 
 Serves the bench workload (pipeline.bench.workload) on loopback and starts moto's S3 server on
 127.0.0.1 in this process (its CPU competes with the run's: on a small machine the store run
@@ -9,7 +10,8 @@ pays for the server too). Runs ``pipeline run`` once into a local folder, then o
 over the command's wall time), the process tree's peak RSS, and the coordinator's CPU per image
 (the report's parent_cpu_s: the sink, and with a store its seals' puts and the lock's renewals;
 the images are put by the lanes, whose CPU per image is printed beside it), and the S3
-server's CPU per image (this process's, which is mostly the server's).
+server's CPU per image (this process's, which is mostly the server's). ``--format webdataset``
+puts a tar per ``output.shard_size`` samples (from the packer) instead of an object per image.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--uploads", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--transform-workers", type=int, default=2)
+    parser.add_argument("--format", choices=("files", "webdataset"), default="files")
     args = parser.parse_args()
     from moto.server import ThreadedMotoServer
 
@@ -68,7 +71,7 @@ def main() -> None:
             for label, out, uploads in targets:
                 config = folder / f"{uploads}.toml"
                 extra = f"uploads = {uploads}\n" if uploads else ""
-                config.write_text(f'[output]\ndir = "{out}"\n{extra}')
+                config.write_text(f'[output]\ndir = "{out}"\nformat = "{args.format}"\n{extra}')
                 run = [sys.executable, "-m", "pipeline", "run", str(urls), "--config", str(config),
                        "--transform-workers", str(args.transform_workers), "-qq"]  # fmt: skip
                 cpu = time.process_time()  # this process's: the S3 server's threads, mostly
