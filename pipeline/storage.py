@@ -129,7 +129,10 @@ def redact(url: str) -> str:
         f"{k}={HIDDEN}" if _SECRET.search(k) else f"{k}={v}" if sep else k
         for k, sep, v in (pair.partition("=") for pair in parts.query.split("&") if pair)
     )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    shown = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not netloc:  # urlunsplit drops the // of an empty host: s3:///x would show as s3:/x
+        shown = f"{parts.scheme}://{shown.split(':', 1)[1].removeprefix('//')}"
+    return shown
 
 
 def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -75,6 +75,8 @@ def test_credentials_in_a_url_are_refused_and_never_echoed():
 def test_redaction_hides_passwords_and_secret_looking_options():
     assert redact(f"az://user:{SECRET}@box/c?sig={SECRET}&v=1") == "az://user:***@box/c?sig=***&v=1"
     assert redact("out/plain") == "out/plain"
+    assert redact("s3:///x") == "s3:///x" and redact("s3://b/x") == "s3://b/x"  # as written
+    assert redact("memory://") == "memory://"
     shown = redact_options(
         {
             "secret": SECRET,
