@@ -11,10 +11,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
 from pipeline.bench.server import QuietHandler
+
+if TYPE_CHECKING:
+    from pipeline.objects import ObjectStore
 
 LAUNCHER = str(Path(__file__).resolve().parent / "run_with_testops.py")
 
@@ -149,6 +153,18 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "
     while not condition():
         assert time.monotonic() < end, f"timed out after {timeout} s waiting for {what}"
         time.sleep(0.02)
+
+
+def bucket(name: str, prefix: str = "run") -> ObjectStore:
+    """An output ``s3://name/prefix`` (an ObjectStore) in the S3 server of ``s3_environment``,
+    its bucket made if it is not there yet."""
+    from pipeline.objects import ObjectStore
+    from pipeline.storage import Location
+
+    store = ObjectStore.check(Location(f"s3://{name}/{prefix}"))
+    with contextlib.suppress(FileExistsError):
+        store.fs.mkdir(name)
+    return store
 
 
 @contextlib.contextmanager

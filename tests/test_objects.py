@@ -5,7 +5,6 @@ number; the lock of one writer per output."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import s3_environment, wait_for
+from helpers import bucket, s3_environment, wait_for
 
 from pipeline.errors import OutputError, PipelineError
 from pipeline.objects import ObjectStore, StoreLock, Uploads, store_lock
@@ -30,15 +29,8 @@ def s3() -> Iterator[dict[str, str]]:
         yield env
 
 
-def _store(bucket: str, prefix: str = "out") -> ObjectStore:
-    store = ObjectStore.check(Location(f"s3://{bucket}/{prefix}"))
-    with contextlib.suppress(FileExistsError):
-        store.fs.mkdir(bucket)
-    return store
-
-
 def test_objects_are_put_read_listed_copied_and_deleted_by_their_names(s3, tmp_path):
-    store = _store("objects")
+    store = bucket("objects", "out")
     local = tmp_path / "a.jpg"
     local.write_bytes(b"\xff\xd8 image \xff\xd9")
     store.put_file(local, "images/00000/00000/000000001-ab.jpg")
@@ -75,7 +67,7 @@ def test_a_failed_put_is_an_output_error_naming_the_object(s3, tmp_path):
 
 
 def test_uploads_run_at_most_their_limit_at_once_and_all_finish(s3, tmp_path):
-    store = _store("uploads")
+    store = bucket("uploads", "out")
     uploads = Uploads(store, 2)
     release = threading.Event()
     running, peak = 0, 0
@@ -111,7 +103,7 @@ def test_one_run_holds_a_store_output_a_second_is_refused_a_dead_owner_is_taken_
     """The lock object is created only where none is; renewed within its lease; a second run is
     refused in one line; once the owner stops renewing and its lease is over, a run takes it
     over, and the old owner learns it lost the lock and leaves the new owner's object alone."""
-    store = _store("locks")
+    store = bucket("locks", "out")
     fs, key = store.fs, "locks/out/.lock"
     first = StoreLock(store, lease_s=30, renew_s=0.05)  # a lease no load outlasts
     first.acquire()
@@ -166,7 +158,7 @@ def test_a_store_that_refuses_connections_is_one_line_naming_it(tmp_path: Path):
 
 
 def test_a_listing_in_a_missing_bucket_is_an_error_not_an_empty_output(s3):
-    assert _store("listed").names("manifest") == []  # a prefix without objects: none
+    assert bucket("listed", "out").names("manifest") == []  # a prefix without objects: none
     store = ObjectStore.check(Location("s3://no-such-bucket/out"))
     with pytest.raises(OutputError, match=r"^s3://no-such-bucket/out/manifest: .*does not exist"):
         store.names("manifest")  # a dry run would have said "a first run" into it

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import descendants, gated_handler, s3_environment, wait_for
+from helpers import bucket, descendants, gated_handler, s3_environment, wait_for
 
 from pipeline.bench.server import StaticServer
 from pipeline.config import Config, InputConfig, OutputConfig
@@ -41,12 +41,6 @@ SECRET = "0utput-s3cr3t-n3ver-sh0wn"
 def s3() -> Iterator[dict[str, str]]:
     with s3_environment() as env:
         yield env
-
-
-def _bucket(name: str) -> ObjectStore:
-    store = ObjectStore.check(Location(f"s3://{name}/run"))
-    store.fs.mkdir(name)
-    return store
 
 
 def _objects(store: ObjectStore) -> dict[str, bytes]:
@@ -104,7 +98,7 @@ def test_files_into_s3_every_line_once_each_image_its_object_no_secret_anywhere(
     urls = [server.url(n) for n in names] + [server.url("missing.jpg")]
     (tmp_path / "urls.txt").write_text("".join(f"{url}\n" for url in urls))
     _config(tmp_path)
-    store = _bucket("files")
+    store = bucket("files")
     local = _run(tmp_path, s3, "urls.txt", "--out", "local")
     assert local.returncode == 0, local.stderr
     first = _run(tmp_path, s3, "urls.txt", "--out", "s3://files/run", "-vv")
@@ -162,7 +156,7 @@ def test_kill_9_mid_run_then_rerun_every_line_once_sealed_shards_kept_one_writer
         urls = [server.url(n) for n in names[:4]] + [slow.url(n) for n in names[4:]]
         (tmp_path / "urls.txt").write_text("".join(f"{url}\n" for url in urls))
         _config(tmp_path, shard_size=2, lease="2")
-        store = _bucket("killed")
+        store = bucket("killed")
         args = ("urls.txt", "--out", "s3://killed/run")
         proc = _start(tmp_path, s3, *args)
         try:
@@ -217,7 +211,7 @@ def _record_run(urls: Path, staging: Path, store: ObjectStore) -> None:
 def test_a_rerun_plans_from_the_seals_in_the_store_alone_and_reads_rows_only_to_say_a_change(
     tmp_path, s3
 ):
-    store = _bucket("units")
+    store = bucket("units")
     urls = tmp_path / "urls.txt"
     urls.write_text("".join(f"http://127.0.0.1:9/{n}.jpg\n" for n in range(5)))
     _record_run(urls, tmp_path / "first", store)
@@ -255,7 +249,7 @@ def test_a_rerun_plans_from_the_seals_in_the_store_alone_and_reads_rows_only_to_
 def test_a_shard_is_put_rows_first_and_seal_last_and_unsealed_when_a_put_fails(
     tmp_path, s3, monkeypatch
 ):
-    store = _bucket("order")
+    store = bucket("order")
     for kind in ("jsonl", "stats.json", "seal.json"):
         (tmp_path / "manifest").mkdir(exist_ok=True)
         (tmp_path / "manifest" / f"00000-000000001.{kind}").write_text("{}\n")
@@ -279,7 +273,7 @@ def test_a_shard_is_put_rows_first_and_seal_last_and_unsealed_when_a_put_fails(
 
 
 def test_restart_refuses_a_store_output_pipeline_did_not_make_then_deletes_its_own(tmp_path, s3):
-    store = _bucket("restart")
+    store = bucket("restart")
     store.put_bytes("images/00000/00000/000000001-ab.jpg", b"a user's")
     with pytest.raises(
         PipelineError, match=r"no run\.json\), and --restart would remove its images"
@@ -312,7 +306,7 @@ def test_the_uploader_lets_a_row_go_on_once_its_object_is_put_or_as_a_failed_upl
     tmp_path, s3
 ):
     results = _Results()
-    uploader = Uploader(_bucket("lane"), tmp_path, results, limit=2, bound=4)
+    uploader = Uploader(bucket("lane"), tmp_path, results, limit=2, bound=4)
     outcomes = [_ok(tmp_path, line) for line in (1, 2, 3)]
     failed = Outcome.failed(Job(0, 4, "x", "00000-000000001"), FetchError("dns", "no"))
     for item in (*outcomes, failed, DONE):
@@ -345,7 +339,7 @@ def test_a_store_that_cannot_be_written_is_one_line_and_nothing_is_recorded(tmp_
     assert proc.returncode == 2
     assert proc.stderr.startswith("pipeline: error: s3://no-such-bucket/run: cannot lock: ")
     assert len(proc.stderr.strip().splitlines()) == 1 and SECRET not in proc.stderr
-    store = _bucket("notours")
+    store = bucket("notours")
     store.put_bytes("images/a.jpg", b"a user's")
     proc = _run(tmp_path, s3, "urls.txt", "--out", "s3://notours/run", "--restart")
     assert proc.returncode == 2 and "--restart would remove its images" in proc.stderr
@@ -355,7 +349,7 @@ def test_a_store_that_cannot_be_written_is_one_line_and_nothing_is_recorded(tmp_
 
 
 def test_a_run_whose_lock_was_taken_over_stops_writing_there_with_one_line(tmp_path, s3):
-    store = _bucket("lost")
+    store = bucket("lost")
     config = Config(output=OutputConfig(dir=str(store)))
     coordinator = Coordinator(config, tmp_path, store=store)
     try:
@@ -400,7 +394,7 @@ def test_a_store_that_refuses_connections_is_one_line_naming_it(tmp_path, s3):
 
 
 def test_a_staging_folder_another_run_holds_is_refused_naming_output_staging(tmp_path, s3):
-    store = _bucket("heldstaging")
+    store = bucket("heldstaging")
     (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
     config = Config(output=OutputConfig(dir=str(store), staging=str(tmp_path / "staging")))
     (tmp_path / "staging").mkdir()

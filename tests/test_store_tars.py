@@ -5,7 +5,6 @@ index; what a kill left between them is finished by the next run."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -18,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import s3_environment
+from helpers import bucket, s3_environment
 
 from pipeline.mirror import pull_state
 from pipeline.objects import ObjectStore
 from pipeline.seals import InOrder
-from pipeline.storage import Location
 
 pytest.importorskip("s3fs")
 
@@ -32,13 +30,6 @@ pytest.importorskip("s3fs")
 def s3() -> Iterator[dict[str, str]]:
     with s3_environment() as env:
         yield env
-
-
-def _bucket(name: str, prefix: str = "run") -> ObjectStore:
-    store = ObjectStore.check(Location(f"s3://{name}/{prefix}"))
-    with contextlib.suppress(FileExistsError):
-        store.fs.mkdir(name)
-    return store
 
 
 def _rows(store: ObjectStore) -> dict[int, dict[str, Any]]:
@@ -64,7 +55,7 @@ def test_webdataset_into_s3_every_line_once_tars_numbered_without_gap_readable(
         '[input]\nshard_size = 7\n[output]\nformat = "webdataset"\nshard_size = 3\n'
         "parquet = true\n[download]\nworkers = 2\n[transform]\nworkers = 1\n"
     )
-    store = _bucket("tars")
+    store = bucket("tars")
     # where the run's staging is made: a short path, as multiprocessing's sockets need
     with tempfile.TemporaryDirectory(prefix="wds-") as folder:
         temporary = Path(folder)
@@ -123,7 +114,7 @@ def test_a_kill_between_the_record_and_the_copies_is_finished_by_the_next_run(s3
     its second copied but not deleted; shard B is sealed, unnamed; shard C has tars packed but
     no seal (not sealed: packed again by its rerun). The next run's start finishes A, names B
     after it, leaves C alone, and writes the index."""
-    store = _bucket("named")
+    store = bucket("named")
     a, b, c = "00000-000000001", "00000-000000011", "00001-000000001"
     _seal(store, a, [2, 1], first=0)
     store.put_bytes("shards/00000.tar", _packed_tar("a0"))
